@@ -1,0 +1,134 @@
+"""The Redis keyspace and the compact binary values of a think-ahead snapshot.
+
+Keys (prefix configurable, default ``ta``)::
+
+    ta:snap:current                 -> active snapshot id
+    ta:snap:{sid}:manifest          -> SnapshotManifest (JSON)
+    ta:snap:{sid}:u:{<user_id>}     -> UserPrefixes (msgpack), with a TTL
+    ta:hist:{<user_id>}             -> list of recent item ids, newest first, capped
+    ta:snap:pending                 -> id of the snapshot a worker is still writing
+    ta:snap:{sid}:done              -> set of finished shard numbers (resume)
+    ta:snap:retired                 -> zset of replaced snapshot ids by retire time
+
+The user id sits in a Redis Cluster hash tag (``{...}``) in both per-user keys, so a user's
+prefixes and history live in one slot and one pipeline reads both in one round trip, on a single
+node or a cluster. Snapshot ids never contain braces.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import msgpack
+
+VALUE_SCHEMA = 1
+_SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class CorruptValue(ValueError):
+    """A Redis value that is not a snapshot value of ours (foreign, truncated or another schema)."""
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    prefix: str = "ta"
+
+    @property
+    def current(self) -> str:
+        return f"{self.prefix}:snap:current"
+
+    @property
+    def pending(self) -> str:
+        return f"{self.prefix}:snap:pending"
+
+    @property
+    def retired(self) -> str:
+        return f"{self.prefix}:snap:retired"
+
+    def manifest(self, snapshot_id: str) -> str:
+        return f"{self.prefix}:snap:{snapshot_id}:manifest"
+
+    def done_shards(self, snapshot_id: str) -> str:
+        return f"{self.prefix}:snap:{snapshot_id}:done"
+
+    def user(self, snapshot_id: str, user_id: str) -> str:
+        return f"{self.prefix}:snap:{snapshot_id}:u:{{{user_id}}}"
+
+    def user_pattern(self, snapshot_id: str) -> str:
+        return f"{self.prefix}:snap:{snapshot_id}:*"
+
+    def history(self, user_id: str) -> str:
+        return f"{self.prefix}:hist:{{{user_id}}}"
+
+
+def validate_snapshot_id(snapshot_id: str) -> str:
+    if not _SNAPSHOT_ID.match(snapshot_id):
+        raise ValueError(f"snapshot id {snapshot_id!r} must match {_SNAPSHOT_ID.pattern}")
+    return snapshot_id
+
+
+@dataclass(frozen=True)
+class Prefix:
+    a: int
+    b: int
+    score: float
+
+
+@dataclass(frozen=True)
+class UserPrefixes:
+    """One user's candidate space C_u as computed offline."""
+
+    model_version: str
+    catalog_version: str
+    computed_at: float  # unix seconds
+    prefixes: tuple[Prefix, ...]
+    history_len: int = 0
+    reasoning: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        flat: list[float | int] = []
+        for p in self.prefixes:
+            flat.extend((p.a, p.b, float(p.score)))
+        body = {
+            "v": VALUE_SCHEMA,
+            "m": self.model_version,
+            "c": self.catalog_version,
+            "t": float(self.computed_at),
+            "p": flat,
+            "h": self.history_len,
+        }
+        if self.reasoning is not None:
+            body["r"] = self.reasoning
+        return msgpack.packb(body, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> UserPrefixes:
+        try:
+            body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        except (msgpack.UnpackException, ValueError, TypeError) as exc:
+            raise CorruptValue(f"not msgpack: {exc}") from exc
+        if not isinstance(body, dict) or body.get("v") != VALUE_SCHEMA:
+            raise CorruptValue("not a snapshot value of schema version 1")
+        try:
+            flat = body["p"]
+            if not isinstance(flat, list) or len(flat) % 3:
+                raise CorruptValue("prefix list length is not a multiple of 3")
+            prefixes = tuple(
+                Prefix(int(flat[i]), int(flat[i + 1]), float(flat[i + 2]))
+                for i in range(0, len(flat), 3)
+            )
+            reasoning = body.get("r")
+            return cls(
+                model_version=str(body["m"]),
+                catalog_version=str(body["c"]),
+                computed_at=float(body["t"]),
+                prefixes=prefixes,
+                history_len=int(body.get("h", 0)),
+                reasoning=None if reasoning is None else str(reasoning),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, CorruptValue):
+                raise
+            raise CorruptValue(f"malformed snapshot value: {exc!r}") from exc
