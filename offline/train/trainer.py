@@ -1,0 +1,269 @@
+"""``thinkahead train``: a decoder LM over item tokens, trained on the leave-one-out train split.
+
+Causal LM over each user's training sequence (history capped at ``max_history`` items), loss on
+the a/b/c tokens of every item after the first, each softmax restricted to its level's tokens
+(what constrained decoding renormalises over). Early stopping on validation Recall@10 of a
+fixed user sample, decoded by the batched reference beam search. The result is a Hugging Face
+model directory (config, safetensors, tokenizer) plus ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM
+
+from offline.data import Example, leave_one_out, read_interactions
+from offline.decode.torch_beam import beam_search_batch
+from offline.errors import InputError
+from offline.metrics import ranking_metrics
+from offline.train.dataset import Encoded, batches, encode, windows
+from offline.train.presets import PRESETS, padded_vocab
+from offline.train.tokenizer import save_tokenizer
+from service.catalog import Catalog
+from service.constraint import Constraint
+from service.manifest import ModelManifest, file_hash, sha256_hex
+from service.tokens import Code, TokenIds
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    preset: str = "small"
+    epochs: int = Field(default=40, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_steps: int = Field(default=200, ge=0)
+    embed_dropout: float = Field(default=0.1, ge=0, lt=1)
+    max_history: int = Field(default=50, ge=1)
+    val_users: int = Field(default=3000, ge=0, description="validation sample for early stopping")
+    val_beam: int = Field(default=20, ge=10)
+    patience: int = Field(default=3, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class Prepared:
+    catalog: Catalog
+    ids: TokenIds
+    train: list[Encoded]
+    valid: list[Example]
+    unknown_items: int
+    data_hash: str
+
+
+def codes_for(catalog: Catalog, items: list[str]) -> tuple[list[Code], int]:
+    codes, unknown = catalog.codes_of(items)
+    return codes, len(unknown)
+
+
+def prepare(catalog_dir: Path, interactions: Path, cfg: TrainConfig, tokenizer_dir: Path) -> Prepared:
+    catalog = Catalog.load(catalog_dir)
+    seqs = read_interactions(interactions)
+    split = leave_one_out(seqs, cfg.max_history)
+    tok = save_tokenizer(catalog.codebook_size, tokenizer_dir)
+    ids = TokenIds.from_vocab(tok.get_vocab(), catalog.codebook_size)
+    encoded: list[Encoded] = []
+    unknown = 0
+    for items in split.train.items:
+        codes, missing = codes_for(catalog, items)
+        unknown += missing
+        encoded.extend(encode(w, ids) for w in windows(codes, cfg.max_history))
+    if not encoded:
+        raise InputError(interactions, "no training sequence with two or more catalog items")
+    return Prepared(catalog, ids, encoded, split.valid, unknown, file_hash(Path(interactions)))
+
+
+def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
+    masks = torch.zeros((3, vocab), dtype=torch.bool)
+    for level, table in enumerate((ids.a, ids.b, ids.c)):
+        masks[level, torch.from_numpy(table)] = True
+    return masks
+
+
+def item_loss(
+    model: LlamaForCausalLM,
+    batch: tuple[torch.Tensor, ...],
+    masks: torch.Tensor,
+    embed_dropout: float,
+) -> torch.Tensor:
+    ids, attn, labels, levels = batch
+    embeds = model.get_input_embeddings()(ids)
+    if model.training and embed_dropout > 0:
+        embeds = F.dropout(embeds, embed_dropout)
+    hidden = model.model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state
+    sel = labels != -100
+    logits = model.lm_head(hidden[sel]).float()
+    logits = logits.masked_fill(~masks[levels[sel]], float("-inf"))
+    return F.cross_entropy(logits, labels[sel])
+
+
+def evaluate_examples(
+    model: LlamaForCausalLM,
+    catalog: Catalog,
+    ids: TokenIds,
+    examples: list[Example],
+    beam: int,
+    batch_users: int = 256,
+    k: int = 10,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Full-decode metrics on examples, history items excluded from the ranking."""
+    model.eval()
+    ranked: list[list[str]] = []
+    targets: list[str] = []
+    chunks = range(0, len(examples), batch_users)
+    for start in tqdm(chunks, desc="decode", disable=not progress, unit="batch"):
+        chunk = examples[start : start + batch_users]
+        histories = [catalog.codes_of(e.history)[0] for e in chunk]
+        constraints = [Constraint(catalog, h) for h in histories]
+        beams = beam_search_batch(model, ids, constraints, histories, beam)
+        for e, user_beams in zip(chunk, beams, strict=True):
+            ranked.append([catalog.item_at(b.code) or "" for b in user_beams[:k]])  # type: ignore[arg-type]
+            targets.append(e.target)
+    return ranking_metrics(ranked, targets)
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(
+    catalog_dir: Path, interactions: Path, out_dir: Path, cfg: TrainConfig, progress: bool = True
+) -> ModelManifest:
+    if cfg.preset not in PRESETS:
+        raise InputError(None, f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent.resolve()))
+    try:
+        data = prepare(catalog_dir, interactions, cfg, work)
+        preset = PRESETS[cfg.preset]
+        vocab = padded_vocab(max(data.ids.index_of) + 1)
+        config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
+        model = LlamaForCausalLM(config)
+        masks = level_masks(data.ids, vocab)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
+        )
+        steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.epochs
+        sample = _validation_sample(data.valid, cfg.val_users, cfg.seed)
+        history: list[dict[str, Any]] = []
+        best: dict[str, Any] = {"recall@10": -1.0}
+        best_state: dict[str, torch.Tensor] | None = None
+        stale = 0
+        step = 0
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            t0 = time.monotonic()
+            losses = []
+            bar = tqdm(
+                batches(data.train, cfg.batch_size, data.ids.pad or 0, rng),
+                total=steps_per_epoch,
+                desc=f"epoch {epoch}",
+                disable=not progress,
+                unit="batch",
+            )
+            for batch in bar:
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, total_steps, cfg)
+                loss = item_loss(model, batch, masks, cfg.embed_dropout)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                losses.append(loss.item())
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            metrics = evaluate_examples(model, data.catalog, data.ids, sample, cfg.val_beam)
+            row = {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "seconds": round(time.monotonic() - t0, 1),
+                **{k: round(v, 5) for k, v in metrics.items()},
+            }
+            history.append(row)
+            log.info("epoch %s", row)
+            if progress:
+                tqdm.write(
+                    f"epoch {epoch}: loss {row['train_loss']:.4f} val R@10 {metrics['recall@10']:.4f}"
+                    f" N@10 {metrics['ndcg@10']:.4f} ({row['seconds']}s)"
+                )
+            if metrics["recall@10"] > best["recall@10"]:
+                best = {"epoch": epoch, **metrics}
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                stale = 0
+            else:
+                stale += 1
+            over_time = cfg.max_minutes and (time.monotonic() - started) / 60 > cfg.max_minutes
+            if stale >= cfg.patience or over_time:
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.save_pretrained(str(work))
+        seconds = round(time.monotonic() - started, 1)
+        manifest = ModelManifest(
+            model_version=sha256_hex((work / "model.safetensors").read_bytes()),
+            catalog_version=data.catalog.version,
+            codebook_size=data.catalog.codebook_size,
+            preset=cfg.preset,
+            data_hash=data.data_hash,
+            max_history=cfg.max_history,
+            metrics={"validation": best, "history": history},
+            parameters={
+                **cfg.model_dump(),
+                "preset_config": preset.as_dict(),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "train_windows": len(data.train),
+                "unknown_item_interactions": data.unknown_items,
+                "train_seconds": seconds,
+                "interactions": str(interactions),
+            },
+        )
+        manifest.write(work)
+        _replace_dir(work, out_dir)
+        return manifest
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _validation_sample(valid: list[Example], n: int, seed: int) -> list[Example]:
+    if n == 0 or n >= len(valid):
+        return list(valid)
+    rng = np.random.default_rng(seed + 1)
+    return [valid[i] for i in sorted(rng.choice(len(valid), size=n, replace=False))]
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{time.time_ns()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)

@@ -1,0 +1,51 @@
+"""Trie constraint over (a, b, c) with excluded items applied exactly.
+
+An excluded item removes its c from its (a, b); a prefix left with no c, and an a left with no
+b, disappear too, so a search under the constraint never reaches a dead end and never asks the
+engine with an empty allowed set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from service.catalog import Catalog
+from service.tokens import Code
+
+
+class Constraint:
+    def __init__(self, catalog: Catalog, exclude: Iterable[Code] = ()) -> None:
+        self.catalog = catalog
+        self._removed_c: dict[tuple[int, int], set[int]] = {}
+        for a, b, c in exclude:
+            if catalog.is_prefix(a, b):
+                self._removed_c.setdefault((a, b), set()).add(c)
+        self._dead_ab = {
+            ab for ab, cs in self._removed_c.items() if len(cs) >= len(catalog.valid_c(*ab))
+        }
+        dead_b_by_a: dict[int, set[int]] = {}
+        for a, b in self._dead_ab:
+            dead_b_by_a.setdefault(a, set()).add(b)
+        self._dead_b_by_a = dead_b_by_a
+        self._dead_a = {a for a, bs in dead_b_by_a.items() if len(bs) >= len(catalog.valid_b(a))}
+
+    def a_values(self) -> np.ndarray:
+        valid = self.catalog.valid_a
+        if not self._dead_a:
+            return valid
+        return valid[~np.isin(valid, list(self._dead_a))]
+
+    def b_values(self, a: int) -> np.ndarray:
+        valid = self.catalog.valid_b(a)
+        dead = self._dead_b_by_a.get(a)
+        return valid if not dead else valid[~np.isin(valid, list(dead))]
+
+    def c_values(self, a: int, b: int) -> np.ndarray:
+        valid = self.catalog.valid_c(a, b)
+        removed = self._removed_c.get((a, b))
+        return valid if not removed else valid[~np.isin(valid, list(removed))]
+
+    def has_prefix(self, a: int, b: int) -> bool:
+        return self.catalog.is_prefix(a, b) and (a, b) not in self._dead_ab
