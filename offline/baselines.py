@@ -4,6 +4,7 @@ three history items weighted 1, 1/2, 1/4; history items removed; popular items f
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ class CoVisitation:
         popularity: Counter[str] = Counter()
         for seq in train.items:
             popularity.update(seq)
-            for prev, nxt in zip(seq, seq[1:], strict=False):
+            for prev, nxt in itertools.pairwise(seq):
                 self.next[prev][nxt] += 1.0
                 self.next[nxt][prev] += predecessor_weight
         self.popular = [item for item, _ in popularity.most_common()]

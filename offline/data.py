@@ -78,7 +78,9 @@ def read_interactions(path: Path) -> Sequences:
             try:
                 ts = float(row["timestamp"])
             except ValueError as exc:
-                raise InputError(path, f"timestamp {row['timestamp']!r} is not a number", line) from exc
+                raise InputError(
+                    path, f"timestamp {row['timestamp']!r} is not a number", line
+                ) from exc
         by_user.setdefault(user, []).append((ts, line, item))
     if not by_user:
         raise InputError(path, "no interactions")

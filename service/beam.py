@@ -66,9 +66,7 @@ class BeamSearch:
             children = self._children(beam.code)
             if len(children) == 0:
                 continue
-            code_tokens = [
-                int(getattr(self.ids, LEVELS[i])[v]) for i, v in enumerate(beam.code)
-            ]
+            code_tokens = [int(getattr(self.ids, LEVELS[i])[v]) for i, v in enumerate(beam.code)]
             reqs.append(
                 ScoreRequest(
                     prompt=self.prompt + tuple(code_tokens),

@@ -30,7 +30,9 @@ class CatalogError(ValueError):
 
 def catalog_version_of(item_ids: Sequence[str], codes: np.ndarray, codebook_size: int) -> str:
     """Content hash of the item -> code table: the catalog's version."""
-    lines = "".join(f"{i}\t{a}\t{b}\t{c}\n" for i, (a, b, c) in zip(item_ids, codes.tolist(), strict=True))
+    lines = "".join(
+        f"{i}\t{a}\t{b}\t{c}\n" for i, (a, b, c) in zip(item_ids, codes.tolist(), strict=True)
+    )
     return sha256_hex(f"K={codebook_size}\n".encode(), lines.encode())
 
 

@@ -49,3 +49,7 @@ class Constraint:
 
     def has_prefix(self, a: int, b: int) -> bool:
         return self.catalog.is_prefix(a, b) and (a, b) not in self._dead_ab
+
+    def allows(self, code: Code) -> bool:
+        a, b, c = code
+        return self.has_prefix(a, b) and c not in self._removed_c.get((a, b), ())

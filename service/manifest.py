@@ -60,7 +60,9 @@ class _Manifest(BaseModel):
             raise ManifestError(f"{path}: unreadable manifest: {exc}") from exc
         expected = cls.model_fields["kind"].default
         if manifest.kind != expected:
-            raise ManifestError(f"{path}: manifest kind is {manifest.kind!r}, expected {expected!r}")
+            raise ManifestError(
+                f"{path}: manifest kind is {manifest.kind!r}, expected {expected!r}"
+            )
         return manifest
 
     def write(self, directory: Path) -> None:
@@ -106,7 +108,8 @@ def require_same_catalog(model: ModelManifest, catalog: CatalogManifest, where: 
     if model.catalog_version != catalog.catalog_version:
         raise VersionMismatch(
             f"{where or 'model'} was built for catalog {model.catalog_version}, "
-            f"but the catalog loaded is {catalog.catalog_version}; retrain or load the matching catalog"
+            f"but the catalog loaded is {catalog.catalog_version}; "
+            "retrain or load the matching catalog"
         )
     if model.codebook_size != catalog.codebook_size:
         raise VersionMismatch(

@@ -68,7 +68,8 @@ class TokenIds:
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise TokenSchemeError(
-                f"tokenizer lacks {len(missing)} item token(s) needed for K={codebook_size}: {shown}"
+                f"tokenizer lacks {len(missing)} item token(s) needed for "
+                f"K={codebook_size}: {shown}"
             )
         levels = {
             lv: np.array([vocab[level_token(lv, i)] for i in range(codebook_size)], dtype=np.int64)

@@ -72,7 +72,9 @@ def codes_for(catalog: Catalog, items: list[str]) -> tuple[list[Code], int]:
     return codes, len(unknown)
 
 
-def prepare(catalog_dir: Path, interactions: Path, cfg: TrainConfig, tokenizer_dir: Path) -> Prepared:
+def prepare(
+    catalog_dir: Path, interactions: Path, cfg: TrainConfig, tokenizer_dir: Path
+) -> Prepared:
     catalog = Catalog.load(catalog_dir)
     seqs = read_interactions(interactions)
     split = leave_one_out(seqs, cfg.max_history)
@@ -210,7 +212,8 @@ def train(
             log.info("epoch %s", row)
             if progress:
                 tqdm.write(
-                    f"epoch {epoch}: loss {row['train_loss']:.4f} val R@10 {metrics['recall@10']:.4f}"
+                    f"epoch {epoch}: loss {row['train_loss']:.4f}"
+                    f" val R@10 {metrics['recall@10']:.4f}"
                     f" N@10 {metrics['ndcg@10']:.4f} ({row['seconds']}s)"
                 )
             if metrics["recall@10"] > best["recall@10"]:

@@ -101,7 +101,9 @@ class VllmAsyncEngine:
     async def _one(self, request: ScoreRequest) -> TokenLogprobs:
         last = None
         prompt = {"prompt_token_ids": list(request.prompt)}
-        async for out in self._llm.generate(prompt, sampling_params(request), f"s{next(self._ids)}"):
+        async for out in self._llm.generate(
+            prompt, sampling_params(request), f"s{next(self._ids)}"
+        ):
             last = out
         if last is None:
             raise EngineError("engine returned nothing")

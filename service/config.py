@@ -1,0 +1,79 @@
+"""Service configuration: one pydantic-settings object, env prefix ``THINKAHEAD_`` and ``__``
+between nested sections (``THINKAHEAD_REDIS__URL``); CLI flags override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.engine.vllm_engine import VllmOptions
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False
+    prefix: str = Field(default="ta", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    socket_timeout_ms: int = Field(default=100, ge=1)
+    connect_timeout_ms: int = Field(default=100, ge=1)
+    max_connections: int = Field(default=128, ge=1)
+    history_cap: int = Field(default=50, ge=1, le=1000)
+    snapshot_poll_s: float = Field(default=1.0, gt=0)
+    max_snapshot_age_s: float = Field(default=3 * 86400, gt=0)
+
+
+class EngineSettings(BaseModel):
+    mode: Literal["local", "remote"] = "local"
+    remote_url: str | None = None
+    remote_model: str | None = Field(default=None, description="served model name; None: first")
+    remote_timeout_s: float = Field(default=5.0, gt=0)
+    vllm: VllmOptions = Field(default_factory=VllmOptions)
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> EngineSettings:
+        if self.mode == "remote" and not self.remote_url:
+            raise ValueError("engine.mode=remote needs engine.remote_url")
+        return self
+
+
+class RecommendSettings(BaseModel):
+    default_budget_ms: int = Field(default=250, ge=1)
+    max_budget_ms: int = Field(default=2000, ge=1)
+    max_k: int = Field(default=100, ge=1)
+    max_prefixes: int = Field(default=32, ge=1, le=256, description="M prefixes used online")
+    offline_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the offline prefix log-prob blended with the online item "
+        "log-prob; chosen on the validation split (thinkahead tune-blend)",
+    )
+    full_decode_beam: int = Field(default=20, ge=1)
+    max_list_items: int = Field(default=200, ge=1)
+    max_in_flight: int = Field(default=64, ge=1)
+    exclude_history: bool = True
+
+    @model_validator(mode="after")
+    def _budgets(self) -> RecommendSettings:
+        if self.default_budget_ms > self.max_budget_ms:
+            raise ValueError("default_budget_ms exceeds max_budget_ms")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="THINKAHEAD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    model_dir: Path
+    catalog_dir: Path
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    drain_s: float = Field(default=10.0, ge=0)
+    log_level: str = "info"
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    recommend: RecommendSettings = Field(default_factory=RecommendSettings)

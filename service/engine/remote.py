@@ -1,0 +1,84 @@
+"""A remote ``vllm serve`` deployment behind its OpenAI completions API.
+
+Token-id prompts, ``allowed_token_ids``, ``logprobs`` / ``logprob_token_ids`` and
+``return_tokens_as_token_ids``: the same processed log-probs as in-process, provided the server
+runs with ``--logprobs-mode processed_logprobs --enable-prefix-caching --max-logprobs 256``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from service.engine.base import EngineError, ScoreRequest, TokenLogprobs, pick
+
+
+def completion_body(model: str, request: ScoreRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": list(request.prompt),
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "allowed_token_ids": list(request.allowed),
+        "return_tokens_as_token_ids": True,
+    }
+    if request.want is not None:
+        body["logprobs"] = 1
+        body["logprob_token_ids"] = list(request.want)
+    else:
+        body["logprobs"] = request.n_logprobs
+    return body
+
+
+def parse_logprobs(payload: dict[str, Any]) -> dict[int, float]:
+    try:
+        top = payload["choices"][0]["logprobs"]["top_logprobs"][0]
+        return {int(tok.split(":", 1)[1]): float(lp) for tok, lp in top.items()}
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise EngineError(f"unexpected completions payload: {exc!r}") from exc
+
+
+class RemoteVllmEngine:
+    def __init__(
+        self, base_url: str, model_version: str, model: str | None, timeout_s: float
+    ) -> None:
+        self.model_version = model_version
+        self._model = model
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout_s,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+        )
+
+    async def _served_model(self) -> str:
+        if self._model is None:
+            reply = await self._client.get("/v1/models")
+            reply.raise_for_status()
+            self._model = reply.json()["data"][0]["id"]
+        return self._model
+
+    async def _one(self, model: str, request: ScoreRequest) -> TokenLogprobs:
+        reply = await self._client.post("/v1/completions", json=completion_body(model, request))
+        if reply.status_code != 200:
+            raise EngineError(f"remote engine answered {reply.status_code}: {reply.text[:200]}")
+        return pick(parse_logprobs(reply.json()), request)
+
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
+        try:
+            model = await self._served_model()
+            return list(await asyncio.gather(*(self._one(model, r) for r in requests)))
+        except httpx.HTTPError as exc:
+            raise EngineError(f"remote engine unreachable: {type(exc).__name__}: {exc}") from exc
+
+    async def check_health(self) -> bool:
+        try:
+            reply = await self._client.get("/health")
+            return reply.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def close(self) -> None:
+        await self._client.aclose()
