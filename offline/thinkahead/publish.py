@@ -1,0 +1,182 @@
+"""Writes a snapshot to Redis: pipelined user values with a TTL, shard bookkeeping for resume,
+then an atomic flip of ``current`` and a delayed cleanup of replaced snapshots.
+
+Every step is a single-key command or a same-slot pipeline, so it works on Redis Cluster; the
+order of steps (not a MULTI across keys) is what keeps readers safe: ``current`` only ever names
+a snapshot whose every shard is written and whose manifest says complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from service.manifest import SnapshotManifest
+from service.snapshot import Keyspace, UserPrefixes
+
+log = logging.getLogger(__name__)
+WRITE_CHUNK = 1000
+
+
+class PublishError(RuntimeError):
+    """Redis stayed unreachable after bounded retries; ``current`` was not touched."""
+
+
+def connect_sync(url: str, cluster: bool = False, retries: int = 5) -> Any:
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries)
+    common: dict[str, Any] = {
+        "socket_timeout": 10,
+        "socket_connect_timeout": 2,
+        "retry": retry,
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+    }
+    if cluster:
+        return RedisCluster.from_url(url, **common)
+    return redis.Redis.from_url(url, **common)
+
+
+class SnapshotWriter:
+    def __init__(self, client: Any, keys: Keyspace, ttl_s: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.ttl_s = ttl_s
+
+    def ping(self) -> None:
+        with _redis_errors("ping"):
+            self.client.ping()
+
+    def current(self) -> str | None:
+        with _redis_errors("read current"):
+            raw = self.client.get(self.keys.current)
+        return None if raw is None else raw.decode()
+
+    def pending(self) -> tuple[str, SnapshotManifest] | None:
+        with _redis_errors("read pending"):
+            raw = self.client.get(self.keys.pending)
+            if raw is None:
+                return None
+            sid = raw.decode()
+            manifest_raw = self.client.get(self.keys.manifest(sid))
+        if manifest_raw is None:
+            return None
+        try:
+            return sid, SnapshotManifest.model_validate(json.loads(manifest_raw))
+        except ValueError:
+            return None
+
+    def begin(self, manifest: SnapshotManifest) -> None:
+        with _redis_errors("begin snapshot"):
+            self.client.set(
+                self.keys.manifest(manifest.snapshot_id), _dump(manifest), ex=self.ttl_s
+            )
+            self.client.set(self.keys.pending, manifest.snapshot_id)
+
+    def done_shards(self, snapshot_id: str) -> set[int]:
+        with _redis_errors("read progress"):
+            return {int(x) for x in self.client.smembers(self.keys.done_shards(snapshot_id))}
+
+    def write_shard(
+        self, snapshot_id: str, shard: int, values: Sequence[tuple[str, UserPrefixes]]
+    ) -> None:
+        """User values, then the shard's done mark; a crash before the mark redoes the shard
+        (the values are idempotent overwrites)."""
+        with _redis_errors(f"write shard {shard}"):
+            for start in range(0, len(values), WRITE_CHUNK):
+                pipe = self.client.pipeline(transaction=False)
+                for user, value in values[start : start + WRITE_CHUNK]:
+                    pipe.set(self.keys.user(snapshot_id, user), value.encode(), ex=self.ttl_s)
+                pipe.execute()
+            self.client.sadd(self.keys.done_shards(snapshot_id), shard)
+            self.client.expire(self.keys.done_shards(snapshot_id), self.ttl_s)
+
+    def seed_histories(self, histories: Iterable[tuple[str, Sequence[str]]], cap: int) -> int:
+        """Replace users' history lists (newest first, capped), e.g. from an interactions log."""
+        n = 0
+        with _redis_errors("seed histories"):
+            pipe = self.client.pipeline(transaction=False)
+            for user, items in histories:
+                key = self.keys.history(user)
+                pipe.delete(key)
+                recent = list(items)[-cap:]
+                if recent:
+                    pipe.lpush(key, *recent)
+                n += 1
+                if n % WRITE_CHUNK == 0:
+                    pipe.execute()
+                    pipe = self.client.pipeline(transaction=False)
+            pipe.execute()
+        return n
+
+    def publish(self, manifest: SnapshotManifest) -> str | None:
+        """Complete manifest, flip ``current``, retire the previous snapshot. Returns it."""
+        sid = manifest.snapshot_id
+        with _redis_errors("publish"):
+            previous = self.current()
+            self.client.set(self.keys.manifest(sid), _dump(manifest), ex=self.ttl_s)
+            self.client.set(self.keys.current, sid)  # the atomic flip
+            if previous and previous != sid:
+                self.client.zadd(self.keys.retired, {previous: time.time()})
+            self.client.delete(self.keys.pending)
+        return previous
+
+    def abandon(self, snapshot_id: str) -> None:
+        """Retire a pending snapshot that will not be finished (cleaned at the next sweep)."""
+        with _redis_errors("abandon"):
+            if self.current() != snapshot_id:
+                self.client.zadd(self.keys.retired, {snapshot_id: 0})
+            self.client.delete(self.keys.pending)
+
+    def cleanup(self, grace_s: float) -> list[str]:
+        """Delete snapshots retired more than ``grace_s`` ago (never the current one)."""
+        removed = []
+        with _redis_errors("cleanup"):
+            current = self.current()
+            cutoff = time.time() - grace_s
+            for raw in self.client.zrangebyscore(self.keys.retired, 0, cutoff):
+                sid = raw.decode()
+                if sid == current:
+                    self.client.zrem(self.keys.retired, sid)
+                    continue
+                batch = []
+                for key in self.client.scan_iter(match=self.keys.user_pattern(sid), count=1000):
+                    batch.append(key)
+                    if len(batch) >= WRITE_CHUNK:
+                        self._unlink(batch)
+                        batch = []
+                if batch:
+                    self._unlink(batch)
+                self.client.zrem(self.keys.retired, sid)
+                removed.append(sid)
+        return removed
+
+    def _unlink(self, keys: list[bytes]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.unlink(key)
+        pipe.execute()
+
+
+@contextmanager
+def _redis_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise PublishError(
+            f"redis unreachable during {what} after bounded retries: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _dump(manifest: SnapshotManifest) -> str:
+    return json.dumps(manifest.model_dump(mode="json"), sort_keys=True)

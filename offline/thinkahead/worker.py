@@ -1,0 +1,246 @@
+"""``thinkahead think-ahead``: compute every user's C_u and publish it as a new Redis snapshot.
+
+Users are cut into deterministic shards. A shard's values are written, then the shard is marked
+done, so a run killed at any point (kill -9 included) and started again with the same inputs
+resumes the same pending snapshot, redoes only unfinished shards, and flips ``current`` only
+once every shard is in. Different inputs abandon the old pending snapshot and start anew.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+from tqdm.auto import tqdm
+
+from offline.data import read_interactions
+from offline.thinkahead.prefixes import compute_prefixes
+from offline.thinkahead.publish import SnapshotWriter, connect_sync
+from service.catalog import Catalog
+from service.engine.base import BatchEngine
+from service.manifest import SnapshotManifest, file_hash, sha256_hex
+from service.model import ModelInfo, load_model_info
+from service.snapshot import Keyspace, UserPrefixes
+from service.tokens import Code
+
+log = logging.getLogger(__name__)
+
+
+class ThinkAheadJob(BaseModel):
+    paths: int = Field(default=1, ge=1, description="G reasoning paths (1 without a template)")
+    prefixes: int = Field(default=32, ge=1, le=256, description="M prefixes kept per user")
+    beam: int = Field(default=32, ge=1, description="beam width of the 2-token prefix search")
+    ttl_s: int = Field(default=3 * 86400, ge=60)
+    grace_s: float = Field(default=3600, ge=0, description="keep replaced snapshots this long")
+    shard_size: int = Field(default=2048, ge=1)
+    batch_users: int = Field(default=256, ge=1)
+    holdout_last: int = Field(default=0, ge=0, description="drop each user's last N events")
+    key_prefix: str = "ta"
+
+    @model_validator(mode="after")
+    def _beam_covers_m(self) -> ThinkAheadJob:
+        if self.beam < self.prefixes:
+            raise ValueError(f"beam ({self.beam}) must be >= prefixes ({self.prefixes})")
+        return self
+
+
+@dataclass
+class UserPlan:
+    users: list[str]
+    histories: list[list[Code]]
+    skipped_unknown: int
+    empty: int
+
+
+@dataclass
+class Summary:
+    snapshot_id: str
+    users: int
+    written: int
+    skipped_unknown: int
+    empty_history: int
+    prefixes_per_user: float
+    shards: int
+    resumed_shards: int
+    seconds: float
+    users_per_s: float
+    previous_snapshot: str | None
+    cleaned: list[str]
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def plan_users(path: Path, catalog: Catalog, max_history: int, holdout_last: int) -> UserPlan:
+    """Users with a usable history. Unknown items: the user is skipped and counted. Empty
+    histories are left to the service's cold-start path."""
+    seqs = read_interactions(path).truncated(holdout_last)
+    users, histories = [], []
+    skipped = empty = 0
+    for user, items in zip(seqs.users, seqs.items, strict=True):
+        if not items:
+            empty += 1
+            continue
+        codes, unknown = catalog.codes_of(items[-max_history:])
+        if unknown:
+            skipped += 1
+            continue
+        users.append(user)
+        histories.append(codes)
+    return UserPlan(users, histories, skipped, empty)
+
+
+def job_identity(model: ModelInfo, catalog: Catalog, data_hash: str, job: ThinkAheadJob) -> str:
+    return sha256_hex(
+        model.version.encode(),
+        catalog.version.encode(),
+        data_hash.encode(),
+        job.model_dump_json(exclude={"grace_s"}).encode(),
+    )
+
+
+def new_snapshot_id(identity: str) -> str:
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{identity[:8]}"
+
+
+def process_shard(
+    engine: BatchEngine,
+    model: ModelInfo,
+    catalog: Catalog,
+    job: ThinkAheadJob,
+    users: Sequence[str],
+    histories: Sequence[Sequence[Code]],
+    on_batch: Callable[[int], None],
+) -> list[tuple[str, UserPrefixes]]:
+    values: list[tuple[str, UserPrefixes]] = []
+    for start in range(0, len(users), job.batch_users):
+        batch_hist = histories[start : start + job.batch_users]
+        results = compute_prefixes(
+            engine, model.token_ids, catalog, batch_hist, job.beam, job.prefixes
+        )
+        now = time.time()
+        for user, hist, result in zip(users[start:], batch_hist, results, strict=False):
+            values.append(
+                (
+                    user,
+                    UserPrefixes(
+                        model.version,
+                        catalog.version,
+                        now,
+                        tuple(result.prefixes),
+                        history_len=len(hist),
+                        reasoning=result.reasoning,
+                    ),
+                )
+            )
+        on_batch(len(batch_hist))
+    return values
+
+
+class ThinkAheadRun:
+    """One run: resolve the snapshot (new or resumed), then shards, then publish."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        catalog_dir: Path,
+        interactions: Path,
+        redis_url: str,
+        job: ThinkAheadJob,
+        cluster: bool = False,
+    ) -> None:
+        self.catalog = Catalog.load(catalog_dir)
+        self.model = load_model_info(model_dir, self.catalog)  # refuses a catalog mismatch
+        self.model_dir = Path(model_dir)
+        self.job = job
+        self.plan = plan_users(interactions, self.catalog, self.model.max_history, job.holdout_last)
+        self.writer = SnapshotWriter(
+            connect_sync(redis_url, cluster=cluster), Keyspace(job.key_prefix), job.ttl_s
+        )
+        self.identity = job_identity(self.model, self.catalog, file_hash(interactions), job)
+        self.shards = [
+            (
+                i,
+                self.plan.users[s : s + job.shard_size],
+                self.plan.histories[s : s + job.shard_size],
+            )
+            for i, s in enumerate(range(0, len(self.plan.users), job.shard_size))
+        ]
+
+    def open_snapshot(self) -> tuple[SnapshotManifest, set[int]]:
+        self.writer.ping()  # fail before loading an engine when Redis is not there
+        pending = self.writer.pending()
+        if pending is not None and pending[1].parameters.get("identity") == self.identity:
+            sid, manifest = pending
+            return manifest, self.writer.done_shards(sid)
+        if pending is not None:
+            log.info("abandoning pending snapshot %s (other inputs)", pending[0])
+            self.writer.abandon(pending[0])
+        manifest = SnapshotManifest(
+            snapshot_id=new_snapshot_id(self.identity),
+            model_version=self.model.version,
+            catalog_version=self.catalog.version,
+            prefixes_per_user=self.job.prefixes,
+            paths=self.job.paths,
+            beam=self.job.beam,
+            aggregation="log-mean-prob over paths",
+            parameters={
+                "identity": self.identity,
+                "status": "building",
+                "shards": len(self.shards),
+                **self.job.model_dump(),
+            },
+        )
+        self.writer.begin(manifest)
+        return manifest, set()
+
+    def finish(self, manifest: SnapshotManifest, started: float, resumed: int) -> Summary:
+        final = manifest.model_copy(
+            update={
+                "num_users": len(self.plan.users),
+                "parameters": {**manifest.parameters, "status": "complete"},
+            }
+        )
+        previous = self.writer.publish(final)
+        cleaned = self.writer.cleanup(self.job.grace_s)
+        seconds = time.monotonic() - started
+        return Summary(
+            snapshot_id=manifest.snapshot_id,
+            users=len(self.plan.users) + self.plan.skipped_unknown + self.plan.empty,
+            written=len(self.plan.users),
+            skipped_unknown=self.plan.skipped_unknown,
+            empty_history=self.plan.empty,
+            prefixes_per_user=float(self.job.prefixes),
+            shards=len(self.shards),
+            resumed_shards=resumed,
+            seconds=round(seconds, 2),
+            users_per_s=round(len(self.plan.users) / max(seconds, 1e-9), 1),
+            previous_snapshot=previous,
+            cleaned=cleaned,
+        )
+
+    def run(self, engine_factory: Callable[[], BatchEngine], progress: bool = True) -> Summary:
+        started = time.monotonic()
+        manifest, done = self.open_snapshot()
+        todo = [s for s in self.shards if s[0] not in done]
+        bar = tqdm(
+            total=len(self.plan.users),
+            initial=sum(len(s[1]) for s in self.shards if s[0] in done),
+            desc="think-ahead",
+            unit="user",
+            disable=not progress,
+        )
+        if todo:
+            engine = engine_factory()
+            for index, users, histories in todo:
+                values = process_shard(
+                    engine, self.model, self.catalog, self.job, users, histories, bar.update
+                )
+                self.writer.write_shard(manifest.snapshot_id, index, values)
+        bar.close()
+        return self.finish(manifest, started, resumed=len(done))

@@ -1,0 +1,119 @@
+"""Shared test building blocks: real redis-server processes, a tiny trained world, free ports."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(
+            "redis-server not found: run scripts/setup.sh (installs Debian's redis-server) "
+            "or `apt-get install redis-server`"
+        )
+    return binary
+
+
+@dataclass
+class RedisProcess:
+    port: int
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process.poll() is None:
+            self.process.kill() if kill else self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        fresh = start_redis(self.workdir, self.port, self.extra_args)
+        self.process = fresh.process
+
+
+def start_redis(
+    workdir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()
+) -> RedisProcess:
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = [
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--daemonize",
+        "no",
+        *extra_args,
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.05)
+    client.close()
+    return RedisProcess(port, proc, workdir, extra_args)
+
+
+def random_catalog_csv(path: Path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "soft", "matte", "gloss", "nail", "hair", "skin", "oil", "cream"]
+    with path.open("w") as f:
+        f.write("item_id,title,categories\n")
+        for i in range(1, n + 1):
+            title = " ".join(rng.choice(words, size=3))
+            f.write(f"{i},{title} {i},Beauty > {rng.choice(words)}\n")
+
+
+def synthetic_interactions(path: Path, n_items: int, n_users: int, seed: int = 0) -> None:
+    """Users walk through neighbouring item ids: sequential structure a model can learn."""
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        f.write("user_id,item_id,timestamp\n")
+        for u in range(1, n_users + 1):
+            start = int(rng.integers(0, n_items))
+            length = int(rng.integers(5, 12))
+            seen: set[int] = set()
+            t = 0
+            item = start
+            while len(seen) < length:
+                if item not in seen:
+                    seen.add(item)
+                    f.write(f"u{u},{item + 1},{t}\n")
+                    t += 1
+                item = (item + int(rng.integers(1, 4))) % n_items

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from service.snapshot import CorruptValue, Keyspace, Prefix, UserPrefixes, validate_snapshot_id
+
+
+def value(**kw) -> UserPrefixes:  # type: ignore[no-untyped-def]
+    base = dict(
+        model_version="m1",
+        catalog_version="c1",
+        computed_at=1700000000.5,
+        prefixes=(Prefix(1, 2, -0.5), Prefix(3, 4, -1.25)),
+        history_len=7,
+    )
+    base.update(kw)
+    return UserPrefixes(**base)  # type: ignore[arg-type]
+
+
+def test_round_trip_keeps_every_field() -> None:
+    v = value(reasoning="likes matte lipsticks")
+    assert UserPrefixes.decode(v.encode()) == v
+
+
+def test_value_is_compact() -> None:
+    many = value(prefixes=tuple(Prefix(i, i, -float(i)) for i in range(32)))
+    assert len(many.encode()) < 32 * 14 + 64
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\xc1\xff garbage",
+        b"hello world",
+        msgpack.packb({"v": 2, "m": "m", "c": "c", "t": 1.0, "p": []}),
+        msgpack.packb({"v": 1, "m": "m", "c": "c", "t": 1.0, "p": [1, 2]}),
+        msgpack.packb({"v": 1, "m": "m", "c": "c", "t": "x", "p": []}),
+        msgpack.packb({"v": 1, "c": "c", "t": 1.0, "p": []}),
+        msgpack.packb([1, 2, 3]),
+    ],
+)
+def test_foreign_or_corrupt_values_raise_corrupt_value(raw: bytes) -> None:
+    with pytest.raises(CorruptValue):
+        UserPrefixes.decode(raw)
+
+
+def test_user_keys_share_a_cluster_slot() -> None:
+    keys = Keyspace("ta")
+    assert keys.user("s1", "u42") == "ta:snap:s1:u:{u42}"
+    assert keys.history("u42") == "ta:hist:{u42}"
+    assert keys.current == "ta:snap:current"
+    assert keys.manifest("s1") == "ta:snap:s1:manifest"
+
+
+@pytest.mark.parametrize("bad", ["", "a{b}", "x" * 65, "with space"])
+def test_snapshot_ids_never_carry_hash_tags(bad: str) -> None:
+    with pytest.raises(ValueError):
+        validate_snapshot_id(bad)
