@@ -1,0 +1,299 @@
+"""Build a catalog artifact: items -> vectors -> balanced RQ-Kmeans codes -> unique codes.
+
+Writes ``codes.csv``, ``trie.npz``, ``popularity.npy``, ``manifest.json`` and ``report.json``
+into a temporary directory beside ``out_dir`` and renames it into place, so a reader never sees
+half a catalog and a failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offline.catalog import cf as cf_mod
+from offline.catalog.embed import (
+    DEFAULT_BATCH_SIZE,
+    MINILM_NAME,
+    embed_texts,
+    l2_normalise,
+    load_vectors,
+    resolve_precision,
+)
+from offline.catalog.items import read_items
+from offline.catalog.kmeans import DEFAULT_ITERS, residual_quantize, resolve_collisions
+from offline.data import read_interactions
+from offline.errors import InputError
+from service.catalog import (
+    CODES_FILE,
+    POPULARITY_FILE,
+    REPORT_FILE,
+    TRIE_FILE,
+    build_trie,
+    catalog_version_of,
+    write_codes,
+)
+from service.manifest import MANIFEST_FILE, CatalogManifest, file_hash, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+LEVELS = 3
+
+
+def build_catalog(
+    items_csv: Path | str,
+    out_dir: Path | str,
+    codebook_size: int = 256,
+    interactions: Path | str | None = None,
+    embeddings: Path | str | None = None,
+    cf_dim: int = 64,
+    cf_weight: float = 1.0,
+    cf_idf: bool = False,
+    holdout_last: int = 0,
+    seed: int = 0,
+    iters: int = DEFAULT_ITERS,
+    text_columns: Sequence[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    precision: str = "auto",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Build the catalog in ``out_dir`` (replacing a previous catalog there); returns the report.
+
+    Vectors: MiniLM embeddings of the item texts (or the rows of ``embeddings``, a .npy),
+    L2-normalised; with ``interactions`` and ``cf_weight`` > 0, concatenated with ``cf_weight``
+    times CF vectors from the interactions minus each user's last ``holdout_last`` items (so a
+    benchmark can build without seeing its validation / test targets). Popularity counts the
+    same truncated interactions. ``precision`` ("auto", "float32", "bfloat16") is MiniLM's
+    compute precision; "auto" takes bfloat16 where the CPU has it natively.
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    items_csv, out_dir = Path(items_csv), Path(out_dir)
+    _check_out_dir(out_dir)
+    if codebook_size < 2:
+        raise InputError(None, f"codebook size must be >= 2, got {codebook_size}")
+    if holdout_last < 0:
+        raise InputError(None, f"holdout_last must be >= 0, got {holdout_last}")
+    if cf_dim < 1:
+        raise InputError(None, f"cf_dim must be >= 1, got {cf_dim}")
+    if cf_weight < 0 or not np.isfinite(cf_weight):
+        raise InputError(None, f"cf_weight must be a finite number >= 0, got {cf_weight}")
+    if iters < 1:
+        raise InputError(None, f"iters must be >= 1, got {iters}")
+    precision = resolve_precision(precision) if embeddings is None else "n/a"
+
+    t = time.perf_counter()
+    items = read_items(items_csv, text_columns)
+    n = len(items)
+    if n > codebook_size**LEVELS:
+        raise InputError(
+            items_csv,
+            f"{n} items do not fit {LEVELS} levels of codebook size {codebook_size} "
+            f"({codebook_size}^{LEVELS} = {codebook_size**LEVELS} codes); "
+            "use a larger codebook size",
+        )
+    vectors_in = load_vectors(embeddings, n) if embeddings is not None else None
+    seqs = read_interactions(Path(interactions)) if interactions is not None else None
+    seconds["read"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if vectors_in is None:
+        log.info("embedding %d items with %s", n, MINILM_NAME)
+        content = embed_texts(
+            items.texts, batch_size=batch_size, show_progress=show_progress, precision=precision
+        )
+        embedding_model = MINILM_NAME
+    else:
+        content = vectors_in
+        embedding_model = f"user-vectors:{Path(embeddings).name}"  # type: ignore[arg-type]
+    content = l2_normalise(content)
+    seconds["embed"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    popularity = np.zeros(n, dtype=np.float64)
+    interaction_stats: dict[str, Any] = {}
+    cf_used = 0
+    vectors = content
+    if seqs is not None:
+        full = cf_mod.count_interactions(seqs, items.ids)
+        train = seqs.truncated(holdout_last)
+        counts = cf_mod.count_interactions(train, items.ids)
+        popularity = counts.popularity
+        interaction_stats = {
+            "users": len(seqs),
+            "interactions": seqs.num_interactions,
+            "unknown_item_interactions": full.unknown_interactions,
+            "unknown_items": full.unknown_items,
+            "interactions_used": int(counts.popularity.sum()),
+            "items_with_interactions": int((counts.popularity > 0).sum()),
+        }
+        if full.unknown_interactions:
+            log.warning(
+                "%s: %d interactions name %d items that are not in %s; ignored",
+                interactions,
+                full.unknown_interactions,
+                full.unknown_items,
+                items_csv,
+            )
+        if cf_weight > 0:
+            if counts.matrix.nnz == 0:
+                raise InputError(
+                    interactions,
+                    f"no interactions with catalog items left after holding out the last "
+                    f"{holdout_last} per user; nothing to compute CF vectors from",
+                )
+            cf = cf_mod.cf_vectors(counts.matrix, dim=cf_dim, idf=cf_idf, seed=seed)
+            cf_used = cf.shape[1]
+            vectors = np.hstack([content, np.float32(cf_weight) * cf]).astype(np.float32)
+            embedding_model += f"+cf{cf_used}"
+    seconds["cf"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    raw_codes, codebooks, residual_sq = residual_quantize(
+        vectors, codebook_size, levels=LEVELS, seed=seed, iters=iters
+    )
+    codes, stats = resolve_collisions(raw_codes, vectors, codebooks)
+    if stats.collisions_after:
+        raise RuntimeError(f"{stats.collisions_after} code collisions left after resolution")
+    seconds["quantize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    version = catalog_version_of(items.ids, codes, codebook_size)
+    parameters: dict[str, Any] = {
+        "codebook_size": codebook_size,
+        "levels": LEVELS,
+        "seed": seed,
+        "iters": iters,
+        "text_columns": list(items.text_columns),
+        "batch_size": batch_size,
+        "embedding_precision": precision,
+        "cf_dim": cf_dim,
+        "cf_dim_used": cf_used,
+        "cf_weight": cf_weight,
+        "cf_idf": cf_idf,
+        "holdout_last": holdout_last,
+        "vector_dim": int(vectors.shape[1]),
+        "inputs": {
+            "items": _describe_input(items_csv),
+            "interactions": _describe_input(interactions),
+            "embeddings": _describe_input(embeddings),
+        },
+    }
+    manifest = CatalogManifest(
+        catalog_version=version,
+        codebook_size=codebook_size,
+        num_items=n,
+        embedding_model=embedding_model,
+        parameters=parameters,
+    )
+    report: dict[str, Any] = {
+        "catalog_version": version,
+        "items": n,
+        "codebook_size": codebook_size,
+        "embedding_model": embedding_model,
+        "vector_dim": int(vectors.shape[1]),
+        "collisions_before": stats.collisions_before,
+        "collisions_after": stats.collisions_after,
+        "moved": stats.moved,
+        "spilled": stats.spilled,
+        "mean_residual_sq": float(residual_sq.mean()),
+        **code_statistics(codes, codebook_size),
+        **interaction_stats,
+    }
+    if seqs is None:
+        report["unknown_item_interactions"] = 0
+    _write_atomically(out_dir, items.ids, codes, popularity, manifest, report, seconds, t, t_start)
+    return report
+
+
+def code_statistics(codes: np.ndarray, k: int) -> dict[str, Any]:
+    """Codebook utilisation and cluster sizes per level, and how items spread over (a, b)."""
+    out: dict[str, Any] = {"levels": {}}
+    for level, name in enumerate("abc"):
+        sizes = np.bincount(codes[:, level], minlength=k)
+        used = sizes[sizes > 0]
+        out["levels"][name] = {
+            "utilisation": round(float(len(used) / k), 4),
+            "max_cluster_size": int(used.max()),
+            "mean_cluster_size": round(float(used.mean()), 3),
+        }
+    prefix = codes[:, 0].astype(np.int64) * k + codes[:, 1]
+    _, per_prefix = np.unique(prefix, return_counts=True)
+    out["prefixes"] = len(per_prefix)
+    out["single_item_prefix_share"] = round(float((per_prefix == 1).mean()), 4)
+    out["max_items_per_prefix"] = int(per_prefix.max())
+    out["mean_items_per_prefix"] = round(float(per_prefix.mean()), 3)
+    return out
+
+
+def _describe_input(path: Path | str | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    path = Path(path)
+    return {"path": str(path.resolve()), "sha256": file_hash(path)}
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace anything but a previous catalog (or an empty directory)."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise InputError(out_dir, "exists and is not a directory; refusing to replace it")
+    if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+        raise InputError(
+            out_dir,
+            "exists, is not empty and is not a catalog (no manifest.json); refusing to replace it",
+        )
+
+
+def _write_atomically(
+    out_dir: Path,
+    item_ids: list[str],
+    codes: np.ndarray,
+    popularity: np.ndarray,
+    manifest: CatalogManifest,
+    report: dict[str, Any],
+    seconds: dict[str, float],
+    t_write: float,
+    t_start: float,
+) -> None:
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
+    old: Path | None = None
+    moved_aside = False
+    try:
+        write_codes(tmp / CODES_FILE, item_ids, codes)
+        with (tmp / TRIE_FILE).open("wb") as f:
+            np.savez(f, **build_trie(codes, manifest.codebook_size))
+        with (tmp / POPULARITY_FILE).open("wb") as f:
+            np.save(f, popularity.astype(np.float64))
+        manifest.write(tmp)
+        seconds["write"] = time.perf_counter() - t_write
+        seconds["total"] = time.perf_counter() - t_start
+        report["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
+        write_json_atomic(tmp / REPORT_FILE, report)
+        os.chmod(tmp, 0o755)  # mkdtemp (and write_json_atomic's mkstemp) create owner-only
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, old)  # onto an empty directory: allowed by POSIX rename
+            moved_aside = True
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved_aside and old is not None:
+            os.rename(old, out_dir)  # put the previous catalog back
+        elif old is not None:
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

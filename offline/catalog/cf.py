@@ -1,0 +1,79 @@
+"""Collaborative-filtering item vectors: truncated SVD of the user x item interaction matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import svds
+
+from offline.data import Sequences
+
+
+@dataclass(frozen=True)
+class InteractionCounts:
+    """Interactions mapped onto catalog rows."""
+
+    matrix: sp.csr_matrix  # users x items, interaction counts
+    popularity: np.ndarray  # (N,) float64, interactions per item
+    unknown_interactions: int  # interactions whose item is not in the catalog
+    unknown_items: int  # distinct such items
+
+
+def count_interactions(seqs: Sequences, item_ids: Sequence[str]) -> InteractionCounts:
+    row_of = {item: i for i, item in enumerate(item_ids)}
+    users: list[int] = []
+    cols: list[int] = []
+    unknown: dict[str, int] = {}
+    for u, seq in enumerate(seqs.items):
+        for item in seq:
+            col = row_of.get(item)
+            if col is None:
+                unknown[item] = unknown.get(item, 0) + 1
+            else:
+                users.append(u)
+                cols.append(col)
+    data = np.ones(len(cols), dtype=np.float64)
+    matrix = sp.csr_matrix((data, (users, cols)), shape=(len(seqs), len(item_ids)))
+    matrix.sum_duplicates()
+    popularity = np.asarray(matrix.sum(axis=0), dtype=np.float64).ravel()
+    return InteractionCounts(matrix, popularity, sum(unknown.values()), len(unknown))
+
+
+def cf_vectors(matrix: sp.spmatrix, dim: int = 64, idf: bool = False, seed: int = 0) -> np.ndarray:
+    """(N, dim') float32 item vectors, dim' = min(dim, min(matrix.shape) - 1), rows L2-normalised.
+
+    The matrix is binarised (and, with ``idf``, each item column weighted by log(U / users of
+    the item)); item i's vector is row i of V * S from its truncated SVD. Deterministic: a fixed
+    start vector from ``seed`` and a sign convention per component. Items without interactions
+    get zero vectors.
+    """
+    binary = sp.csr_matrix(matrix, dtype=np.float64, copy=True)
+    binary.data[:] = 1.0
+    binary.eliminate_zeros()
+    n_users, n_items = binary.shape
+    if binary.nnz == 0:
+        return np.zeros((n_items, 0), dtype=np.float32)
+    if idf:
+        users_per_item = np.asarray((binary > 0).sum(axis=0)).ravel()
+        weights = np.log(n_users / np.maximum(users_per_item, 1)) + 1.0
+        binary = sp.csr_matrix(binary @ sp.diags(weights))
+    rank = min(dim, min(n_users, n_items) - 1)
+    if rank < 1:
+        return np.zeros((n_items, 0), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    v0 = rng.standard_normal(min(n_users, n_items))
+    _, s, vt = svds(binary, k=rank, v0=v0, solver="arpack")
+    order = np.argsort(-s, kind="stable")
+    s, vt = s[order], vt[order]
+    # Singular vectors are defined up to sign: make each component's largest entry positive.
+    signs = np.sign(vt[np.arange(rank), np.argmax(np.abs(vt), axis=1)])
+    vt *= np.where(signs == 0, 1.0, signs)[:, None]
+    vectors = vt.T * s[None, :]
+    has_interactions = np.diff(binary.tocsc().indptr) > 0
+    vectors[~has_interactions] = 0.0
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = np.where(norms > 1e-12, vectors / np.where(norms > 1e-12, norms, 1.0), 0.0)
+    return vectors.astype(np.float32)
