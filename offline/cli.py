@@ -7,6 +7,7 @@ added the same way). Input errors print ``error: <message>`` to stderr and exit 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +116,216 @@ def catalog_build(
         f"  seconds: total {secs['total']:.1f} ("
         + ", ".join(f"{k} {v:.1f}" for k, v in secs.items() if k != "total")
         + ")"
+    )
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    interactions: Annotated[Path, typer.Option(help="interactions CSV")],
+    out: Annotated[Path, typer.Option(help="model directory to write (HF format)")],
+    preset: Annotated[str, typer.Option(help="model size: tiny, small, base")] = "small",
+    epochs: Annotated[int, typer.Option(help="maximum epochs (early stopping)")] = 40,
+    batch_size: Annotated[int, typer.Option()] = 128,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    patience: Annotated[int, typer.Option(help="epochs without validation gain")] = 3,
+    val_users: Annotated[int, typer.Option(help="validation sample (0 = all)")] = 3000,
+    max_minutes: Annotated[float | None, typer.Option(help="stop after this long")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    progress: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """Train the decoder on the leave-one-out train split; early stopping on validation."""
+    from offline.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(
+        preset=preset,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=patience,
+        val_users=val_users,
+        max_minutes=max_minutes,
+        seed=seed,
+    )
+    manifest = train(catalog, interactions, out, cfg, progress=progress)
+    best = manifest.metrics["validation"]
+    typer.echo(
+        f"model {manifest.model_version} -> {out}\n  best epoch {best.get('epoch')}: val "
+        f"R@10 {best.get('recall@10', 0):.4f} N@10 {best.get('ndcg@10', 0):.4f}; "
+        f"{manifest.parameters['train_seconds']:.0f}s"
+    )
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="model directory")],
+    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    interactions: Annotated[Path, typer.Option(help="interactions CSV")],
+    out: Annotated[Path, typer.Option(help="report JSON to write")],
+    split: Annotated[str, typer.Option(help="test or valid")] = "test",
+    mode: Annotated[str, typer.Option(help="full or think-ahead")] = "full",
+    beam: Annotated[int, typer.Option(help="beam width (>= 10)")] = 20,
+    prefixes: Annotated[int, typer.Option(help="think-ahead: M prefixes")] = 32,
+    engine: Annotated[
+        str, typer.Option(help="vllm, or torch (reference, full mode only)")
+    ] = "vllm",
+    limit: Annotated[int | None, typer.Option(help="evaluate a random sample of users")] = None,
+    progress: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """Recall@5/10 and NDCG@5/10, full ranking over the catalog, beside co-visitation."""
+    from offline.eval_cli import run_eval
+
+    report = run_eval(
+        model,
+        catalog,
+        interactions,
+        out,
+        split=split,
+        mode=mode,
+        beam=beam,
+        prefixes=prefixes,
+        engine=engine,
+        limit=limit,
+        progress=progress,
+    )
+    typer.echo(json.dumps(report["rows"], indent=2))
+
+
+@app.command("think-ahead")
+@user_errors
+def think_ahead_cmd(
+    model: Annotated[Path, typer.Option(help="model directory")],
+    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    interactions: Annotated[Path, typer.Option(help="interactions CSV (users' histories)")],
+    redis: Annotated[str, typer.Option(help="redis URL")] = "redis://127.0.0.1:6379/0",
+    paths: Annotated[int, typer.Option(help="G reasoning paths (1 without a template)")] = 1,
+    prefixes: Annotated[int, typer.Option(help="M prefixes kept per user")] = 32,
+    beam: Annotated[int | None, typer.Option(help="beam width (default: M)")] = None,
+    ttl: Annotated[int, typer.Option(help="seconds a user value lives")] = 3 * 86400,
+    grace: Annotated[float, typer.Option(help="seconds replaced snapshots are kept")] = 3600,
+    shard_size: Annotated[int, typer.Option()] = 2048,
+    batch_users: Annotated[int, typer.Option()] = 256,
+    holdout_last: Annotated[int, typer.Option(help="ignore each user's last N events")] = 0,
+    key_prefix: Annotated[str, typer.Option()] = "ta",
+    cluster: Annotated[bool, typer.Option(help="the URL is a Redis Cluster node")] = False,
+    ray: Annotated[bool, typer.Option(help="run shards on Ray")] = False,
+    ray_workers: Annotated[int, typer.Option(help="Ray actors, one vLLM engine each")] = 1,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    seed_history: Annotated[
+        bool, typer.Option(help="also load users' histories into ta:hist (demo, benchmarks)")
+    ] = False,
+    progress: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """Compute every user's candidate prefixes and publish them as a new Redis snapshot."""
+    from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun, local_engine_factory
+
+    job = ThinkAheadJob(
+        paths=paths,
+        prefixes=prefixes,
+        beam=beam or prefixes,
+        ttl_s=ttl,
+        grace_s=grace,
+        shard_size=shard_size,
+        batch_users=batch_users,
+        holdout_last=holdout_last,
+        key_prefix=key_prefix,
+    )
+    run = ThinkAheadRun(model, catalog, interactions, redis, job, cluster=cluster)
+    if seed_history:
+        typer.echo(f"histories loaded: {run.seed_histories(interactions)}")
+    if ray:
+        from offline.thinkahead.ray_runner import run_on_ray
+
+        summary = run_on_ray(run, workers=ray_workers, address=ray_address, progress=progress)
+    else:
+        summary = run.run(local_engine_factory(model), progress=progress)
+    typer.echo(json.dumps(summary.as_dict(), indent=2))
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    model: Annotated[Path, typer.Option(help="model directory")],
+    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    redis: Annotated[str | None, typer.Option(help="redis URL")] = None,
+    http_port: Annotated[int | None, typer.Option()] = None,
+    grpc_port: Annotated[int | None, typer.Option()] = None,
+    host: Annotated[str | None, typer.Option(help="bind address for both transports")] = None,
+    engine: Annotated[str | None, typer.Option(help="local (vLLM in-process) or remote")] = None,
+    remote_url: Annotated[str | None, typer.Option(help="remote vllm serve base URL")] = None,
+) -> None:
+    """Serve REST and gRPC recommendations (settings: flags, then THINKAHEAD_* env vars)."""
+    from service.config import Settings
+    from service.server import run
+
+    overrides: dict[str, Any] = {"model_dir": model, "catalog_dir": catalog}
+    if http_port is not None:
+        overrides["http_port"] = http_port
+    if grpc_port is not None:
+        overrides["grpc_port"] = grpc_port
+    if host is not None:
+        overrides["http_host"] = overrides["grpc_host"] = host
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    updates: dict[str, Any] = {}
+    if redis is not None:
+        updates["redis"] = settings.redis.model_copy(update={"url": redis})
+    if engine is not None or remote_url is not None:
+        updates["engine"] = settings.engine.model_validate(
+            {
+                **settings.engine.model_dump(),
+                **({"mode": engine} if engine else {}),
+                **({"remote_url": remote_url} if remote_url else {}),
+            }
+        )
+    run(settings.model_copy(update=updates))
+
+
+history_app = typer.Typer(no_args_is_help=True, help="Users' recent histories in Redis.")
+app.add_typer(history_app, name="history")
+
+
+@history_app.command("load")
+@user_errors
+def history_load(
+    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    interactions: Annotated[Path, typer.Option(help="interactions CSV")],
+    redis: Annotated[str, typer.Option(help="redis URL")] = "redis://127.0.0.1:6379/0",
+    holdout_last: Annotated[int, typer.Option(help="drop each user's last N events")] = 0,
+    cap: Annotated[int, typer.Option(help="items kept per user")] = 50,
+    key_prefix: Annotated[str, typer.Option()] = "ta",
+    cluster: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Replace users' ta:hist lists with their latest events from an interactions log."""
+    from offline.data import read_interactions
+    from offline.thinkahead.publish import SnapshotWriter, connect_sync
+    from service.snapshot import Keyspace
+
+    seqs = read_interactions(interactions).truncated(holdout_last)
+    writer = SnapshotWriter(connect_sync(redis, cluster=cluster), Keyspace(key_prefix), 0)
+    n = writer.seed_histories(zip(seqs.users, seqs.items, strict=True), cap)
+    typer.echo(f"histories loaded: {n}")
+
+
+model_app = typer.Typer(no_args_is_help=True, help="Decoder model utilities.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("add-item-tokens")
+@user_errors
+def add_item_tokens_cmd(
+    base_model: Annotated[Path, typer.Argument(help="an existing HF causal LM directory")],
+    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    out: Annotated[Path, typer.Option(help="output model directory")],
+) -> None:
+    """Itemic alignment, step one: add the catalog's item tokens to an existing LLM."""
+    from offline.train.add_tokens import add_item_tokens
+
+    manifest = add_item_tokens(base_model, catalog, out)
+    typer.echo(
+        f"model {manifest.model_version} -> {out} ({manifest.parameters['added_tokens']} "
+        "tokens added)"
     )
 
 

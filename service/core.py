@@ -227,8 +227,10 @@ class Recommender:
             async with asyncio.timeout(max(clock.remaining(), 0.001)):
                 read = await self.store.read_user(snapshot_id, user_id)
             return read, None
-        except (RedisUnavailable, TimeoutError) as exc:
-            log.warning("event=redis_read_failed error=%s", exc or "timeout")
+        except TimeoutError:
+            return UserRead(None, []), "budget_exceeded"
+        except RedisUnavailable as exc:
+            log.warning("event=redis_read_failed error=%s", exc)
             return UserRead(None, []), "redis_unavailable"
         finally:
             clock.redis_s = time.perf_counter() - t0

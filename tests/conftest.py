@@ -3,6 +3,7 @@ trained here on synthetic sequences, and a vLLM engine (CPU build) over that dec
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,10 +40,8 @@ def redis_url(redis_server: RedisProcess) -> Iterator[str]:
         redis_server.restart()
     client.flushall()
     yield redis_server.url
-    try:
+    with contextlib.suppress(redis.ConnectionError):
         client.flushall()
-    except redis.ConnectionError:
-        pass
     client.close()
 
 

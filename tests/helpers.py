@@ -117,3 +117,84 @@ def synthetic_interactions(path: Path, n_items: int, n_users: int, seed: int = 0
                     f.write(f"u{u},{item + 1},{t}\n")
                     t += 1
                 item = (item + int(rng.integers(1, 4))) % n_items
+
+
+@dataclass
+class ServiceProcess:
+    process: subprocess.Popen[bytes]
+    http_port: int
+    grpc_port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(15)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def start_service(
+    model_dir: Path,
+    catalog_dir: Path,
+    redis_url: str,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
+    timeout: float = 300,
+) -> ServiceProcess:
+    """``thinkahead serve`` as a real process; returns once /livez answers."""
+    import os
+    import sys
+
+    import httpx
+
+    http_port, grpc_port = free_port(), free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "offline.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--catalog",
+        str(catalog_dir),
+        "--redis",
+        redis_url,
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        *extra_args,
+    ]
+    full_env = {**os.environ, "THINKAHEAD_REDIS__SNAPSHOT_POLL_S": "0.2", **(env or {})}
+    full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # AsyncLLM runs its engine core apart
+    log = log_path.open("wb")
+    proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    service = ServiceProcess(proc, http_port, grpc_port, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}:\n{service.log()[-4000:]}")
+        try:
+            if httpx.get(f"{service.base_url}/livez", timeout=1).status_code == 200:
+                return service
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    service.stop()
+    raise RuntimeError(f"service did not come up in {timeout}s:\n{service.log()[-4000:]}")

@@ -156,7 +156,8 @@ class ThinkAheadRun:
     ) -> None:
         self.catalog = Catalog.load(catalog_dir)
         self.model = load_model_info(model_dir, self.catalog)  # refuses a catalog mismatch
-        self.model_dir = Path(model_dir)
+        self.model_dir, self.catalog_dir = Path(model_dir), Path(catalog_dir)
+        self.redis_url, self.cluster = redis_url, cluster
         self.job = job
         self.plan = plan_users(interactions, self.catalog, self.model.max_history, job.holdout_last)
         self.writer = SnapshotWriter(
@@ -171,6 +172,11 @@ class ThinkAheadRun:
             )
             for i, s in enumerate(range(0, len(self.plan.users), job.shard_size))
         ]
+
+    def seed_histories(self, interactions: Path, cap: int = 50) -> int:
+        """Load users' full recent histories into ``ta:hist`` (what the online prompt reads)."""
+        seqs = read_interactions(interactions)
+        return self.writer.seed_histories(zip(seqs.users, seqs.items, strict=True), cap)
 
     def open_snapshot(self) -> tuple[SnapshotManifest, set[int]]:
         self.writer.ping()  # fail before loading an engine when Redis is not there
@@ -244,3 +250,14 @@ class ThinkAheadRun:
                 self.writer.write_shard(manifest.snapshot_id, index, values)
         bar.close()
         return self.finish(manifest, started, resumed=len(done))
+
+
+def local_engine_factory(model_dir: Path) -> Callable[[], BatchEngine]:
+    """vLLM's offline engine for this process (imported only when a shard needs it)."""
+
+    def make() -> BatchEngine:
+        from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
+
+        return VllmBatchEngine(model_dir, VllmOptions())
+
+    return make

@@ -48,6 +48,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=200, ge=0)
     embed_dropout: float = Field(default=0.1, ge=0, lt=1)
+    item_dropout: float = Field(default=0.1, ge=0, lt=1, description="augmentation, per epoch")
+    bf16: bool | None = Field(default=None, description="bf16 autocast; None: where native")
     max_history: int = Field(default=50, ge=1)
     val_users: int = Field(default=3000, ge=0, description="validation sample for early stopping")
     val_beam: int = Field(default=20, ge=10)
@@ -62,6 +64,7 @@ class Prepared:
     catalog: Catalog
     ids: TokenIds
     train: list[Encoded]
+    train_codes: list[list[Code]]
     valid: list[Example]
     unknown_items: int
     data_hash: str
@@ -80,15 +83,33 @@ def prepare(
     split = leave_one_out(seqs, cfg.max_history)
     tok = save_tokenizer(catalog.codebook_size, tokenizer_dir)
     ids = TokenIds.from_vocab(tok.get_vocab(), catalog.codebook_size)
-    encoded: list[Encoded] = []
+    sequences: list[list[Code]] = []
     unknown = 0
     for items in split.train.items:
         codes, missing = codes_for(catalog, items)
         unknown += missing
-        encoded.extend(encode(w, ids) for w in windows(codes, cfg.max_history))
+        sequences.extend(windows(codes, cfg.max_history))
+    encoded = [encode(w, ids) for w in sequences]
     if not encoded:
         raise InputError(interactions, "no training sequence with two or more catalog items")
-    return Prepared(catalog, ids, encoded, split.valid, unknown, file_hash(Path(interactions)))
+    return Prepared(
+        catalog, ids, encoded, sequences, split.valid, unknown, file_hash(Path(interactions))
+    )
+
+
+def augmented(data: Prepared, p: float, rng: np.random.Generator) -> list[Encoded]:
+    """Item dropout: each epoch drops each item of a training sequence with probability p
+    (keeping at least two), so the model cannot lean on one exact context; p = 0 is a no-op."""
+    if p <= 0:
+        return data.train
+    out = []
+    for seq, enc in zip(data.train_codes, data.train, strict=True):
+        keep = rng.random(len(seq)) >= p
+        if keep.all() or keep.sum() < 2:
+            out.append(enc)
+        else:
+            out.append(encode([c for c, k in zip(seq, keep, strict=True) if k], data.ids))
+    return out
 
 
 def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
@@ -115,30 +136,60 @@ def item_loss(
     return F.cross_entropy(logits, labels[sel])
 
 
-def evaluate_examples(
+def length_batches(lengths: list[int], beam: int, budget: int) -> list[list[int]]:
+    """Indices grouped by similar prompt length so that users x beam x tokens stays under
+    ``budget``: the beams' KV cache copies are what dominates memory."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[i]  # sorted ascending: the newest is the longest
+        if current and (len(current) + 1) * beam * width > budget:
+            out.append(current)
+            current = []
+        current.append(i)
+    if current:
+        out.append(current)
+    return out
+
+
+def rank_examples(
     model: LlamaForCausalLM,
     catalog: Catalog,
     ids: TokenIds,
     examples: list[Example],
     beam: int,
-    batch_users: int = 256,
     k: int = 10,
+    token_budget: int = 200_000,
     progress: bool = False,
-) -> dict[str, float]:
-    """Full-decode metrics on examples, history items excluded from the ranking."""
+) -> list[list[str]]:
+    """Top-k items per example by the batched reference beam search, history excluded."""
     model.eval()
-    ranked: list[list[str]] = []
-    targets: list[str] = []
-    chunks = range(0, len(examples), batch_users)
-    for start in tqdm(chunks, desc="decode", disable=not progress, unit="batch"):
-        chunk = examples[start : start + batch_users]
-        histories = [catalog.codes_of(e.history)[0] for e in chunk]
-        constraints = [Constraint(catalog, h) for h in histories]
-        beams = beam_search_batch(model, ids, constraints, histories, beam)
-        for e, user_beams in zip(chunk, beams, strict=True):
-            ranked.append([catalog.item_at(b.code) or "" for b in user_beams[:k]])  # type: ignore[arg-type]
-            targets.append(e.target)
-    return ranking_metrics(ranked, targets)
+    histories = [catalog.codes_of(e.history)[0] for e in examples]
+    ranked: list[list[str]] = [[] for _ in examples]
+    groups = length_batches([len(h) * 5 + 2 for h in histories], beam, token_budget)
+    for group in tqdm(groups, desc="decode", disable=not progress, unit="batch"):
+        hist = [histories[i] for i in group]
+        beams = beam_search_batch(model, ids, [Constraint(catalog, h) for h in hist], hist, beam)
+        for i, user_beams in zip(group, beams, strict=True):
+            ranked[i] = [catalog.item_at(b.code) or "" for b in user_beams[:k]]  # type: ignore[arg-type]
+    return ranked
+
+
+def evaluate_examples(
+    model: LlamaForCausalLM, catalog: Catalog, ids: TokenIds, examples: list[Example], beam: int
+) -> dict[str, float]:
+    ranked = rank_examples(model, catalog, ids, examples, beam)
+    return ranking_metrics(ranked, [e.target for e in examples])
+
+
+def native_bf16() -> bool:
+    """CPUs with AVX512-BF16 / AMX run bf16 matmuls about twice as fast as fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -167,6 +218,7 @@ def train(
         config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
         model = LlamaForCausalLM(config)
         masks = level_masks(data.ids, vocab)
+        use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16()
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
         )
@@ -183,7 +235,9 @@ def train(
             t0 = time.monotonic()
             losses = []
             bar = tqdm(
-                batches(data.train, cfg.batch_size, data.ids.pad or 0, rng),
+                batches(
+                    augmented(data, cfg.item_dropout, rng), cfg.batch_size, data.ids.pad or 0, rng
+                ),
                 total=steps_per_epoch,
                 desc=f"epoch {epoch}",
                 disable=not progress,
@@ -192,7 +246,8 @@ def train(
             for batch in bar:
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step, total_steps, cfg)
-                loss = item_loss(model, batch, masks, cfg.embed_dropout)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = item_loss(model, batch, masks, cfg.embed_dropout)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -240,6 +295,7 @@ def train(
             parameters={
                 **cfg.model_dump(),
                 "preset_config": preset.as_dict(),
+                "bf16_autocast": use_bf16,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "train_windows": len(data.train),
                 "unknown_item_interactions": data.unknown_items,
