@@ -87,6 +87,7 @@ class Recommendation:
     timings: Timings
     reasoning: str | None
     request_id: str
+    backfilled: int = 0  # tail items topped up by popularity when the candidates ran short
 
     @property
     def degraded(self) -> bool:
@@ -212,7 +213,15 @@ class Recommender:
             else:
                 if items:
                     return self._answer(
-                        items, Source.THINK_AHEAD, None, clock, snapshot_id, value, q, request_id
+                        items,
+                        Source.THINK_AHEAD,
+                        None,
+                        clock,
+                        snapshot_id,
+                        value,
+                        q,
+                        request_id,
+                        constraint,
                     )
                 reason = "prefixes_excluded"
         return await self._full_or_fallback(
@@ -329,7 +338,15 @@ class Recommender:
                 items = await self._full_decode(prompt, constraint, q.k, clock)
                 if items:
                     return self._answer(
-                        items, Source.FULL_DECODE, reason, clock, snapshot_id, value, q, request_id
+                        items,
+                        Source.FULL_DECODE,
+                        reason,
+                        clock,
+                        snapshot_id,
+                        value,
+                        q,
+                        request_id,
+                        constraint,
                     )
             except TimeoutError:
                 reason = reason or "budget_exceeded"
@@ -338,11 +355,23 @@ class Recommender:
                 log.warning("event=engine_error request_id=%s error=%s", request_id, exc)
         source, items = self._popular(prefixes, constraint, q.k)
         return self._answer(
-            items, source, reason or "unknown", clock, snapshot_id, value, q, request_id
+            items,
+            source,
+            reason or "unknown",
+            clock,
+            snapshot_id,
+            value,
+            q,
+            request_id,
+            constraint,
         )
 
     def _popular(
-        self, prefixes: list[Prefix], constraint: Constraint, k: int
+        self,
+        prefixes: list[Prefix],
+        constraint: Constraint,
+        k: int,
+        skip: frozenset[int] = frozenset(),
     ) -> tuple[Source, list[ScoredItem]]:
         """The most popular allowed items under the user's prefixes, topped up with global
         popular items; never an excluded item."""
@@ -351,11 +380,11 @@ class Recommender:
             int(r)
             for p in prefixes
             for r in cat.rows_under_ab.get((p.a, p.b), ())
-            if constraint.allows(cat.code_at(int(r)))
+            if int(r) not in skip and constraint.allows(cat.code_at(int(r)))
         }
         chosen = sorted(under, key=lambda r: (-cat.popularity[r], r))[:k]
         source = Source.PREFIX_POPULAR if chosen else Source.GLOBAL_POPULAR
-        taken = set(chosen)
+        taken = set(chosen) | skip
         for row in cat.rows_by_popularity:
             if len(chosen) >= k:
                 break
@@ -387,9 +416,13 @@ class Recommender:
         value: UserPrefixes | None,
         q: RecommendQuery,
         request_id: str,
+        constraint: Constraint,
     ) -> Recommendation:
         if reason is not None:
             self.metrics.fallbacks.labels(reason, source.value).inc()
+        backfilled = 0
+        if len(items) < q.k:
+            items, backfilled = self._backfill(items, constraint, q.k)
         reasoning = value.reasoning if (q.include_reasoning and value is not None) else None
         return Recommendation(
             items=items,
@@ -401,7 +434,18 @@ class Recommender:
             timings=clock.timings(),
             reasoning=reasoning,
             request_id=request_id,
+            backfilled=backfilled,
         )
+
+    def _backfill(
+        self, items: list[ScoredItem], constraint: Constraint, k: int
+    ) -> tuple[list[ScoredItem], int]:
+        """Top a short answer up with popular items, scored below every model-scored item."""
+        rows = frozenset(self.catalog.row_of[i.item_id] for i in items)
+        _, extra = self._popular([], constraint, k - len(items), skip=rows)
+        floor = min((i.score for i in items), default=0.0)
+        filled = [ScoredItem(e.item_id, floor - 1.0 - n, e.code) for n, e in enumerate(extra)]
+        return items + filled, len(filled)
 
     # ----- events ----------------------------------------------------------------------
     async def append_events(self, user_id: str, item_ids: Sequence[str]) -> EventsResult:

@@ -56,6 +56,7 @@ def to_proto(rec: Recommendation) -> pb.RecommendResponse:
         ),
         reasoning=rec.reasoning or "",
         request_id=rec.request_id,
+        backfilled=rec.backfilled,
     )
 
 
@@ -154,3 +155,4 @@ async def stop_grpc(server: grpc.aio.Server, runtime: Runtime) -> None:
     if isinstance(health_servicer, health.aio.HealthServicer):
         await health_servicer.enter_graceful_shutdown()
     await server.stop(runtime.settings.drain_s)
+    log.info("event=grpc_drained")

@@ -71,6 +71,9 @@ class RecommendOut(BaseModel):
     timings: TimingsOut
     reasoning: str | None = None
     request_id: str
+    backfilled: int = Field(
+        default=0, description="tail items topped up by popularity (too few candidates)"
+    )
 
 
 class EventsBody(BaseModel):
@@ -122,6 +125,7 @@ def to_response(rec: Recommendation) -> RecommendOut:
         timings=TimingsOut(**vars(rec.timings)),
         reasoning=rec.reasoning,
         request_id=rec.request_id,
+        backfilled=rec.backfilled,
     )
 
 

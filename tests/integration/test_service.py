@@ -115,6 +115,8 @@ def test_think_ahead_answer_over_rest(stack: Stack) -> None:
     assert body["source"] == "think_ahead" and body["degraded"] is False
     assert body["degraded_reason"] is None
     assert len(body["items"]) == 10
+    # 8 prefixes of a 300-item catalog hold fewer than 10 unseen items: the tail is topped up.
+    assert 0 <= body["backfilled"] < 10
     assert body["catalog_version"] == stack.catalog.version
     assert body["snapshot_id"] == redis.Redis(port=stack.redis.port).get(KEYS.current).decode()
     for item in body["items"]:
@@ -379,4 +381,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(stack: Stack) -> No
 
     replies = asyncio.run(slow_then_stop())
     assert [r.status_code for r in replies] == [200, 200, 200]
-    assert stack.service.process.wait(timeout=60) == 0
+    # uvicorn re-raises the caught SIGTERM after its graceful shutdown, so the exit status
+    # reports the signal; the log shows the drain ran to the end.
+    assert stack.service.process.wait(timeout=60) in (0, -15)
+    log = stack.service.log()
+    assert "event=grpc_drained" in log and "Application shutdown complete" in log
