@@ -2,6 +2,15 @@
 
 A recommend request costs one round trip: the user's snapshot value and history are read in one
 pipeline (both keys share the user's hash slot, so this holds on Redis Cluster too).
+
+On Redis Cluster, appending to a history is one single-key Lua script (atomic on the key's node,
+like the MULTI used on a single node): redis-py's (8.1) asyncio cluster pipeline with
+``transaction=True`` queues every command through ``asyncio.run`` in a helper thread that the
+event loop waits for, and when that is the client's first command it initializes the client on
+that throwaway loop, leaving pooled connections bound to a closed loop (later commands fail with
+"Event loop is closed"). The cluster client's own errors
+(``RedisClusterException``, e.g. no reachable startup node or an uncovered slot) are not
+``RedisError`` subclasses and are caught explicitly.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from service.config import RedisSettings
@@ -28,7 +37,7 @@ from service.snapshot import Keyspace
 async def redis_boundary(what: str) -> AsyncIterator[None]:
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise RedisUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -42,10 +51,21 @@ def connect(settings: RedisSettings) -> Any:
         "decode_responses": False,
     }
     if settings.cluster:
-        return RedisCluster.from_url(settings.url, **common)
+        # No retries here either (the default is 3 with backoff: seconds on a dead primary).
+        # MOVED/ASK redirects are followed regardless, and a connection error makes the client
+        # reload the slot map before its next command.
+        return RedisCluster.from_url(settings.url, retry=Retry(NoBackoff(), 0), **common)
     return aioredis.Redis.from_url(
         settings.url, retry=Retry(NoBackoff(), 0), health_check_interval=0, **common
     )
+
+
+# LPUSH (ARGV[2..], oldest to newest, so the newest ends first), LTRIM to ARGV[1], LLEN.
+_APPEND_CAPPED = """
+redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+return redis.call('LLEN', KEYS[1])
+"""
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,10 @@ class SnapshotStore:
     async def append_history(self, user_id: str, item_ids: Sequence[str]) -> int:
         """LPUSH oldest-to-newest so the newest ends first, then cap, atomically."""
         key = self.keys.history(user_id)
+        if isinstance(self.client, RedisCluster):
+            async with redis_boundary("append"):
+                length = await self.client.eval(_APPEND_CAPPED, 1, key, self.history_cap, *item_ids)
+            return int(length)
         async with redis_boundary("append"):
             pipe = self.client.pipeline(transaction=True)
             pipe.lpush(key, *item_ids)

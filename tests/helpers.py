@@ -198,3 +198,136 @@ def start_service(
         time.sleep(0.25)
     service.stop()
     raise RuntimeError(f"service did not come up in {timeout}s:\n{service.log()[-4000:]}")
+
+
+def redis_cli_binary() -> str:
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        raise RuntimeError("redis-cli not found: `apt-get install redis-tools` (or redis-server)")
+    return binary
+
+
+def free_cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    import random
+
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 55000)
+        if port in taken or port + 10000 in taken:
+            continue
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@dataclass
+class RedisClusterProcess:
+    """A real Redis Cluster of local redis-server processes, masters only (no replicas)."""
+
+    nodes: list[RedisProcess]
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """One node's URL: a cluster client discovers the others from it."""
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def node_clients(self) -> list[redis.Redis]:
+        """Plain (non-cluster) clients, one per node, to see where keys really live."""
+        return [redis.Redis(port=p) for p in self.ports]
+
+    def flush(self) -> None:
+        for client in self.node_clients():
+            client.flushall()
+            client.close()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Until every running node reports ``cluster_state:ok`` and knows every node."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if node.process.poll() is not None:
+                continue
+            while True:
+                client = node.client()
+                try:
+                    text = client.execute_command("CLUSTER", "INFO").decode()
+                except redis.ConnectionError:
+                    text = ""
+                finally:
+                    client.close()
+                if "cluster_state:ok" in text and f"cluster_known_nodes:{len(self.nodes)}" in text:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster not ok on port {node.port} in {timeout}s:\n{text}")
+                time.sleep(0.1)
+
+    def restart_node(self, index: int, timeout: float = 30) -> None:
+        """Start a stopped node again on its port and node config (it rejoins, empty)."""
+        self.nodes[index].restart()
+        self.wait_ok(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            try:
+                node.stop()
+            except subprocess.TimeoutExpired:
+                node.stop(kill=True)
+
+
+def start_redis_cluster(
+    workdir: Path, masters: int = 3, timeout: float = 30
+) -> RedisClusterProcess:
+    """Start ``masters`` cluster-enabled redis-servers, join them with ``redis-cli --cluster
+    create`` (no replicas) and wait for ``cluster_state:ok`` on every node. On any failure the
+    started processes are stopped before the error propagates."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    nodes: list[RedisProcess] = []
+    taken: set[int] = set()
+    try:
+        for _ in range(masters):
+            port = free_cluster_port(taken)
+            taken.update((port, port + 10000))
+            args = (
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(workdir / f"nodes-{port}.conf"),
+                "--cluster-node-timeout",
+                "5000",
+            )
+            nodes.append(start_redis(workdir / f"node-{port}", port, args))
+        create = subprocess.run(
+            [
+                redis_cli_binary(),
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=timeout,
+        )
+        if create.returncode != 0:
+            raise RuntimeError(
+                f"redis-cli --cluster create failed ({create.returncode}):\n"
+                + create.stdout.decode(errors="replace")[-2000:]
+                + create.stderr.decode(errors="replace")[-2000:]
+            )
+        cluster = RedisClusterProcess(nodes)
+        cluster.wait_ok(timeout)
+    except BaseException:
+        for node in nodes:
+            node.stop(kill=True)
+        raise
+    return cluster

@@ -1,9 +1,12 @@
 """Writes a snapshot to Redis: pipelined user values with a TTL, shard bookkeeping for resume,
 then an atomic flip of ``current`` and a delayed cleanup of replaced snapshots.
 
-Every step is a single-key command or a same-slot pipeline, so it works on Redis Cluster; the
-order of steps (not a MULTI across keys) is what keeps readers safe: ``current`` only ever names
-a snapshot whose every shard is written and whose manifest says complete.
+Every step is a single-key command or a non-transactional pipeline (which a cluster client splits
+by node), so it works on Redis Cluster; the order of steps (not a MULTI across keys) is what keeps
+readers safe: ``current`` only ever names a snapshot whose every shard is written and whose
+manifest says complete. On a cluster, cleanup SCANs every primary (a snapshot's keys are spread
+over all of them), and the cluster client's own errors (``RedisClusterException`` is not a
+``RedisError``) become :class:`PublishError` like any other.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -43,7 +46,9 @@ def connect_sync(url: str, cluster: bool = False, retries: int = 5) -> Any:
         "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
     }
     if cluster:
-        return RedisCluster.from_url(url, **common)
+        # The cluster client reads the slot map from the startup node when it is built.
+        with _redis_errors("cluster connect"):
+            return RedisCluster.from_url(url, **common)
     return redis.Redis.from_url(url, **common)
 
 
@@ -150,7 +155,7 @@ class SnapshotWriter:
                     self.client.zrem(self.keys.retired, sid)
                     continue
                 batch = []
-                for key in self.client.scan_iter(match=self.keys.user_pattern(sid), count=1000):
+                for key in self._scan(self.keys.user_pattern(sid)):
                     batch.append(key)
                     if len(batch) >= WRITE_CHUNK:
                         self._unlink(batch)
@@ -161,7 +166,18 @@ class SnapshotWriter:
                 removed.append(sid)
         return removed
 
+    def _scan(self, pattern: str) -> Iterator[bytes]:
+        """Keys matching ``pattern``; on a cluster, from every primary (one SCAN per node)."""
+        if isinstance(self.client, RedisCluster):
+            yield from self.client.scan_iter(
+                match=pattern, count=1000, target_nodes=RedisCluster.PRIMARIES
+            )
+        else:
+            yield from self.client.scan_iter(match=pattern, count=1000)
+
     def _unlink(self, keys: list[bytes]) -> None:
+        """One UNLINK per key in a non-transactional pipeline: keys of a snapshot sit in many
+        slots, which a cluster splits by node (a multi-key UNLINK would be CROSSSLOT)."""
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             pipe.unlink(key)
@@ -172,7 +188,7 @@ class SnapshotWriter:
 def _redis_errors(what: str) -> Iterator[None]:
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise PublishError(
             f"redis unreachable during {what} after bounded retries: {type(exc).__name__}: {exc}"
         ) from exc
