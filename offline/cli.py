@@ -282,6 +282,41 @@ def serve_cmd(
     run(settings.model_copy(update=updates))
 
 
+@app.command("tune-blend")
+@user_errors
+def tune_blend_cmd(
+    model: Annotated[Path, typer.Option(help="model directory (serving.json is written there)")],
+    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    interactions: Annotated[Path, typer.Option(help="interactions CSV")],
+    weights: Annotated[str, typer.Option(help="comma-separated candidate weights")] = (
+        "0,0.1,0.25,0.5,1"
+    ),
+    prefixes: Annotated[int, typer.Option(help="M prefixes, as served")] = 32,
+    limit: Annotated[int | None, typer.Option(help="validation users sampled")] = 3000,
+    progress: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """Choose the offline-score blend weight on the validation split (never on test)."""
+    from offline.eval_cli import tune_blend
+
+    try:
+        grid = [float(w) for w in weights.split(",") if w.strip()]
+    except ValueError as exc:
+        raise InputError(None, f"--weights: {exc}") from exc
+    if not grid or min(grid) < 0:
+        raise InputError(None, "--weights needs one or more non-negative numbers")
+    config = tune_blend(
+        model,
+        catalog,
+        interactions,
+        weights=grid,
+        prefixes=prefixes,
+        beam=prefixes,
+        limit=limit,
+        progress=progress,
+    )
+    typer.echo(json.dumps(config, indent=2))
+
+
 history_app = typer.Typer(no_args_is_help=True, help="Users' recent histories in Redis.")
 app.add_typer(history_app, name="history")
 

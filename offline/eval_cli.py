@@ -18,7 +18,7 @@ from offline.evaluate import (
 )
 from service.catalog import Catalog
 from service.manifest import utc_now, write_json_atomic
-from service.model import load_model_info
+from service.model import SERVING_FILE, load_model_info, load_serving_config
 
 
 def rank_full_torch(
@@ -75,8 +75,17 @@ def run_eval(
         if mode == "full":
             ranked = rank_full(batch, info, catalog, examples, k, beam, progress=progress)
         else:
-            ranked = rank_think_ahead(
-                batch, info, catalog, examples, k, prefixes, beam, progress=progress
+            weight = float(load_serving_config(model_dir).get("offline_weight", 0.0))  # type: ignore[arg-type]
+            (ranked,) = rank_think_ahead(
+                batch,
+                info,
+                catalog,
+                examples,
+                k,
+                prefixes,
+                beam,
+                offline_weights=(weight,),
+                progress=progress,
             )
     rows = {
         f"decoder ({mode}, {engine}, beam {beam})": report_row(ranked, examples),
@@ -98,3 +107,48 @@ def run_eval(
     }
     write_json_atomic(Path(out), report)
     return report
+
+
+def tune_blend(
+    model_dir: Path,
+    catalog_dir: Path,
+    interactions: Path,
+    *,
+    weights: list[float],
+    prefixes: int = 32,
+    beam: int = 32,
+    limit: int | None = 3000,
+    k: int = 10,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Choose the offline prefix score's blend weight on the validation split and record it in
+    the model directory's ``serving.json`` (the service's default)."""
+    from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
+
+    catalog = Catalog.load(catalog_dir)
+    info = load_model_info(model_dir, catalog)
+    examples, _ = select_examples(interactions, "valid", info.max_history, limit)
+    batch = VllmBatchEngine(model_dir, VllmOptions())
+    ranked = rank_think_ahead(
+        batch,
+        info,
+        catalog,
+        examples,
+        k,
+        prefixes,
+        beam,
+        offline_weights=weights,
+        progress=progress,
+    )
+    rows = {str(w): report_row(r, examples) for w, r in zip(weights, ranked, strict=True)}
+    best = max(weights, key=lambda w: (rows[str(w)]["ndcg@10"], rows[str(w)]["recall@10"], -w))
+    config = {
+        "offline_weight": best,
+        "chosen_on": "validation split, NDCG@10",
+        "users": len(examples),
+        "prefixes": prefixes,
+        "candidates": rows,
+        "created_at": utc_now(),
+    }
+    write_json_atomic(Path(model_dir) / SERVING_FILE, config)
+    return config

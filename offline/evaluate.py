@@ -103,16 +103,17 @@ def rank_think_ahead(
     k: int,
     prefixes: int,
     beam: int,
-    offline_weight: float = 0.0,
+    offline_weights: Sequence[float] = (0.0,),
     stale_events: int = 0,
     batch_users: int = 128,
     progress: bool = True,
-) -> Ranked:
+) -> list[Ranked]:
     """Offline prefixes from the history minus its last ``stale_events`` items; online scoring
-    with the whole history. ``offline_weight`` blends the prefix score (service config)."""
+    with the whole history; one ranking per blend weight of the offline prefix score (the
+    engine work is shared: only the final sort differs)."""
     t0 = time.monotonic()
-    ranked: list[list[str]] = []
-    invalid = 0
+    ranked: list[list[list[str]]] = [[] for _ in offline_weights]
+    invalid = [0 for _ in offline_weights]
     ids = model.token_ids
     for start in tqdm(
         range(0, len(examples), batch_users), desc="think-ahead", disable=not progress, unit="batch"
@@ -121,28 +122,24 @@ def rank_think_ahead(
         fresh = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
         stale = [h[: len(h) - stale_events] if stale_events else h for h in fresh]
         offline = compute_prefixes(engine, ids, catalog, stale, max(beam, prefixes), prefixes)
-        plans = []
-        for history, result in zip(fresh, offline, strict=True):
-            plans.append(
-                plan_item_scoring(
-                    ids.history(history),
-                    result.prefixes,
-                    Constraint(catalog, history),
-                    ids,
-                    top_c=k,
-                )
+        plans = [
+            plan_item_scoring(
+                ids.history(history), result.prefixes, Constraint(catalog, history), ids, top_c=k
             )
-        flat = [r for p in plans for r in p.requests]
-        answers = engine.score_batch(flat)
+            for history, result in zip(fresh, offline, strict=True)
+        ]
+        answers = engine.score_batch([r for p in plans for r in p.requests])
         offset = 0
         for plan in plans:
             part = answers[offset : offset + len(plan.requests)]
             offset += len(plan.requests)
-            scored = combine(plan, part, ids, offline_weight)
-            items, bad = _to_items(catalog, [s.code for s in scored], k)
-            ranked.append(items)
-            invalid += bad
-    return Ranked(ranked, invalid, time.monotonic() - t0)
+            for w, weight in enumerate(offline_weights):
+                scored = combine(plan, part, ids, weight)
+                items, bad = _to_items(catalog, [s.code for s in scored], k)
+                ranked[w].append(items)
+                invalid[w] += bad
+    seconds = time.monotonic() - t0
+    return [Ranked(r, bad, seconds) for r, bad in zip(ranked, invalid, strict=True)]
 
 
 def covisitation_baseline(data: Any, examples: Sequence[Example], k: int) -> dict[str, float]:

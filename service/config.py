@@ -43,11 +43,12 @@ class RecommendSettings(BaseModel):
     max_budget_ms: int = Field(default=2000, ge=1)
     max_k: int = Field(default=100, ge=1)
     max_prefixes: int = Field(default=32, ge=1, le=256, description="M prefixes used online")
-    offline_weight: float = Field(
-        default=0.0,
+    offline_weight: float | None = Field(
+        default=None,
         ge=0,
         description="weight of the offline prefix log-prob blended with the online item "
-        "log-prob; chosen on the validation split (thinkahead tune-blend)",
+        "log-prob; None: the model directory's serving.json (written by `thinkahead "
+        "tune-blend` on the validation split), else 0",
     )
     full_decode_beam: int = Field(default=20, ge=1)
     max_list_items: int = Field(default=200, ge=1)

@@ -303,7 +303,8 @@ class Recommender:
         if not plan.requests:
             return []
         results = await self._score(plan.requests, clock)
-        scored = combine(plan, results, self.model.token_ids, self.settings.offline_weight)
+        weight = self.settings.offline_weight or 0.0
+        scored = combine(plan, results, self.model.token_ids, weight)
         return self._items([(s.code, s.score) for s in scored], k)
 
     async def _full_decode(

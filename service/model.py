@@ -46,6 +46,21 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int]:
     return vocab
 
 
+SERVING_FILE = "serving.json"
+
+
+def load_serving_config(model_dir: Path | str) -> dict[str, object]:
+    """Serving defaults chosen offline for this model (``thinkahead tune-blend``), if any."""
+    path = Path(model_dir) / SERVING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
 def load_model_info(model_dir: Path | str, catalog: Catalog) -> ModelInfo:
     model_dir = Path(model_dir)
     manifest = ModelManifest.load(model_dir)

@@ -233,8 +233,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         )
 
     @app.get("/livez")
-    async def livez() -> dict[str, str]:
-        return {"status": "ok"}
+    async def livez(request: Request) -> JSONResponse:
+        # A dead in-process engine never comes back: let the orchestrator restart the pod.
+        # Redis or snapshot trouble is not a liveness failure (readiness and fallbacks cover it).
+        if rt(request).engine.is_dead():
+            return JSONResponse({"status": "engine_dead"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:

@@ -13,7 +13,7 @@ from service.config import Settings
 from service.core import Recommender
 from service.engine.base import Engine
 from service.metrics import Metrics
-from service.model import ModelInfo, load_model_info
+from service.model import ModelInfo, load_model_info, load_serving_config
 from service.snapshot import Keyspace
 from service.snapshot_watch import SnapshotWatcher
 from service.store import SnapshotStore, connect
@@ -65,6 +65,10 @@ def make_engine(settings: Settings, model: ModelInfo) -> Engine:
 async def open_runtime(settings: Settings, engine: Engine | None = None) -> AsyncIterator[Runtime]:
     catalog = Catalog.load(settings.catalog_dir)
     model = load_model_info(settings.model_dir, catalog)
+    recommend = settings.recommend
+    if recommend.offline_weight is None:
+        weight = float(load_serving_config(settings.model_dir).get("offline_weight", 0.0))  # type: ignore[arg-type]
+        recommend = recommend.model_copy(update={"offline_weight": weight})
     metrics = Metrics()
     metrics.build.info(
         {"version": __version__, "model_version": model.version, "catalog_version": catalog.version}
@@ -82,7 +86,7 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         engine,
         store,
         watcher,
-        settings.recommend,
+        recommend,
         metrics,
         settings.redis.max_snapshot_age_s,
     )

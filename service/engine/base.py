@@ -61,6 +61,10 @@ class Engine(Protocol):
 
     async def check_health(self) -> bool: ...
 
+    def is_dead(self) -> bool:
+        """True when the engine cannot recover without a process restart (liveness)."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -80,5 +80,8 @@ class RemoteVllmEngine:
         except httpx.HTTPError:
             return False
 
+    def is_dead(self) -> bool:
+        return False  # a remote deployment restarts on its own; ours needs no restart for it
+
     async def close(self) -> None:
         await self._client.aclose()

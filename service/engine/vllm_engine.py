@@ -130,6 +130,9 @@ class VllmAsyncEngine:
             return False
         return True
 
+    def is_dead(self) -> bool:
+        return bool(self._llm.errored) and not self._closed
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -1,0 +1,141 @@
+"""The think-ahead job on Ray (local mode) and the eval command, on the tiny world."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from offline.cli import app
+from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
+from service.snapshot import Keyspace, UserPrefixes
+
+pytestmark = pytest.mark.vllm
+KEYS = Keyspace("ta")
+
+
+@pytest.mark.ray
+def test_ray_publishes_the_same_snapshot_as_in_process(tiny_world, redis_url, batch_engine):  # type: ignore[no-untyped-def]
+    ray = pytest.importorskip("ray")
+    from offline.thinkahead.ray_runner import run_on_ray
+
+    job = ThinkAheadJob(prefixes=4, beam=4, shard_size=50, key_prefix="ray")
+    run = ThinkAheadRun(
+        tiny_world.model_dir, tiny_world.catalog_dir, tiny_world.interactions_csv, redis_url, job
+    )
+    # Ray 2.60 dropped local_mode: a real local Ray instance (2 worker processes, each actor
+    # with its own in-process vLLM engine) runs the same code as a cluster would.
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}},
+    )
+    try:
+        summary = run_on_ray(run, workers=2, progress=False)
+    finally:
+        ray.shutdown()
+    assert summary.written == len(run.plan.users) and summary.shards == len(run.shards) > 1
+    r = redis.Redis.from_url(redis_url)
+    keys = Keyspace("ray")
+    assert r.get(keys.current).decode() == summary.snapshot_id
+    assert r.scard(keys.done_shards(summary.snapshot_id)) == len(run.shards)
+
+    local = ThinkAheadRun(
+        tiny_world.model_dir,
+        tiny_world.catalog_dir,
+        tiny_world.interactions_csv,
+        redis_url,
+        job.model_copy(update={"key_prefix": "local"}),
+    )
+    local_summary = local.run(lambda: batch_engine, progress=False)
+    for user in run.plan.users[:40]:
+        a = UserPrefixes.decode(r.get(keys.user(summary.snapshot_id, user)))
+        b = UserPrefixes.decode(r.get(Keyspace("local").user(local_summary.snapshot_id, user)))
+        assert [(p.a, p.b) for p in a.prefixes] == [(p.a, p.b) for p in b.prefixes]
+
+
+def test_eval_command_reports_metrics_beside_covisitation(tiny_world, tmp_path):  # type: ignore[no-untyped-def]
+    out = tmp_path / "report.json"
+    for engine in ("torch", "vllm"):
+        result = CliRunner().invoke(
+            app,
+            [
+                "eval",
+                "--model",
+                str(tiny_world.model_dir),
+                "--catalog",
+                str(tiny_world.catalog_dir),
+                "--interactions",
+                str(tiny_world.interactions_csv),
+                "--out",
+                str(out),
+                "--split",
+                "test",
+                "--mode",
+                "full",
+                "--engine",
+                engine,
+                "--limit",
+                "60",
+                "--no-progress",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads(out.read_text())
+        rows = report["rows"]
+        decoder = next(v for k, v in rows.items() if k.startswith("decoder"))
+        covis = rows["co-visitation (train split)"]
+        assert decoder["users"] == covis["users"] == 60
+        assert decoder["invalid_items"] == 0
+        assert 0 <= decoder["recall@5"] <= decoder["recall@10"] <= 1
+        if engine == "torch":
+            torch_row = decoder
+    assert decoder["recall@10"] == pytest.approx(torch_row["recall@10"], abs=0.02)
+
+
+def test_eval_refuses_bad_options(tiny_world, tmp_path):  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_world.model_dir),
+            "--catalog",
+            str(tiny_world.catalog_dir),
+            "--interactions",
+            str(tiny_world.interactions_csv),
+            "--out",
+            str(tmp_path / "r.json"),
+            "--beam",
+            "5",
+        ],
+    )
+    assert result.exit_code == 2 and "--beam must be >= 10" in result.output
+
+
+def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path):  # type: ignore[no-untyped-def]
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_world.model_dir, model)
+    common = ["--catalog", str(tiny_world.catalog_dir),
+              "--interactions", str(tiny_world.interactions_csv), "--no-progress"]
+    result = CliRunner().invoke(app, ["tune-blend", "--model", str(model), *common,
+                                      "--weights", "0,0.5,2", "--limit", "60", "--prefixes", "8"])
+    assert result.exit_code == 0, result.output
+    serving = json.loads((model / "serving.json").read_text())
+    assert serving["offline_weight"] in (0.0, 0.5, 2.0)
+    assert set(serving["candidates"]) == {"0.0", "0.5", "2.0"}
+    best = serving["candidates"][str(serving["offline_weight"])]
+    assert all(best["ndcg@10"] >= row["ndcg@10"] for row in serving["candidates"].values())
+
+    out = tmp_path / "ta.json"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model), *common, "--out", str(out),
+                                      "--mode", "think-ahead", "--prefixes", "8", "--limit", "60"])
+    assert result.exit_code == 0, result.output
+    row = next(v for k, v in json.loads(out.read_text())["rows"].items()
+               if k.startswith("decoder"))
+    assert row["invalid_items"] == 0 and row["users"] == 60
