@@ -364,5 +364,23 @@ def add_item_tokens_cmd(
     )
 
 
+@app.command("demo")
+def demo_cmd(
+    work: Annotated[Path, typer.Option(help="work directory (generated files only)")] = Path(
+        "artifacts/demo"
+    ),
+    data: Annotated[
+        Path | None, typer.Option(help="benchmark directory (items.csv, interactions.csv)")
+    ] = None,
+    users: Annotated[int, typer.Option(help="users sampled from the benchmark")] = 3000,
+    minutes: Annotated[float, typer.Option(help="training time budget")] = 3.0,
+    keep_running: Annotated[bool, typer.Option(help="keep serving after the tour")] = False,
+) -> None:
+    """The whole pipeline on a sample: catalog, model, think-ahead, service answering."""
+    from offline.demo import run_demo
+
+    run_demo(work, data, users, minutes, keep_running)
+
+
 if __name__ == "__main__":
     app()

@@ -124,7 +124,12 @@ def rank_think_ahead(
         offline = compute_prefixes(engine, ids, catalog, stale, max(beam, prefixes), prefixes)
         plans = [
             plan_item_scoring(
-                ids.history(history), result.prefixes, Constraint(catalog, history), ids, top_c=k
+                ids.history(history),
+                result.prefixes,
+                Constraint(catalog, history),
+                ids,
+                top_c=k,
+                reuse_prefix_scores=stale_events == 0,
             )
             for history, result in zip(fresh, offline, strict=True)
         ]

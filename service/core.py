@@ -27,7 +27,7 @@ from service.errors import InvalidRequest, Overloaded, RedisUnavailable
 from service.metrics import Metrics
 from service.model import ModelInfo
 from service.scoring import combine, plan_item_scoring
-from service.snapshot import CorruptValue, Prefix, UserPrefixes
+from service.snapshot import CorruptValue, Prefix, UserPrefixes, history_digest
 from service.snapshot_watch import SnapshotWatcher
 from service.store import SnapshotStore, UserRead
 from service.tokens import Code
@@ -204,7 +204,15 @@ class Recommender:
                 prefixes = list(value.prefixes[: self.settings.max_prefixes])
         if reason is None:
             try:
-                items = await self._think_ahead(prompt, prefixes, constraint, q.k, clock)
+                unchanged = (
+                    value is not None
+                    and not q.recent_item_ids
+                    and not q.exclude_item_ids
+                    and value.history_digest == history_digest(history)
+                )
+                items = await self._think_ahead(
+                    prompt, prefixes, constraint, q.k, clock, reuse_prefix_scores=unchanged
+                )
             except TimeoutError:
                 reason = "budget_exceeded"
             except EngineError as exc:
@@ -298,11 +306,19 @@ class Recommender:
         constraint: Constraint,
         k: int,
         clock: _Clock,
+        reuse_prefix_scores: bool = False,
     ) -> list[ScoredItem]:
-        plan = plan_item_scoring(prompt, prefixes, constraint, self.model.token_ids, top_c=k)
-        if not plan.requests:
+        plan = plan_item_scoring(
+            prompt,
+            prefixes,
+            constraint,
+            self.model.token_ids,
+            top_c=k,
+            reuse_prefix_scores=reuse_prefix_scores,
+        )
+        if not plan.prefixes:
             return []
-        results = await self._score(plan.requests, clock)
+        results = await self._score(plan.requests, clock) if plan.requests else []
         weight = self.settings.offline_weight or 0.0
         scored = combine(plan, results, self.model.token_ids, weight)
         return self._items([(s.code, s.score) for s in scored], k)

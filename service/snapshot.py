@@ -17,13 +17,22 @@ node or a cluster. Snapshot ids never contain braces.
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgpack
 
 VALUE_SCHEMA = 1
 _SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def history_digest(codes: Sequence[tuple[int, int, int]]) -> str:
+    """Identifies the exact history a snapshot value was computed from: when the online prompt
+    has the same digest, the offline prefix scores are the fresh ones."""
+    flat = ",".join(f"{a}.{b}.{c}" for a, b, c in codes)
+    return hashlib.blake2b(flat.encode(), digest_size=8).hexdigest()
 
 
 class CorruptValue(ValueError):
@@ -83,7 +92,7 @@ class UserPrefixes:
     catalog_version: str
     computed_at: float  # unix seconds
     prefixes: tuple[Prefix, ...]
-    history_len: int = 0
+    history_digest: str = ""  # of the history the prefixes were computed from
     reasoning: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -97,7 +106,7 @@ class UserPrefixes:
             "c": self.catalog_version,
             "t": float(self.computed_at),
             "p": flat,
-            "h": self.history_len,
+            "h": self.history_digest,
         }
         if self.reasoning is not None:
             body["r"] = self.reasoning
@@ -125,7 +134,7 @@ class UserPrefixes:
                 catalog_version=str(body["c"]),
                 computed_at=float(body["t"]),
                 prefixes=prefixes,
-                history_len=int(body.get("h", 0)),
+                history_digest=str(body.get("h", "")),
                 reasoning=None if reasoning is None else str(reasoning),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -25,7 +25,7 @@ from service.catalog import Catalog
 from service.engine.base import BatchEngine
 from service.manifest import SnapshotManifest, file_hash, sha256_hex
 from service.model import ModelInfo, load_model_info
-from service.snapshot import Keyspace, UserPrefixes
+from service.snapshot import Keyspace, UserPrefixes, history_digest
 from service.tokens import Code
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def process_shard(
                         catalog.version,
                         now,
                         tuple(result.prefixes),
-                        history_len=len(hist),
+                        history_digest=history_digest(hist),
                         reasoning=result.reasoning,
                     ),
                 )

@@ -12,7 +12,7 @@ def value(**kw) -> UserPrefixes:  # type: ignore[no-untyped-def]
         catalog_version="c1",
         computed_at=1700000000.5,
         prefixes=(Prefix(1, 2, -0.5), Prefix(3, 4, -1.25)),
-        history_len=7,
+        history_digest="abc123",
     )
     base.update(kw)
     return UserPrefixes(**base)  # type: ignore[arg-type]
