@@ -364,6 +364,46 @@ def add_item_tokens_cmd(
     )
 
 
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    model: Annotated[Path, typer.Option(help="model directory")],
+    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    interactions: Annotated[Path, typer.Option(help="interactions CSV")],
+    out: Annotated[Path, typer.Option(help="report directory")],
+    quality_users: Annotated[
+        int | None, typer.Option(help="test users for quality (default: all)")
+    ] = None,
+    speed_users: Annotated[int, typer.Option(help="users in the speed snapshot")] = 2000,
+    prefixes: Annotated[int, typer.Option(help="M prefixes per user")] = 32,
+    beam: Annotated[int, typer.Option(help="full-decode beam width")] = 20,
+    concurrency: Annotated[str, typer.Option(help="comma-separated client counts")] = "1,8,32",
+    seconds: Annotated[float, typer.Option(help="measured seconds per load point")] = 20.0,
+    skip_quality: Annotated[bool, typer.Option(help="speed only")] = False,
+    progress: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """Think-ahead vs full decode: quality on the test split, speed through the service."""
+    from offline.bench.runner import run_bench
+
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    report = run_bench(
+        model,
+        catalog,
+        interactions,
+        out,
+        quality_users=quality_users,
+        speed_users=speed_users,
+        prefixes=prefixes,
+        beam=beam,
+        concurrency=levels,
+        seconds=seconds,
+        skip_quality=skip_quality,
+        progress=progress,
+    )
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"seconds: {report['seconds']}")
+
+
 @app.command("demo")
 def demo_cmd(
     work: Annotated[Path, typer.Option(help="work directory (generated files only)")] = Path(

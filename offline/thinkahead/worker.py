@@ -41,6 +41,7 @@ class ThinkAheadJob(BaseModel):
     batch_users: int = Field(default=256, ge=1)
     holdout_last: int = Field(default=0, ge=0, description="drop each user's last N events")
     key_prefix: str = "ta"
+    max_users: int | None = Field(default=None, ge=1, description="first N users (benchmarks)")
 
     @model_validator(mode="after")
     def _beam_covers_m(self) -> ThinkAheadJob:
@@ -160,6 +161,9 @@ class ThinkAheadRun:
         self.redis_url, self.cluster = redis_url, cluster
         self.job = job
         self.plan = plan_users(interactions, self.catalog, self.model.max_history, job.holdout_last)
+        if job.max_users is not None:
+            self.plan.users = self.plan.users[: job.max_users]
+            self.plan.histories = self.plan.histories[: job.max_users]
         self.writer = SnapshotWriter(
             connect_sync(redis_url, cluster=cluster), Keyspace(job.key_prefix), job.ttl_s
         )
@@ -173,9 +177,9 @@ class ThinkAheadRun:
             for i, s in enumerate(range(0, len(self.plan.users), job.shard_size))
         ]
 
-    def seed_histories(self, interactions: Path, cap: int = 50) -> int:
-        """Load users' full recent histories into ``ta:hist`` (what the online prompt reads)."""
-        seqs = read_interactions(interactions)
+    def seed_histories(self, interactions: Path, cap: int = 50, holdout_last: int = 0) -> int:
+        """Load users' recent histories into ``ta:hist`` (what the online prompt reads)."""
+        seqs = read_interactions(interactions).truncated(holdout_last)
         return self.writer.seed_histories(zip(seqs.users, seqs.items, strict=True), cap)
 
     def open_snapshot(self) -> tuple[SnapshotManifest, set[int]]:

@@ -1,0 +1,138 @@
+"""report.json, report.md and the latency-throughput plot of a benchmark run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+QUALITY_COLS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+def _quality_table(quality: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Beauty test split, {quality['users']} users, full ranking over the catalog, history "
+        f"items excluded; offline-score blend weight {quality['offline_weight']} "
+        "(chosen on validation).",
+        "",
+        "| ranking | R@5 | R@10 | N@5 | N@10 | R@10 vs full | invalid items |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in quality["rows"].items():
+        cells = [f"{row[c]:.4f}" for c in QUALITY_COLS]
+        retention = row.get("retention_recall@10")
+        lines.append(
+            f"| {name} | {' | '.join(cells)} | "
+            f"{'' if retention is None else f'{retention:.1%}'} | {row.get('invalid_items', '')} |"
+        )
+    return lines
+
+
+def _speed_table(speed: dict[str, Any]) -> list[str]:
+    lines = [
+        "| scenario | conc. | req/s | p50 ms | p95 ms | p99 ms | redis p50 | decode p50 | "
+        "server overhead p50 | e2e − decode p50 | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in speed["points"]:
+        lines.append(
+            f"| {p['scenario']} | {p['concurrency']} | {p['throughput_rps']} | {p['p50_ms']} | "
+            f"{p['p95_ms']} | {p['p99_ms']} | {p['redis_p50_ms']} | {p['decode_p50_ms']} | "
+            f"{p['server_overhead_p50_ms']} | {p['end_to_end_minus_decode_p50_ms']} | "
+            f"{sum(p['errors'].values())} |"
+        )
+    return lines
+
+
+def ratios(speed: dict[str, Any]) -> list[dict[str, Any]]:
+    by = {(p["scenario"], p["concurrency"]): p for p in speed["points"]}
+    out = []
+    for (scenario, c), p in by.items():
+        full = by.get(("full decode", c))
+        if scenario.startswith("think-ahead") and full:
+            out.append(
+                {
+                    "scenario": scenario,
+                    "concurrency": c,
+                    "p50_ratio": round(full["p50_ms"] / p["p50_ms"], 2),
+                    "p99_ratio": round(full["p99_ms"] / p["p99_ms"], 2),
+                    "throughput_ratio": round(p["throughput_rps"] / full["throughput_rps"], 2),
+                }
+            )
+    return out
+
+
+def plot(speed: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    scenarios = sorted({p["scenario"] for p in speed["points"]})
+    for scenario in scenarios:
+        pts = sorted(
+            (p for p in speed["points"] if p["scenario"] == scenario),
+            key=lambda p: p["concurrency"],
+        )
+        xs = [p["throughput_rps"] for p in pts]
+        for q, style in (("p50_ms", "-o"), ("p99_ms", "--^")):
+            ax.plot(xs, [p[q] for p in pts], style, label=f"{scenario} {q[:3]}")
+        for p in pts:
+            ax.annotate(
+                f"c={p['concurrency']}",
+                (p["throughput_rps"], p["p99_ms"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title("think-ahead vs full decode through the service")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    if "speed" in report:
+        report["speed"]["ratios"] = ratios(report["speed"])
+        plot(report["speed"], out / "latency_throughput.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        "# thinkahead benchmark",
+        "",
+        f"Created {report['created_at']} on {report['machine']['platform']} "
+        f"({report['machine']['cpus']} CPUs). Command: `{report['command']}`.",
+        "",
+    ]
+    if "quality" in report:
+        lines += ["## Quality", "", *_quality_table(report["quality"]), ""]
+    if "speed" in report:
+        speed = report["speed"]
+        snap = speed["snapshot"]
+        lines += [
+            "## Speed through the service",
+            "",
+            f"Real HTTP to `thinkahead serve` (vLLM AsyncLLM in-process, real redis-server), "
+            f"closed-loop clients, {speed['seconds_per_point']} s per point after a warm-up; "
+            f"snapshot of {snap['written']} users (think-ahead worker: {snap['users_per_s']} "
+            "users/s). Times in ms; server overhead = server time − decode time.",
+            "",
+            *_speed_table(speed),
+            "",
+            "| scenario | conc. | full/think-ahead p50 | full/think-ahead p99 | throughput × |",
+            "| --- | --- | --- | --- | --- |",
+            *[
+                f"| {r['scenario']} | {r['concurrency']} | {r['p50_ratio']} | {r['p99_ratio']} | "
+                f"{r['throughput_ratio']} |"
+                for r in speed["ratios"]
+            ],
+            "",
+            "![latency vs throughput](latency_throughput.png)",
+            "",
+        ]
+    (out / "report.md").write_text("\n".join(lines))

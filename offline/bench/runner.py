@@ -1,0 +1,231 @@
+"""The benchmark job: quality (offline, vLLM batch engine) then speed (through the service)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm.auto import tqdm
+
+from offline.bench.load import run_load
+from offline.bench.report import write_report
+from offline.evaluate import (
+    covisitation_baseline,
+    rank_full,
+    rank_think_ahead,
+    report_row,
+    select_examples,
+)
+from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
+from service.catalog import Catalog
+from service.manifest import utc_now
+from service.model import load_model_info, load_serving_config
+
+
+def quality(
+    model_dir: Path,
+    catalog_dir: Path,
+    interactions: Path,
+    users: int | None,
+    prefixes: int,
+    beam: int,
+    engine: Any,
+    progress: bool,
+) -> dict[str, Any]:
+    catalog = Catalog.load(catalog_dir)
+    info = load_model_info(model_dir, catalog)
+    examples, data = select_examples(interactions, "test", info.max_history, users)
+    weight = float(load_serving_config(model_dir).get("offline_weight", 0.0))  # type: ignore[arg-type]
+    rows: dict[str, Any] = {}
+    full = rank_full(engine, info, catalog, examples, 10, beam, progress=progress)
+    rows[f"full decode (3 tokens, beam {beam})"] = report_row(full, examples)
+    for stale in (0, 1, 3):
+        (ranked,) = rank_think_ahead(
+            engine,
+            info,
+            catalog,
+            examples,
+            10,
+            prefixes,
+            prefixes,
+            offline_weights=(weight,),
+            stale_events=stale,
+            progress=progress,
+        )
+        name = f"think-ahead (M={prefixes}, " + ("fresh)" if not stale else f"stale by {stale})")
+        rows[name] = report_row(ranked, examples)
+    rows["co-visitation (train split)"] = {
+        k: round(v, 5) for k, v in covisitation_baseline(data, examples, 10).items()
+    }
+    full_r10 = rows[next(iter(rows))]["recall@10"]
+    for name, row in rows.items():
+        if name.startswith("think-ahead"):
+            row["retention_recall@10"] = round(row["recall@10"] / full_r10, 4) if full_r10 else None
+    return {"users": len(examples), "offline_weight": weight, "rows": rows}
+
+
+def _start_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    from offline.demo import start_redis
+
+    return start_redis(work)
+
+
+def _start_service(
+    model_dir: Path, catalog_dir: Path, url: str, log: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "offline.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--catalog",
+            str(catalog_dir),
+            "--redis",
+            url,
+            "--http-port",
+            str(ports[0]),
+            "--grpc-port",
+            str(ports[1]),
+        ],
+        env={**full_env, **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{ports[0]}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited; see {log}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError(f"service not ready; see {log}")
+
+
+def speed(
+    model_dir: Path,
+    catalog_dir: Path,
+    interactions: Path,
+    work: Path,
+    users: int,
+    prefixes: int,
+    concurrency: list[int],
+    seconds: float,
+    engine: Any,
+    progress: bool,
+) -> dict[str, Any]:
+    """Snapshot for ``users`` users from their test-time history (everything but the last
+    event), histories seeded the same way, then load through the running service."""
+    redis_proc, url = _start_redis(work)
+    service = None
+    try:
+        job = ThinkAheadJob(prefixes=prefixes, beam=prefixes, holdout_last=1, max_users=users)
+        run = ThinkAheadRun(model_dir, catalog_dir, interactions, url, job)
+        run.seed_histories(interactions, holdout_last=1)
+        snapshot = run.run(lambda: engine, progress=progress)
+        env = {
+            "THINKAHEAD_RECOMMEND__MAX_IN_FLIGHT": "1024",
+            "THINKAHEAD_RECOMMEND__DEFAULT_BUDGET_MS": "2000",
+            "THINKAHEAD_RECOMMEND__MAX_PREFIXES": str(prefixes),
+        }
+        service, base = _start_service(model_dir, catalog_dir, url, work / "service.log", env)
+        catalog = run.catalog
+        fresh_item = catalog.item_ids[len(catalog) // 2]
+        scenarios = {
+            "think-ahead": [{"user_id": u, "k": 10} for u in run.plan.users],
+            "think-ahead + 1 new event": [
+                {"user_id": u, "k": 10, "recent_item_ids": [fresh_item]} for u in run.plan.users
+            ],
+            "full decode": [
+                {"user_id": u, "k": 10, "strategy": "full_decode"} for u in run.plan.users
+            ],
+        }
+        results = []
+        plan = [(s, c) for c in concurrency for s in scenarios]
+        for scenario, c in tqdm(plan, desc="load", disable=not progress):
+            result = asyncio.run(run_load(base, scenario, scenarios[scenario], c, seconds))
+            results.append(result.summary())
+        return {
+            "snapshot": snapshot.as_dict(),
+            "seconds_per_point": seconds,
+            "points": results,
+            "service_settings": env,
+        }
+    finally:
+        if service is not None:
+            service.terminate()
+            service.wait(timeout=120)
+        redis_proc.terminate()
+
+
+def run_bench(
+    model_dir: Path,
+    catalog_dir: Path,
+    interactions: Path,
+    out: Path,
+    *,
+    quality_users: int | None,
+    speed_users: int,
+    prefixes: int,
+    beam: int,
+    concurrency: list[int],
+    seconds: float,
+    skip_quality: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
+
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    engine = VllmBatchEngine(model_dir, VllmOptions(multiprocessing=False))
+    t0 = time.monotonic()
+    report: dict[str, Any] = {
+        "created_at": utc_now(),
+        "command": " ".join(["thinkahead", *sys.argv[1:]]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "model_manifest": json.loads((model_dir / "manifest.json").read_text()),
+    }
+    report["model_manifest"].get("metrics", {}).pop("history", None)
+    if not skip_quality:
+        report["quality"] = quality(
+            model_dir, catalog_dir, interactions, quality_users, prefixes, beam, engine, progress
+        )
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    report["speed"] = speed(
+        model_dir,
+        catalog_dir,
+        interactions,
+        out,
+        speed_users,
+        prefixes,
+        concurrency,
+        seconds,
+        engine,
+        progress,
+    )
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    write_report(report, out)
+    return report
