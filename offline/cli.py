@@ -380,6 +380,7 @@ def bench_cmd(
     concurrency: Annotated[str, typer.Option(help="comma-separated client counts")] = "1,8,32",
     seconds: Annotated[float, typer.Option(help="measured seconds per load point")] = 20.0,
     skip_quality: Annotated[bool, typer.Option(help="speed only")] = False,
+    locust_seconds: Annotated[float, typer.Option(help="locust mix run (0 = skip)")] = 30.0,
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
     """Think-ahead vs full decode: quality on the test split, speed through the service."""
@@ -399,6 +400,7 @@ def bench_cmd(
         seconds=seconds,
         skip_quality=skip_quality,
         progress=progress,
+        locust_seconds=locust_seconds,
     )
     typer.echo((out / "report.md").read_text())
     typer.echo(f"seconds: {report['seconds']}")

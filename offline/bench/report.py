@@ -135,4 +135,20 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             "![latency vs throughput](latency_throughput.png)",
             "",
         ]
+        if speed.get("locust"):
+            loc = speed["locust"]
+            lines += [
+                f"### Locust mix ({loc['clients']} clients, {loc['seconds']} s, REST + gRPC, "
+                "Zipf users, 10% cold, events; `tests/load/locustfile.py`)",
+                "",
+                "| type | name | requests | failures | p50 ms | p95 ms | p99 ms | req/s |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                *[
+                    f"| {r.get('Type')} | {r.get('Name')} | {r.get('Request Count')} | "
+                    f"{r.get('Failure Count')} | {r.get('Median Response Time')} | "
+                    f"{r.get('95%')} | {r.get('99%')} | {float(r.get('Requests/s') or 0):.1f} |"
+                    for r in loc["rows"]
+                ],
+                "",
+            ]
     (out / "report.md").write_text("\n".join(lines))

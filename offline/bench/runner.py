@@ -80,7 +80,7 @@ def _start_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def _start_service(
     model_dir: Path, catalog_dir: Path, url: str, log: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], str]:
+) -> tuple[subprocess.Popen[bytes], str, int]:
     import socket
 
     ports = []
@@ -117,7 +117,7 @@ def _start_service(
             raise RuntimeError(f"service exited; see {log}")
         try:
             if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return proc, base
+                return proc, base, ports[1]
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -136,6 +136,7 @@ def speed(
     seconds: float,
     engine: Any,
     progress: bool,
+    locust_seconds: float = 0,
 ) -> dict[str, Any]:
     """Snapshot for ``users`` users from their test-time history (everything but the last
     event), histories seeded the same way, then load through the running service."""
@@ -151,7 +152,9 @@ def speed(
             "THINKAHEAD_RECOMMEND__DEFAULT_BUDGET_MS": "2000",
             "THINKAHEAD_RECOMMEND__MAX_PREFIXES": str(prefixes),
         }
-        service, base = _start_service(model_dir, catalog_dir, url, work / "service.log", env)
+        service, base, grpc_port = _start_service(
+            model_dir, catalog_dir, url, work / "service.log", env
+        )
         catalog = run.catalog
         fresh_item = catalog.item_ids[len(catalog) // 2]
         scenarios = {
@@ -168,7 +171,13 @@ def speed(
         for scenario, c in tqdm(plan, desc="load", disable=not progress):
             result = asyncio.run(run_load(base, scenario, scenarios[scenario], c, seconds))
             results.append(result.summary())
+        locust = None
+        if locust_seconds > 0:
+            locust = run_locust(
+                base, grpc_port, work, locust_seconds, run.plan.users, catalog.item_ids
+            )
         return {
+            "locust": locust,
             "snapshot": snapshot.as_dict(),
             "seconds_per_point": seconds,
             "points": results,
@@ -195,6 +204,7 @@ def run_bench(
     seconds: float,
     skip_quality: bool = False,
     progress: bool = True,
+    locust_seconds: float = 0,
 ) -> dict[str, Any]:
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
@@ -225,7 +235,59 @@ def run_bench(
         seconds,
         engine,
         progress,
+        locust_seconds,
     )
     report["seconds"] = round(time.monotonic() - t0, 1)
     write_report(report, out)
     return report
+
+
+def run_locust(
+    base: str,
+    grpc_port: int,
+    work: Path,
+    seconds: float,
+    users: list[str],
+    items: list[str],
+    clients: int = 16,
+) -> dict[str, Any]:
+    """tests/load/locustfile.py headless against the bench's service; its CSV into the report."""
+    import csv
+
+    root = Path(__file__).resolve().parent.parent.parent
+    (work / "load_users.txt").write_text("\n".join(users))
+    (work / "load_items.txt").write_text("\n".join(items))
+    port = int(base.rsplit(":", 1)[1])
+    subprocess.run(
+        [
+            str(root / "scripts" / "load_test.sh"),
+            str(port),
+            str(grpc_port),
+            str(work),
+            str(int(seconds)),
+            str(clients),
+            str(work / "load_users.txt"),
+            str(work / "load_items.txt"),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with (work / "locust_stats.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    keep = (
+        "Type",
+        "Name",
+        "Request Count",
+        "Failure Count",
+        "Median Response Time",
+        "95%",
+        "99%",
+        "Requests/s",
+    )
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "csv": "locust_stats.csv",
+        "rows": [{k: r[k] for k in keep if k in r} for r in rows],
+    }

@@ -121,10 +121,28 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
 
     model = tmp_path / "model"
     shutil.copytree(tiny_world.model_dir, model)
-    common = ["--catalog", str(tiny_world.catalog_dir),
-              "--interactions", str(tiny_world.interactions_csv), "--no-progress"]
-    result = CliRunner().invoke(app, ["tune-blend", "--model", str(model), *common,
-                                      "--weights", "0,0.5,2", "--limit", "60", "--prefixes", "8"])
+    common = [
+        "--catalog",
+        str(tiny_world.catalog_dir),
+        "--interactions",
+        str(tiny_world.interactions_csv),
+        "--no-progress",
+    ]
+    result = CliRunner().invoke(
+        app,
+        [
+            "tune-blend",
+            "--model",
+            str(model),
+            *common,
+            "--weights",
+            "0,0.5,2",
+            "--limit",
+            "60",
+            "--prefixes",
+            "8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     serving = json.loads((model / "serving.json").read_text())
     assert serving["offline_weight"] in (0.0, 0.5, 2.0)
@@ -133,9 +151,23 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     assert all(best["ndcg@10"] >= row["ndcg@10"] for row in serving["candidates"].values())
 
     out = tmp_path / "ta.json"
-    result = CliRunner().invoke(app, ["eval", "--model", str(model), *common, "--out", str(out),
-                                      "--mode", "think-ahead", "--prefixes", "8", "--limit", "60"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(model),
+            *common,
+            "--out",
+            str(out),
+            "--mode",
+            "think-ahead",
+            "--prefixes",
+            "8",
+            "--limit",
+            "60",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    row = next(v for k, v in json.loads(out.read_text())["rows"].items()
-               if k.startswith("decoder"))
+    row = next(v for k, v in json.loads(out.read_text())["rows"].items() if k.startswith("decoder"))
     assert row["invalid_items"] == 0 and row["users"] == 60

@@ -34,11 +34,14 @@ def test_plan_skips_steps_with_a_single_allowed_token() -> None:
 
 
 def test_unchanged_history_reuses_offline_prefix_scores() -> None:
-    plan = plan_item_scoring(PROMPT, PREFIXES, Constraint(tiny_catalog()), IDS, top_c=5,
-                             reuse_prefix_scores=True)
+    plan = plan_item_scoring(
+        PROMPT, PREFIXES, Constraint(tiny_catalog()), IDS, top_c=5, reuse_prefix_scores=True
+    )
     assert len(plan.requests) == 2 and not plan.a_slots and not plan.b_slots
-    results = [{int(IDS.c[0]): math.log(0.25), int(IDS.c[1]): math.log(0.75)},
-               {int(IDS.c[0]): math.log(0.5), int(IDS.c[2]): math.log(0.5)}]
+    results = [
+        {int(IDS.c[0]): math.log(0.25), int(IDS.c[1]): math.log(0.75)},
+        {int(IDS.c[0]): math.log(0.5), int(IDS.c[2]): math.log(0.5)},
+    ]
     scored = combine(plan, results, IDS, offline_weight=0.0)
     # the single-item prefix keeps its offline score exactly (P(c | a, b) = 1)
     assert scored[0].code == (0, 1, 0) and scored[0].online == -0.2
