@@ -68,6 +68,10 @@ def catalog_build(
         float, typer.Option(help="weight of the CF part (0 = content only)")
     ] = 1.0,
     cf_idf: Annotated[bool, typer.Option(help="idf-weight the user x item matrix")] = False,
+    cf_kind: Annotated[
+        str,
+        typer.Option(help="user-item (SVD of who bought what) or transitions (what follows what)"),
+    ] = "user-item",
     holdout_last: Annotated[
         int, typer.Option(help="ignore each user's last N interactions (benchmarks: 2)")
     ] = 0,
@@ -93,6 +97,7 @@ def catalog_build(
         cf_dim=cf_dim,
         cf_weight=cf_weight,
         cf_idf=cf_idf,
+        cf_kind=cf_kind,
         holdout_last=holdout_last,
         seed=seed,
         iters=iters,

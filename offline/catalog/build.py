@@ -56,6 +56,7 @@ def build_catalog(
     cf_dim: int = 64,
     cf_weight: float = 1.0,
     cf_idf: bool = False,
+    cf_kind: str = "user-item",
     holdout_last: int = 0,
     seed: int = 0,
     iters: int = DEFAULT_ITERS,
@@ -81,6 +82,8 @@ def build_catalog(
         raise InputError(None, f"codebook size must be >= 2, got {codebook_size}")
     if holdout_last < 0:
         raise InputError(None, f"holdout_last must be >= 0, got {holdout_last}")
+    if cf_kind not in ("user-item", "transitions"):
+        raise InputError(None, f"cf_kind must be user-item or transitions, got {cf_kind!r}")
     if cf_dim < 1:
         raise InputError(None, f"cf_dim must be >= 1, got {cf_dim}")
     if cf_weight < 0 or not np.isfinite(cf_weight):
@@ -149,10 +152,13 @@ def build_catalog(
                     f"no interactions with catalog items left after holding out the last "
                     f"{holdout_last} per user; nothing to compute CF vectors from",
                 )
-            cf = cf_mod.cf_vectors(counts.matrix, dim=cf_dim, idf=cf_idf, seed=seed)
+            if cf_kind == "transitions":
+                cf = cf_mod.transition_vectors(train, items.ids, dim=cf_dim, seed=seed)
+            else:
+                cf = cf_mod.cf_vectors(counts.matrix, dim=cf_dim, idf=cf_idf, seed=seed)
             cf_used = cf.shape[1]
             vectors = np.hstack([content, np.float32(cf_weight) * cf]).astype(np.float32)
-            embedding_model += f"+cf{cf_used}"
+            embedding_model += f"+{'seq' if cf_kind == 'transitions' else 'cf'}{cf_used}"
     seconds["cf"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -178,6 +184,7 @@ def build_catalog(
         "cf_dim_used": cf_used,
         "cf_weight": cf_weight,
         "cf_idf": cf_idf,
+        "cf_kind": cf_kind,
         "holdout_last": holdout_last,
         "vector_dim": int(vectors.shape[1]),
         "inputs": {

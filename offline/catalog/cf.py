@@ -77,3 +77,51 @@ def cf_vectors(matrix: sp.spmatrix, dim: int = 64, idf: bool = False, seed: int 
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors = np.where(norms > 1e-12, vectors / np.where(norms > 1e-12, norms, 1.0), 0.0)
     return vectors.astype(np.float32)
+
+
+def transition_vectors(
+    seqs: Sequences, item_ids: Sequence[str], dim: int = 64, window: int = 3, seed: int = 0
+) -> np.ndarray:
+    """(N, dim') item vectors from sequential co-occurrence, rows L2-normalised.
+
+    Items that follow one another within ``window`` steps (weight 1/distance, both directions)
+    form a symmetric graph; its normalised adjacency D^-1/2 A D^-1/2 is factorised (truncated
+    SVD, which for a symmetric matrix is its eigendecomposition up to sign) and item i's vector
+    is row i of U * sqrt(S). This is co-visitation embedded: items a user is likely to take
+    next end up near each other, so they share semantic-ID prefixes.
+    """
+    row_of = {item: i for i, item in enumerate(item_ids)}
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for seq in seqs.items:
+        idx = [row_of[i] for i in seq if i in row_of]
+        for pos, a in enumerate(idx):
+            for dist in range(1, window + 1):
+                if pos + dist >= len(idx):
+                    break
+                b = idx[pos + dist]
+                if a != b:
+                    rows += [a, b]
+                    cols += [b, a]
+                    vals += [1.0 / dist, 1.0 / dist]
+    n = len(item_ids)
+    if not vals:
+        return np.zeros((n, 0), dtype=np.float32)
+    adj = sp.csr_matrix((np.array(vals), (rows, cols)), shape=(n, n))
+    adj.sum_duplicates()
+    degree = np.asarray(adj.sum(axis=1)).ravel()
+    inv_sqrt = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-12)), 0.0)
+    norm = sp.diags(inv_sqrt) @ adj @ sp.diags(inv_sqrt)
+    rank = min(dim, n - 1)
+    rng = np.random.default_rng(seed)
+    u, s, _ = svds(norm.tocsr(), k=rank, v0=rng.standard_normal(n), solver="arpack")
+    order = np.argsort(-s, kind="stable")
+    u, s = u[:, order], s[order]
+    signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(rank)])
+    u *= np.where(signs == 0, 1.0, signs)[None, :]
+    vectors = u * np.sqrt(s)[None, :]
+    vectors[degree == 0] = 0.0
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = np.where(norms > 1e-12, vectors / np.where(norms > 1e-12, norms, 1.0), 0.0)
+    return vectors.astype(np.float32)
