@@ -41,6 +41,15 @@ class ScoreRequest:
         return min(self.top_n, len(self.allowed))
 
 
+def logprobs_to_ask(request: ScoreRequest) -> int:
+    """Top-N size to ask the engine for. Wanted tokens are asked as the top len(allowed), which
+    over a renormalised allowed set is every allowed token, instead of ``logprob_token_ids``:
+    in vLLM 0.32 a batch that mixes ``logprob_token_ids`` requests with ``logprobs=N`` ones
+    returns only the sampled token for the latter (seen on CPU, in-process and behind the
+    OpenAI server), and requests of different users share batches."""
+    return len(request.allowed) if request.want is not None else request.n_logprobs
+
+
 def pick(result: TokenLogprobs, request: ScoreRequest) -> TokenLogprobs:
     """Keep only what the request asked for (engines may return the sampled token too)."""
     if request.want is not None:

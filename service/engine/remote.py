@@ -13,7 +13,13 @@ from typing import Any
 
 import httpx
 
-from service.engine.base import EngineError, ScoreRequest, TokenLogprobs, pick
+from service.engine.base import (
+    EngineError,
+    ScoreRequest,
+    TokenLogprobs,
+    logprobs_to_ask,
+    pick,
+)
 
 
 def completion_body(model: str, request: ScoreRequest) -> dict[str, Any]:
@@ -25,11 +31,7 @@ def completion_body(model: str, request: ScoreRequest) -> dict[str, Any]:
         "allowed_token_ids": list(request.allowed),
         "return_tokens_as_token_ids": True,
     }
-    if request.want is not None:
-        body["logprobs"] = 1
-        body["logprob_token_ids"] = list(request.want)
-    else:
-        body["logprobs"] = request.n_logprobs
+    body["logprobs"] = logprobs_to_ask(request)
     return body
 
 

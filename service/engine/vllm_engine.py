@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from service.engine.base import EngineError, ScoreRequest, TokenLogprobs, pick
+from service.engine.base import EngineError, ScoreRequest, TokenLogprobs, logprobs_to_ask, pick
 
 
 class VllmOptions(BaseModel):
@@ -73,10 +73,12 @@ def sampling_params(request: ScoreRequest):  # type: ignore[no-untyped-def]
     from vllm import SamplingParams
 
     # Greedy: no sampler RNG per request; processed log-probs are the masked log-softmax.
-    common = {"max_tokens": 1, "temperature": 0.0, "allowed_token_ids": list(request.allowed)}
-    if request.want is not None:
-        return SamplingParams(**common, logprob_token_ids=list(request.want))
-    return SamplingParams(**common, logprobs=request.n_logprobs)
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        allowed_token_ids=list(request.allowed),
+        logprobs=logprobs_to_ask(request),
+    )
 
 
 def read_logprobs(output: Any, request: ScoreRequest) -> TokenLogprobs:

@@ -64,3 +64,23 @@ def test_beam_wider_than_the_catalog_returns_every_allowed_item(world, batch_eng
     )
     run_searches([search], batch_engine.score_batch)
     assert len(search.beams) == len(catalog) - len(histories[0])
+
+
+def test_wanted_and_top_n_requests_can_share_a_batch(world, batch_engine) -> None:  # type: ignore[no-untyped-def]
+    """Regression: vLLM 0.32 truncates top-N answers to the sampled token when a batch also
+    holds logprob_token_ids requests; the engine adapter must not depend on that feature."""
+    from service.engine.base import ScoreRequest
+
+    catalog, info, _, histories = world
+    ids = info.token_ids
+    prompt = tuple(ids.history(histories[0]))
+    allowed = tuple(ids.level_ids("a", Constraint(catalog, histories[0]).a_values()))
+    top = ScoreRequest(prompt, allowed, top_n=5)
+    wanted = ScoreRequest(prompt, allowed, want=allowed[:3])
+    alone = batch_engine.score_batch([top])[0]
+    mixed_top, mixed_wanted = batch_engine.score_batch([top, wanted])
+    assert len(alone) == 5 and mixed_top == alone
+    assert set(mixed_wanted) == set(allowed[:3])
+    for token, logprob in mixed_wanted.items():
+        if token in alone:
+            assert logprob == pytest.approx(alone[token], abs=1e-5)
