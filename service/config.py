@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.vllm_engine import VllmOptions
 
+MAX_LIST_ITEMS = 200  # hard cap of id lists in one request (the API schema documents it)
+
 
 class RedisSettings(BaseModel):
     url: str = "redis://127.0.0.1:6379/0"
@@ -51,7 +53,7 @@ class RecommendSettings(BaseModel):
         "tune-blend` on the validation split), else 0",
     )
     full_decode_beam: int = Field(default=20, ge=1)
-    max_list_items: int = Field(default=200, ge=1)
+    max_list_items: int = Field(default=MAX_LIST_ITEMS, ge=1, le=MAX_LIST_ITEMS)
     max_in_flight: int = Field(default=64, ge=1)
     exclude_history: bool = True
 

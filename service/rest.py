@@ -16,11 +16,11 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service import __version__
-from service.config import Settings
-from service.core import Recommendation, RecommendQuery, Strategy
+from service.config import MAX_LIST_ITEMS, Settings
+from service.core import ID_PATTERN, ID_RULE, Recommendation, RecommendQuery, Strategy
 from service.errors import INTERNAL_MESSAGE, Overloaded, ServiceError
 from service.runtime import Runtime, open_runtime
 
@@ -28,15 +28,19 @@ log = logging.getLogger(__name__)
 TRANSPORT = "http"
 
 
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN.pattern, max_length=128)]
+IdList = Annotated[list[Id], Field(max_length=MAX_LIST_ITEMS)]
+
+
 class RecommendBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str = Field(max_length=128, description="the user's id (unknown users get a fallback)")
-    k: int = Field(default=10, description="number of items, 1..max_k (default 100)")
-    recent_item_ids: list[str] = Field(default_factory=list, description="events not yet sent")
-    exclude_item_ids: list[str] = Field(default_factory=list)
+    user_id: Id = Field(description=f"the user's id ({ID_RULE}); unknown users get a fallback")
+    k: int = Field(default=10, ge=1, description="number of items, 1..max_k (100 by default)")
+    recent_item_ids: IdList = Field(default_factory=list, description="events not yet sent")
+    exclude_item_ids: IdList = Field(default_factory=list)
     budget_ms: int | None = Field(
-        default=None, description="latency budget; server default if absent"
+        default=None, ge=1, description="latency budget; server default if absent, capped"
     )
     include_reasoning: bool = False
     strategy: Strategy = Strategy.THINK_AHEAD
@@ -79,8 +83,8 @@ class RecommendOut(BaseModel):
 class EventsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str = Field(max_length=128)
-    item_ids: list[str] = Field(description="oldest first")
+    user_id: Id
+    item_ids: IdList = Field(min_length=1, description="oldest first")
 
 
 class EventsOut(BaseModel):
@@ -130,8 +134,12 @@ def to_response(rec: Recommendation) -> RecommendOut:
 
 
 def _field_of(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or "body"
+    field = ""
+    for part in loc:
+        if part == "body":
+            continue
+        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
+    return field or "body"
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:

@@ -11,10 +11,16 @@ from service.rest import create_app
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    """key=value lines for our loggers, on a handler of their own: vLLM and uvicorn configure
+    the root logger their way, so relying on basicConfig would drop our events."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
     )
+    logger = logging.getLogger("service")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 def run(settings: Settings) -> None:

@@ -310,6 +310,44 @@ def test_grpc_health_and_reflection(stack: Stack) -> None:
     assert {"thinkahead.v1.Recommender", "grpc.health.v1.Health"} <= names
 
 
+def test_schemathesis_finds_no_server_errors(stack: Stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Property-based requests generated from the OpenAPI schema, over real HTTP: no 500s."""
+    import shutil
+    import subprocess
+
+    binary = shutil.which("schemathesis") or shutil.which("st")
+    assert binary, "schemathesis is a dev dependency (scripts/setup.sh installs it)"
+    result = subprocess.run(
+        [
+            binary,
+            "run",
+            f"{stack.service.base_url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "40",
+            "--exclude-path",
+            "/metrics",
+            "--seed",
+            "1",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    import re
+
+    match = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
+    assert match, result.stdout[-3000:]
+    assert int(match.group(1)) == int(match.group(2)) >= 100
+    assert 'outcome="internal_error"' not in stack.http.get("/metrics").text
+
+
 def test_admission_limit_rejects_fast_with_retry_after(stack: Stack) -> None:
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=stack.service.base_url, timeout=60) as client:
