@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import typer
+
+from offline.localproc import start_redis, start_service
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "beauty"
 
@@ -84,44 +82,6 @@ def synthetic(out: Path, n_items: int = 2000, n_users: int = 3000) -> tuple[Path
     return item_csv, inter, titles
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import socket
-
-    import redis
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise typer.BadParameter("redis-server not found: run scripts/setup.sh first")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
 def show(titles: dict[str, str], body: dict) -> None:  # type: ignore[type-arg]
     flag = f" (degraded: {body['degraded_reason']})" if body["degraded"] else ""
     typer.echo(
@@ -171,7 +131,8 @@ def run_demo(work: Path, data: Path | None, users: int, minutes: float, keep_run
         f"{manifest.metrics['validation']['recall@10']:.3f}"
     )
     say("4/5 think-ahead: 2-token prefix beam search for every user -> Redis snapshot")
-    redis_proc, url = start_redis(work)
+    redis_proc = start_redis(work / "redis")
+    url = redis_proc.url
     service = None
     try:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -187,8 +148,17 @@ def run_demo(work: Path, data: Path | None, users: int, minutes: float, keep_run
             f"{summary.users_per_s} users/s"
         )
         say("5/5 service: REST + gRPC, vLLM in-process, answering real requests")
-        service = start_service(work, url)
-        base = f"http://127.0.0.1:{service[1]}"
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        service = start_service(
+            work / "model",
+            work / "catalog",
+            url,
+            work / "service.log",
+            env=env,
+            wait_for="/readyz",
+            timeout=600,
+        )
+        base = service.base_url
         http = httpx.Client(base_url=base, timeout=60)
         user = run.plan.users[0]
         history = read_interactions(inter).items[0]
@@ -204,7 +174,7 @@ def run_demo(work: Path, data: Path | None, users: int, minutes: float, keep_run
         typer.echo("\n   a user the worker never saw (cold start):")
         show(titles, http.post("/v1/recommend", json={"user_id": "new-visitor", "k": 5}).json())
         typer.echo("\n   gRPC thinkahead.v1.Recommender/Recommend:")
-        show(titles, grpc_recommend(service[2], user))
+        show(titles, grpc_recommend(service.grpc_port, user))
         metrics = [
             line
             for line in http.get("/metrics").text.splitlines()
@@ -213,59 +183,15 @@ def run_demo(work: Path, data: Path | None, users: int, minutes: float, keep_run
         typer.echo("\n   " + "\n   ".join(metrics))
         if keep_running:
             typer.secho(
-                f"\nserving on {base} (docs: {base}/docs) and gRPC 127.0.0.1:{service[2]}; "
-                "Ctrl-C to stop",
+                f"\nserving on {base} (docs: {base}/docs) and gRPC "
+                f"{service.grpc_target}; Ctrl-C to stop",
                 bold=True,
             )
-            service[0].wait()
+            service.process.wait()
     finally:
         if service is not None:
-            service[0].terminate()
-            service[0].wait(timeout=60)
-        redis_proc.terminate()
-
-
-def start_service(work: Path, url: str) -> tuple[subprocess.Popen[bytes], int, int]:
-    import socket
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "offline.cli",
-            "serve",
-            "--model",
-            str(work / "model"),
-            "--catalog",
-            str(work / "catalog"),
-            "--redis",
-            url,
-            "--http-port",
-            str(ports[0]),
-            "--grpc-port",
-            str(ports[1]),
-        ],
-        env=env,
-        stdout=(work / "service.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited; see {work / 'service.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{ports[0]}/readyz", timeout=1).status_code == 200:
-                return proc, ports[0], ports[1]
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"service not ready after 5 minutes; see {work / 'service.log'}")
+            service.stop(timeout=60)
+        redis_proc.stop()
 
 
 def grpc_recommend(port: int, user: str) -> dict:  # type: ignore[type-arg]

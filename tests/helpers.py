@@ -12,82 +12,23 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from offline.localproc import (
+    RedisProcess,
+    ServiceProcess,
+    free_port,
+    redis_server_binary,
+    start_redis,
+)
+from offline.localproc import start_service as _start_service
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError(
-            "redis-server not found: run scripts/setup.sh (installs Debian's redis-server) "
-            "or `apt-get install redis-server`"
-        )
-    return binary
+__all__ = ["RedisProcess", "ServiceProcess", "free_port", "redis_server_binary", "start_redis"]
 
 
-@dataclass
-class RedisProcess:
-    port: int
-    process: subprocess.Popen[bytes]
-    workdir: Path
-    extra_args: tuple[str, ...] = ()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
-
-    def stop(self, kill: bool = False) -> None:
-        if self.process.poll() is None:
-            self.process.kill() if kill else self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.stop()
-        fresh = start_redis(self.workdir, self.port, self.extra_args)
-        self.process = fresh.process
-
-
-def start_redis(
-    workdir: Path, port: int | None = None, extra_args: tuple[str, ...] = ()
-) -> RedisProcess:
-    port = port or free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    args = [
-        redis_server_binary(),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-        "--daemonize",
-        "no",
-        *extra_args,
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_connect_timeout=0.2)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if client.ping():
-                break
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {port}") from None
-            time.sleep(0.05)
-    client.close()
-    return RedisProcess(port, proc, workdir, extra_args)
+def start_service(*args, env: dict[str, str] | None = None, **kwargs) -> ServiceProcess:  # type: ignore[no-untyped-def]
+    """The service with a fast snapshot poll, so flips show within a test's patience."""
+    return _start_service(
+        *args, env={"THINKAHEAD_REDIS__SNAPSHOT_POLL_S": "0.2", **(env or {})}, **kwargs
+    )
 
 
 def random_catalog_csv(path: Path, n: int, seed: int = 0) -> None:
@@ -117,87 +58,6 @@ def synthetic_interactions(path: Path, n_items: int, n_users: int, seed: int = 0
                     f.write(f"u{u},{item + 1},{t}\n")
                     t += 1
                 item = (item + int(rng.integers(1, 4))) % n_items
-
-
-@dataclass
-class ServiceProcess:
-    process: subprocess.Popen[bytes]
-    http_port: int
-    grpc_port: int
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(15)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return int(self.process.returncode)
-
-
-def start_service(
-    model_dir: Path,
-    catalog_dir: Path,
-    redis_url: str,
-    log_path: Path,
-    env: dict[str, str] | None = None,
-    extra_args: tuple[str, ...] = (),
-    timeout: float = 300,
-) -> ServiceProcess:
-    """``thinkahead serve`` as a real process; returns once /livez answers."""
-    import os
-    import sys
-
-    import httpx
-
-    http_port, grpc_port = free_port(), free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "offline.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--catalog",
-        str(catalog_dir),
-        "--redis",
-        redis_url,
-        "--http-port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-        *extra_args,
-    ]
-    full_env = {**os.environ, "THINKAHEAD_REDIS__SNAPSHOT_POLL_S": "0.2", **(env or {})}
-    full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # AsyncLLM runs its engine core apart
-    log = log_path.open("wb")
-    proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    service = ServiceProcess(proc, http_port, grpc_port, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with {proc.returncode}:\n{service.log()[-4000:]}")
-        try:
-            if httpx.get(f"{service.base_url}/livez", timeout=1).status_code == 200:
-                return service
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    service.stop()
-    raise RuntimeError(f"service did not come up in {timeout}s:\n{service.log()[-4000:]}")
 
 
 def redis_cli_binary() -> str:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from tqdm.auto import tqdm
 
 from offline.bench.load import run_load
@@ -24,6 +23,7 @@ from offline.evaluate import (
     report_row,
     select_examples,
 )
+from offline.localproc import start_redis, start_service
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.catalog import Catalog
 from service.manifest import utc_now
@@ -72,59 +72,6 @@ def quality(
     return {"users": len(examples), "offline_weight": weight, "rows": rows}
 
 
-def _start_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    from offline.demo import start_redis
-
-    return start_redis(work)
-
-
-def _start_service(
-    model_dir: Path, catalog_dir: Path, url: str, log: Path, env: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], str, int]:
-    import socket
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "offline.cli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--catalog",
-            str(catalog_dir),
-            "--redis",
-            url,
-            "--http-port",
-            str(ports[0]),
-            "--grpc-port",
-            str(ports[1]),
-        ],
-        env={**full_env, **env},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{ports[0]}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited; see {log}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return proc, base, ports[1]
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"service not ready; see {log}")
-
-
 def speed(
     model_dir: Path,
     catalog_dir: Path,
@@ -140,7 +87,8 @@ def speed(
 ) -> dict[str, Any]:
     """Snapshot for ``users`` users from their test-time history (everything but the last
     event), histories seeded the same way, then load through the running service."""
-    redis_proc, url = _start_redis(work)
+    redis_proc = start_redis(work / "redis")
+    url = redis_proc.url
     service = None
     try:
         job = ThinkAheadJob(prefixes=prefixes, beam=prefixes, holdout_last=1, max_users=users)
@@ -152,9 +100,17 @@ def speed(
             "THINKAHEAD_RECOMMEND__DEFAULT_BUDGET_MS": "2000",
             "THINKAHEAD_RECOMMEND__MAX_PREFIXES": str(prefixes),
         }
-        service, base, grpc_port = _start_service(
-            model_dir, catalog_dir, url, work / "service.log", env
+        env_all = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        service = start_service(
+            model_dir,
+            catalog_dir,
+            url,
+            work / "service.log",
+            env={**env_all, **env},
+            wait_for="/readyz",
+            timeout=600,
         )
+        base, grpc_port = service.base_url, service.grpc_port
         catalog = run.catalog
         fresh_item = catalog.item_ids[len(catalog) // 2]
         scenarios = {
@@ -185,9 +141,8 @@ def speed(
         }
     finally:
         if service is not None:
-            service.terminate()
-            service.wait(timeout=120)
-        redis_proc.terminate()
+            service.stop(timeout=120)
+        redis_proc.stop()
 
 
 def run_bench(
