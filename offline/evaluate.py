@@ -39,6 +39,9 @@ class Ranked:
     items: list[list[str]]
     invalid: int  # codes that are not catalog items (must stay 0)
     seconds: float
+    # share of targets whose (a, b) is among the user's top-m offline prefixes, per m: the
+    # ceiling of think-ahead recall
+    coverage: dict[int, float] | None = None
 
 
 def select_examples(
@@ -112,6 +115,7 @@ def rank_think_ahead(
     with the whole history; one ranking per blend weight of the offline prefix score (the
     engine work is shared: only the final sort differs)."""
     t0 = time.monotonic()
+    covered = {m: 0 for m in (8, 16, 32, prefixes) if m <= prefixes}
     ranked: list[list[list[str]]] = [[] for _ in offline_weights]
     invalid = [0 for _ in offline_weights]
     ids = model.token_ids
@@ -122,6 +126,11 @@ def rank_think_ahead(
         fresh = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
         stale = [h[: len(h) - stale_events] if stale_events else h for h in fresh]
         offline = compute_prefixes(engine, ids, catalog, stale, max(beam, prefixes), prefixes)
+        for e, result in zip(chunk, offline, strict=True):
+            target = catalog.code_of(e.target)
+            ranked_ab = [(p.a, p.b) for p in result.prefixes]
+            for m in covered:
+                covered[m] += target is not None and target[:2] in ranked_ab[:m]
         plans = [
             plan_item_scoring(
                 ids.history(history),
@@ -144,7 +153,8 @@ def rank_think_ahead(
                 ranked[w].append(items)
                 invalid[w] += bad
     seconds = time.monotonic() - t0
-    return [Ranked(r, bad, seconds) for r, bad in zip(ranked, invalid, strict=True)]
+    coverage = {m: round(c / max(len(examples), 1), 5) for m, c in sorted(covered.items())}
+    return [Ranked(r, bad, seconds, coverage) for r, bad in zip(ranked, invalid, strict=True)]
 
 
 def covisitation_baseline(data: Any, examples: Sequence[Example], k: int) -> dict[str, float]:
@@ -155,8 +165,11 @@ def covisitation_baseline(data: Any, examples: Sequence[Example], k: int) -> dic
 
 def report_row(ranked: Ranked, examples: Sequence[Example]) -> dict[str, Any]:
     metrics = ranking_metrics(ranked.items, [e.target for e in examples])
-    return {
+    row: dict[str, Any] = {
         **{k: round(v, 5) for k, v in metrics.items()},
         "invalid_items": ranked.invalid,
         "seconds": round(ranked.seconds, 1),
     }
+    if ranked.coverage:
+        row["prefix_coverage"] = {f"M={m}": v for m, v in ranked.coverage.items()}
+    return row

@@ -15,15 +15,17 @@ def _quality_table(quality: dict[str, Any]) -> list[str]:
         f"items excluded; offline-score blend weight {quality['offline_weight']} "
         "(chosen on validation).",
         "",
-        "| ranking | R@5 | R@10 | N@5 | N@10 | R@10 vs full | invalid items |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| ranking | R@5 | R@10 | N@5 | N@10 | R@10 vs full | invalid items | target (a,b) in C_u |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in quality["rows"].items():
         cells = [f"{row[c]:.4f}" for c in QUALITY_COLS]
         retention = row.get("retention_recall@10")
         lines.append(
             f"| {name} | {' | '.join(cells)} | "
-            f"{'' if retention is None else f'{retention:.1%}'} | {row.get('invalid_items', '')} |"
+            f"{'' if retention is None else f'{retention:.1%}'} | {row.get('invalid_items', '')} | "
+            + ", ".join(f"{m} {v:.1%}" for m, v in row.get("prefix_coverage", {}).items())
+            + " |"
         )
     return lines
 
@@ -120,7 +122,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             f"Real HTTP to `thinkahead serve` (vLLM AsyncLLM in-process, real redis-server), "
             f"closed-loop clients, {speed['seconds_per_point']} s per point after a warm-up; "
             f"snapshot of {snap['written']} users (think-ahead worker: {snap['users_per_s']} "
-            "users/s). Times in ms; server overhead = server time − decode time.",
+            f"users/s; Redis {speed.get('redis_bytes_per_user', '?')} bytes per user). Times in "
+            "ms; server overhead = server time − decode time.",
             "",
             *_speed_table(speed),
             "",

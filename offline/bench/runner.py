@@ -94,7 +94,10 @@ def speed(
         job = ThinkAheadJob(prefixes=prefixes, beam=prefixes, holdout_last=1, max_users=users)
         run = ThinkAheadRun(model_dir, catalog_dir, interactions, url, job)
         run.seed_histories(interactions, holdout_last=1)
+        client = redis_proc.client()
+        before = int(client.info("memory")["used_memory"])
         snapshot = run.run(lambda: engine, progress=progress)
+        per_user = (int(client.info("memory")["used_memory"]) - before) / max(snapshot.written, 1)
         env = {
             "THINKAHEAD_RECOMMEND__MAX_IN_FLIGHT": "1024",
             "THINKAHEAD_RECOMMEND__DEFAULT_BUDGET_MS": "2000",
@@ -138,6 +141,7 @@ def speed(
             "seconds_per_point": seconds,
             "points": results,
             "service_settings": env,
+            "redis_bytes_per_user": round(per_user),
         }
     finally:
         if service is not None:
