@@ -15,7 +15,8 @@ def _quality_table(quality: dict[str, Any]) -> list[str]:
         f"items excluded; offline-score blend weight {quality['offline_weight']} "
         "(chosen on validation).",
         "",
-        "| ranking | R@5 | R@10 | N@5 | N@10 | R@10 vs full | invalid items | target (a,b) in C_u |",
+        "| ranking | R@5 | R@10 | N@5 | N@10 | R@10 vs full | invalid items "
+        "| target (a,b) in C_u |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in quality["rows"].items():
