@@ -1,0 +1,79 @@
+"""`thinkahead bench` end to end on the tiny world: quality rows, load points through the real
+service, the locust mix and the report files (speed is only reported, never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from offline.cli import app
+
+pytestmark = pytest.mark.vllm
+
+
+def test_bench_writes_a_complete_report(tiny_world, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny_world.model_dir),
+            "--catalog",
+            str(tiny_world.catalog_dir),
+            "--interactions",
+            str(tiny_world.interactions_csv),
+            "--out",
+            str(out),
+            "--quality-users",
+            "40",
+            "--speed-users",
+            "60",
+            "--prefixes",
+            "8",
+            "--beam",
+            "10",
+            "--concurrency",
+            "1,2",
+            "--seconds",
+            "2",
+            "--locust-seconds",
+            "4",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    rows = report["quality"]["rows"]
+    names = list(rows)
+    assert names[0].startswith("full decode")
+    assert [n for n in names if n.startswith("think-ahead")] == [
+        "think-ahead (M=8, fresh)",
+        "think-ahead (M=8, stale by 1)",
+        "think-ahead (M=8, stale by 3)",
+    ]
+    assert "co-visitation (train split)" in rows
+    for name, row in rows.items():
+        assert row["users"] == 40
+        if not name.startswith("co-vis"):
+            assert row["invalid_items"] == 0
+    fresh = rows["think-ahead (M=8, fresh)"]
+    assert 0 <= fresh["prefix_coverage"]["M=8"] <= 1
+    assert fresh["recall@10"] <= fresh["prefix_coverage"]["M=8"] + 1e-9  # coverage bounds recall
+    points = report["speed"]["points"]
+    assert {(p["scenario"], p["concurrency"]) for p in points} == {
+        (s, c) for s in ("think-ahead", "think-ahead + 1 new event", "full decode") for c in (1, 2)
+    }
+    for p in points:
+        assert p["requests"] > 0 and p["errors"] == {}
+    by = {(p["scenario"], p["concurrency"]): p for p in points}
+    assert set(by[("think-ahead", 1)]["sources"]) == {"think_ahead"}
+    assert set(by[("full decode", 1)]["sources"]) == {"full_decode"}
+    assert report["speed"]["redis_bytes_per_user"] > 0
+    assert report["speed"]["locust"]["rows"]
+    assert (out / "latency_throughput.png").stat().st_size > 1000
+    assert (out / "locust_stats.csv").exists()
+    text = (out / "report.md").read_text()
+    assert "## Quality" in text and "## Speed through the service" in text
