@@ -214,6 +214,9 @@ def think_ahead_cmd(
     batch_users: Annotated[int, typer.Option()] = 256,
     holdout_last: Annotated[int, typer.Option(help="ignore each user's last N events")] = 0,
     key_prefix: Annotated[str, typer.Option()] = "ta",
+    history_prefix: Annotated[
+        str | None, typer.Option(help="prefix of the history lists (default: key prefix)")
+    ] = None,
     cluster: Annotated[bool, typer.Option(help="the URL is a Redis Cluster node")] = False,
     ray: Annotated[bool, typer.Option(help="run shards on Ray")] = False,
     ray_workers: Annotated[int, typer.Option(help="Ray actors, one vLLM engine each")] = 1,
@@ -236,6 +239,7 @@ def think_ahead_cmd(
         batch_users=batch_users,
         holdout_last=holdout_last,
         key_prefix=key_prefix,
+        history_prefix=history_prefix,
     )
     run = ThinkAheadRun(model, catalog, interactions, redis, job, cluster=cluster)
     if seed_history:
@@ -334,7 +338,7 @@ def history_load(
     redis: Annotated[str, typer.Option(help="redis URL")] = "redis://127.0.0.1:6379/0",
     holdout_last: Annotated[int, typer.Option(help="drop each user's last N events")] = 0,
     cap: Annotated[int, typer.Option(help="items kept per user")] = 50,
-    key_prefix: Annotated[str, typer.Option()] = "ta",
+    key_prefix: Annotated[str, typer.Option(help="prefix of the history lists")] = "ta",
     cluster: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Replace users' ta:hist lists with their latest events from an interactions log."""

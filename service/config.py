@@ -18,6 +18,11 @@ class RedisSettings(BaseModel):
     url: str = "redis://127.0.0.1:6379/0"
     cluster: bool = False
     prefix: str = Field(default="ta", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    history_prefix: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="prefix of users' history lists; None: the snapshot prefix",
+    )
     socket_timeout_ms: int = Field(default=100, ge=1)
     connect_timeout_ms: int = Field(default=100, ge=1)
     max_connections: int = Field(default=128, ge=1)

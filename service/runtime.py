@@ -74,7 +74,9 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         {"version": __version__, "model_version": model.version, "catalog_version": catalog.version}
     )
     store = SnapshotStore(
-        connect(settings.redis), Keyspace(settings.redis.prefix), settings.redis.history_cap
+        connect(settings.redis),
+        Keyspace(settings.redis.prefix, settings.redis.history_prefix),
+        settings.redis.history_cap,
     )
     engine = engine or make_engine(settings, model)
     watcher = SnapshotWatcher(

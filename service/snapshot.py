@@ -42,6 +42,9 @@ class CorruptValue(ValueError):
 @dataclass(frozen=True)
 class Keyspace:
     prefix: str = "ta"
+    # Histories belong to users, not to a model: a rollout under a new snapshot prefix can
+    # keep reading (and appending to) the same histories.
+    history_prefix: str | None = None
 
     @property
     def current(self) -> str:
@@ -68,7 +71,7 @@ class Keyspace:
         return f"{self.prefix}:snap:{snapshot_id}:*"
 
     def history(self, user_id: str) -> str:
-        return f"{self.prefix}:hist:{{{user_id}}}"
+        return f"{self.history_prefix or self.prefix}:hist:{{{user_id}}}"
 
 
 def validate_snapshot_id(snapshot_id: str) -> str:

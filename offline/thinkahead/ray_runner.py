@@ -39,7 +39,9 @@ class ShardWorker:
         self.job = ThinkAheadJob(**job)
         self.engine = local_engine_factory(Path(model_dir))()
         self.writer = SnapshotWriter(
-            connect_sync(redis_url, cluster=cluster), Keyspace(self.job.key_prefix), self.job.ttl_s
+            connect_sync(redis_url, cluster=cluster),
+            Keyspace(self.job.key_prefix, self.job.history_prefix),
+            self.job.ttl_s,
         )
 
     def process(

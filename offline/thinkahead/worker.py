@@ -41,6 +41,7 @@ class ThinkAheadJob(BaseModel):
     batch_users: int = Field(default=256, ge=1)
     holdout_last: int = Field(default=0, ge=0, description="drop each user's last N events")
     key_prefix: str = "ta"
+    history_prefix: str | None = Field(default=None, description="None: key_prefix")
     max_users: int | None = Field(default=None, ge=1, description="first N users (benchmarks)")
 
     @model_validator(mode="after")
@@ -165,7 +166,9 @@ class ThinkAheadRun:
             self.plan.users = self.plan.users[: job.max_users]
             self.plan.histories = self.plan.histories[: job.max_users]
         self.writer = SnapshotWriter(
-            connect_sync(redis_url, cluster=cluster), Keyspace(job.key_prefix), job.ttl_s
+            connect_sync(redis_url, cluster=cluster),
+            Keyspace(job.key_prefix, job.history_prefix),
+            job.ttl_s,
         )
         self.identity = job_identity(self.model, self.catalog, file_hash(interactions), job)
         self.shards = [

@@ -58,3 +58,10 @@ def test_user_keys_share_a_cluster_slot() -> None:
 def test_snapshot_ids_never_carry_hash_tags(bad: str) -> None:
     with pytest.raises(ValueError):
         validate_snapshot_id(bad)
+
+
+def test_history_prefix_is_independent_of_the_snapshot_prefix() -> None:
+    keys = Keyspace("ta-v2", history_prefix="ta")
+    assert keys.history("u1") == "ta:hist:{u1}"
+    assert keys.user("s", "u1") == "ta-v2:snap:s:u:{u1}"
+    assert Keyspace("x").history("u1") == "x:hist:{u1}"
