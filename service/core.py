@@ -333,7 +333,7 @@ class Recommender:
         elapsed = time.perf_counter() - t0
         est = self._full_decode_s
         self._full_decode_s = elapsed if est == 0 else 0.8 * est + 0.2 * elapsed
-        return self._items([(b.code, b.score) for b in search.beams], k)
+        return self._items([(b.code, b.score) for b in search.beams], k)  # type: ignore[misc]
 
     async def _full_or_fallback(
         self,

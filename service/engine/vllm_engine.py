@@ -81,6 +81,12 @@ def sampling_params(request: ScoreRequest):  # type: ignore[no-untyped-def]
     )
 
 
+def tokens_prompt(request: ScoreRequest):  # type: ignore[no-untyped-def]
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=list(request.prompt))
+
+
 def read_logprobs(output: Any, request: ScoreRequest) -> TokenLogprobs:
     completion = output.outputs[0]
     if not completion.logprobs:
@@ -102,7 +108,7 @@ class VllmAsyncEngine:
 
     async def _one(self, request: ScoreRequest) -> TokenLogprobs:
         last = None
-        prompt = {"prompt_token_ids": list(request.prompt)}
+        prompt = tokens_prompt(request)
         async for out in self._llm.generate(
             prompt, sampling_params(request), f"s{next(self._ids)}"
         ):
@@ -154,7 +160,7 @@ class VllmBatchEngine:
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
         if not requests:
             return []
-        prompts = [{"prompt_token_ids": list(r.prompt)} for r in requests]
+        prompts = [tokens_prompt(r) for r in requests]
         params = [sampling_params(r) for r in requests]
         outputs = self._llm.generate(prompts, params, use_tqdm=False)
         return [read_logprobs(o, r) for o, r in zip(outputs, requests, strict=True)]
