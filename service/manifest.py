@@ -78,6 +78,15 @@ class CatalogManifest(_Manifest):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class ReasoningTemplate(BaseModel):
+    """How a reasoning model thinks before an item: ``<think> ... </think>`` then the item."""
+
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    max_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.8, gt=0)
+
+
 class ModelManifest(_Manifest):
     kind: str = "model"
     model_version: str
@@ -86,7 +95,7 @@ class ModelManifest(_Manifest):
     preset: str = "custom"
     data_hash: str | None = None
     max_history: int = 50
-    reasoning_template: str | None = None
+    reasoning: ReasoningTemplate | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     parameters: dict[str, Any] = Field(default_factory=dict)
 

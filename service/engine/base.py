@@ -81,3 +81,15 @@ class BatchEngine(Protocol):
     """Synchronous engine for offline jobs: whole batches across users."""
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]: ...
+
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        stop_token_ids: Sequence[int],
+        seed: int,
+    ) -> list[list[list[int]]]:
+        """``n`` sampled continuations per prompt (token ids), for reasoning paths."""
+        ...

@@ -81,10 +81,10 @@ def sampling_params(request: ScoreRequest):  # type: ignore[no-untyped-def]
     )
 
 
-def tokens_prompt(request: ScoreRequest):  # type: ignore[no-untyped-def]
+def tokens_prompt(token_ids: Sequence[int]):  # type: ignore[no-untyped-def]
     from vllm.inputs import TokensPrompt
 
-    return TokensPrompt(prompt_token_ids=list(request.prompt))
+    return TokensPrompt(prompt_token_ids=list(token_ids))
 
 
 def read_logprobs(output: Any, request: ScoreRequest) -> TokenLogprobs:
@@ -108,7 +108,7 @@ class VllmAsyncEngine:
 
     async def _one(self, request: ScoreRequest) -> TokenLogprobs:
         last = None
-        prompt = tokens_prompt(request)
+        prompt = tokens_prompt(request.prompt)
         async for out in self._llm.generate(
             prompt, sampling_params(request), f"s{next(self._ids)}"
         ):
@@ -160,10 +160,36 @@ class VllmBatchEngine:
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
         if not requests:
             return []
-        prompts = [tokens_prompt(r) for r in requests]
+        prompts = [tokens_prompt(r.prompt) for r in requests]
         params = [sampling_params(r) for r in requests]
         outputs = self._llm.generate(prompts, params, use_tqdm=False)
         return [read_logprobs(o, r) for o, r in zip(outputs, requests, strict=True)]
+
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        stop_token_ids: Sequence[int],
+        seed: int,
+    ) -> list[list[list[int]]]:
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                stop_token_ids=list(stop_token_ids),
+                seed=seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self._llm.generate([tokens_prompt(p) for p in prompts], params, use_tqdm=False)
+        return [[list(c.token_ids) for c in o.outputs] for o in outputs]
 
     def close(self) -> None:
         engine = getattr(self._llm, "llm_engine", None)
