@@ -191,3 +191,25 @@ def start_redis_cluster(
             node.stop(kill=True)
         raise
     return cluster
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    output: str
+
+
+def run_cli(*args: str, timeout: float = 1800) -> CliResult:
+    """``thinkahead ARGS`` in a child process: commands that build a vLLM engine must not share
+    this process with the session's in-process engine (vLLM keeps process-global state)."""
+    import os
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "offline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ},
+    )
+    return CliResult(proc.returncode, proc.stdout + proc.stderr)

@@ -32,9 +32,10 @@ class VllmOptions(BaseModel):
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
     enforce_eager: bool = False
     seed: int = 0
-    multiprocessing: bool = Field(
-        default=True,
-        description="Offline LLM only: False runs the engine core in-process (starts in seconds).",
+    multiprocessing: bool | None = Field(
+        default=None,
+        description="Offline LLM only: False runs the engine core in-process (starts in "
+        "seconds), True in its own process; None: VLLM_ENABLE_V1_MULTIPROCESSING decides.",
     )
 
 
@@ -147,15 +148,27 @@ class VllmAsyncEngine:
             self._llm.shutdown()
 
 
+_MP_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
 class VllmBatchEngine:
     """vLLM's offline ``LLM``: one ``generate`` call per batch, batched across users."""
 
     def __init__(self, model_dir: Path | str, options: VllmOptions) -> None:
-        if not options.multiprocessing:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
-        self._llm = LLM(**engine_kwargs(model_dir, options))
+        # vLLM reads this when the engine is built. In-process engines share process-global
+        # distributed state: a process should hold at most one (tests: the session fixture).
+        previous = os.environ.get(_MP_ENV)
+        if options.multiprocessing is not None:
+            os.environ[_MP_ENV] = "1" if options.multiprocessing else "0"
+        try:
+            self._llm = LLM(**engine_kwargs(model_dir, options))
+        finally:
+            if previous is None:
+                os.environ.pop(_MP_ENV, None)
+            else:
+                os.environ[_MP_ENV] = previous
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
         if not requests:

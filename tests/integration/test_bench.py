@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from offline.cli import app
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vllm
 
 
 def test_bench_writes_a_complete_report(tiny_world, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bench"
-    result = CliRunner().invoke(
-        app,
-        [
+    result = run_cli(
+        *[
             "bench",
             "--model",
             str(tiny_world.model_dir),

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import redis
-from typer.testing import CliRunner
 
-from offline.cli import app
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.snapshot import Keyspace, UserPrefixes
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vllm
 KEYS = Keyspace("ta")
@@ -60,9 +59,8 @@ def test_ray_publishes_the_same_snapshot_as_in_process(tiny_world, redis_url, ba
 def test_eval_command_reports_metrics_beside_covisitation(tiny_world, tmp_path):  # type: ignore[no-untyped-def]
     out = tmp_path / "report.json"
     for engine in ("torch", "vllm"):
-        result = CliRunner().invoke(
-            app,
-            [
+        result = run_cli(
+            *[
                 "eval",
                 "--model",
                 str(tiny_world.model_dir),
@@ -97,9 +95,8 @@ def test_eval_command_reports_metrics_beside_covisitation(tiny_world, tmp_path):
 
 
 def test_eval_refuses_bad_options(tiny_world, tmp_path):  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(
-        app,
-        [
+    result = run_cli(
+        *[
             "eval",
             "--model",
             str(tiny_world.model_dir),
@@ -128,9 +125,8 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
         str(tiny_world.interactions_csv),
         "--no-progress",
     ]
-    result = CliRunner().invoke(
-        app,
-        [
+    result = run_cli(
+        *[
             "tune-blend",
             "--model",
             str(model),
@@ -151,9 +147,8 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     assert all(best["ndcg@10"] >= row["ndcg@10"] for row in serving["candidates"].values())
 
     out = tmp_path / "ta.json"
-    result = CliRunner().invoke(
-        app,
-        [
+    result = run_cli(
+        *[
             "eval",
             "--model",
             str(model),

@@ -43,7 +43,8 @@ def reasoning_model(tiny_world, tmp_path_factory):  # type: ignore[no-untyped-de
 def test_paths_are_sampled_and_merged_into_valid_prefixes(tiny_world, reasoning_model, redis_url):  # type: ignore[no-untyped-def]
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
-    engine = VllmBatchEngine(reasoning_model, VllmOptions(multiprocessing=False))
+    # its own engine-core process: this pytest process already holds the in-process fixture
+    engine = VllmBatchEngine(reasoning_model, VllmOptions(multiprocessing=True))
     try:
         run = ThinkAheadRun(
             reasoning_model,
