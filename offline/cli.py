@@ -213,6 +213,9 @@ def think_ahead_cmd(
     shard_size: Annotated[int, typer.Option()] = 2048,
     batch_users: Annotated[int, typer.Option()] = 256,
     holdout_last: Annotated[int, typer.Option(help="ignore each user's last N events")] = 0,
+    max_users: Annotated[
+        int | None, typer.Option(help="only the first N users (canary and smoke runs)")
+    ] = None,
     key_prefix: Annotated[str, typer.Option()] = "ta",
     history_prefix: Annotated[
         str | None, typer.Option(help="prefix of the history lists (default: key prefix)")
@@ -238,6 +241,7 @@ def think_ahead_cmd(
         shard_size=shard_size,
         batch_users=batch_users,
         holdout_last=holdout_last,
+        max_users=max_users,
         key_prefix=key_prefix,
         history_prefix=history_prefix,
     )

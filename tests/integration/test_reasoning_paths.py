@@ -16,6 +16,7 @@ from service.catalog import Catalog
 from service.constraint import Constraint
 from service.manifest import ModelManifest, ReasoningTemplate
 from service.snapshot import Keyspace, UserPrefixes
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vllm
 WORDS = ["<think>", "</think>", "likes", "matte", "red", "lipstick", "wants", "gloss", "again"]
@@ -41,27 +42,32 @@ def reasoning_model(tiny_world, tmp_path_factory):  # type: ignore[no-untyped-de
 
 
 def test_paths_are_sampled_and_merged_into_valid_prefixes(tiny_world, reasoning_model, redis_url):  # type: ignore[no-untyped-def]
-    from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
-
-    # its own engine-core process: this pytest process already holds the in-process fixture
-    engine = VllmBatchEngine(reasoning_model, VllmOptions(multiprocessing=True))
-    try:
-        run = ThinkAheadRun(
-            reasoning_model,
-            tiny_world.catalog_dir,
-            tiny_world.interactions_csv,
-            redis_url,
-            ThinkAheadJob(paths=3, prefixes=6, beam=6, max_users=20),
-        )
-        summary = run.run(lambda: engine, progress=False)
-    finally:
-        engine.close()
+    # a child process: vLLM's distributed state is process-global, and this pytest process
+    # already holds the session's in-process engine
+    result = run_cli(
+        "think-ahead",
+        "--model", str(reasoning_model),
+        "--catalog", str(tiny_world.catalog_dir),
+        "--interactions", str(tiny_world.interactions_csv),
+        "--redis", redis_url,
+        "--paths", "3", "--prefixes", "6", "--beam", "6", "--max-users", "20",
+        "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = ThinkAheadRun(
+        reasoning_model,
+        tiny_world.catalog_dir,
+        tiny_world.interactions_csv,
+        redis_url,
+        ThinkAheadJob(paths=3, prefixes=6, beam=6, max_users=20),
+    )
     r = redis.Redis.from_url(redis_url)
     keys = Keyspace("ta")
+    snapshot_id = r.get(keys.current).decode()
     catalog = run.catalog
     texts = set()
     for user, history in zip(run.plan.users, run.plan.histories, strict=True):
-        value = UserPrefixes.decode(r.get(keys.user(summary.snapshot_id, user)))
+        value = UserPrefixes.decode(r.get(keys.user(snapshot_id, user)))
         assert value.reasoning is not None
         # the path between the tags (a random model also "thinks" in item tokens)
         # sampling stops at </think>: it never appears inside the stored path
@@ -72,7 +78,7 @@ def test_paths_are_sampled_and_merged_into_valid_prefixes(tiny_world, reasoning_
         assert all(constraint.has_prefix(p.a, p.b) for p in value.prefixes)
         assert all(p.score <= 1e-6 for p in value.prefixes)  # mean probability <= 1
     assert len(texts) > 1  # sampled, not one fixed string
-    manifest = r.get(keys.manifest(summary.snapshot_id))
+    manifest = r.get(keys.manifest(snapshot_id))
     assert b'"paths": 3' in manifest
 
 
