@@ -22,7 +22,7 @@ from service.config import RedisSettings
 from service.errors import RedisUnavailable
 from service.manifest import SnapshotManifest
 from service.metrics import Metrics
-from service.snapshot import Keyspace, Prefix, UserPrefixes
+from service.snapshot import Keyspace, Prefix, UserPrefixes, history_digest
 from service.snapshot_watch import SnapshotWatcher
 from service.store import SnapshotStore, connect
 from tests.helpers import RedisClusterProcess, free_port, start_redis_cluster
@@ -66,7 +66,7 @@ def eval_calls(cluster: RedisClusterProcess) -> list[int]:
 
 def value(model: str = "m1", catalog: str = "c1", n: int = 3) -> UserPrefixes:
     prefixes = tuple(Prefix(i, i + 1, -0.5 * (i + 1)) for i in range(n))
-    return UserPrefixes(model, catalog, time.time(), prefixes, history_len=2)
+    return UserPrefixes(model, catalog, time.time(), prefixes, history_digest=history_digest([(1, 2, 3), (2, 3, 4)]))
 
 
 def publish_synthetic(
