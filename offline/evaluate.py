@@ -139,6 +139,8 @@ def rank_think_ahead(
                 ids,
                 top_c=k,
                 reuse_prefix_scores=stale_events == 0,
+                # bounds depend on the blend: prune only when one weight is ranked
+                prune_for=(k, offline_weights[0]) if len(offline_weights) == 1 else None,
             )
             for history, result in zip(fresh, offline, strict=True)
         ]

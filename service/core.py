@@ -308,6 +308,7 @@ class Recommender:
         clock: _Clock,
         reuse_prefix_scores: bool = False,
     ) -> list[ScoredItem]:
+        weight = self.settings.offline_weight or 0.0
         plan = plan_item_scoring(
             prompt,
             prefixes,
@@ -315,11 +316,11 @@ class Recommender:
             self.model.token_ids,
             top_c=k,
             reuse_prefix_scores=reuse_prefix_scores,
+            prune_for=(k, weight),
         )
         if not plan.prefixes:
             return []
         results = await self._score(plan.requests, clock) if plan.requests else []
-        weight = self.settings.offline_weight or 0.0
         scored = combine(plan, results, self.model.token_ids, weight)
         return self._items([(s.code, s.score) for s in scored], k)
 

@@ -13,10 +13,17 @@ All requests go to the engine at once, so the prefix cache serves the shared his
 - one request per prefix for the top log P(c | a, b) — skipped where the constraint leaves a
   single choice, whose renormalised log-prob is exactly 0 (most prefixes: 70-80% of (a, b) hold
   one item at K = 256 on Beauty). The same holds for a single allowed b.
+
+When the prefix scores are reused, each prefix's items are bounded before any request is sent:
+an item scores at most the prefix's head (log P(c | a, b) <= 0), and the prefix's best item at
+least head - log(n_c) (the largest of n_c probabilities is >= 1/n_c); a single-item prefix is
+exact. A prefix whose upper bound is below the k-th best lower bound cannot place an item in the
+top k, so its request is never sent: exact top-k, fewer requests (often none).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +51,7 @@ class ScoringPlan:
     single_b: set[tuple[int, int]] = field(default_factory=set)  # log P(b | a) = 0
     c_slots: dict[tuple[int, int], int] = field(default_factory=dict)  # prefix -> request
     single_c: dict[tuple[int, int], int] = field(default_factory=dict)  # prefix -> its only c
+    pruned: int = 0  # prefixes bounded out of the top k without a request
 
 
 def _chunks(values: list[int], size: int = MAX_WANTED_IDS) -> list[list[int]]:
@@ -57,11 +65,19 @@ def plan_item_scoring(
     ids: TokenIds,
     top_c: int,
     reuse_prefix_scores: bool = False,
+    prune_for: tuple[int, float] | None = None,
 ) -> ScoringPlan:
-    """Requests for every usable prefix; prefixes left empty by exclusions are dropped."""
+    """Requests for every usable prefix; prefixes left empty by exclusions are dropped.
+
+    ``prune_for=(k, offline_weight)``: with reused prefix scores, also drop the prefixes that
+    cannot reach the top k under that blend (see the module docstring)."""
     prompt = tuple(prompt)
     plan = ScoringPlan(reuse_prefix_scores=reuse_prefix_scores)
     plan.prefixes = [p for p in prefixes if constraint.has_prefix(p.a, p.b)]
+    if reuse_prefix_scores and prune_for is not None:
+        kept = bounded_prefixes(plan.prefixes, constraint, *prune_for)
+        plan.pruned = len(plan.prefixes) - len(kept)
+        plan.prefixes = kept
     if not plan.prefixes:
         return plan
     if not reuse_prefix_scores:
@@ -100,6 +116,24 @@ def plan_item_scoring(
             )
         )
     return plan
+
+
+def bounded_prefixes(
+    prefixes: Sequence[Prefix], constraint: Constraint, k: int, offline_weight: float
+) -> list[Prefix]:
+    """The prefixes that can still hold a top-k item, in their original order.
+
+    With reused prefix scores an item scores (1 + w) * prefix score + log P(c | a, b)."""
+    if len(prefixes) <= k:
+        return list(prefixes)
+    upper = [(1.0 + offline_weight) * p.score for p in prefixes]
+    lower = [
+        u - math.log(len(constraint.c_values(p.a, p.b)))
+        for u, p in zip(upper, prefixes, strict=True)
+    ]
+    kth_best = sorted(lower, reverse=True)[k - 1]
+    # the tolerance keeps ties that float rounding of the bounds could split
+    return [p for p, u in zip(prefixes, upper, strict=True) if u >= kth_best - 1e-6]
 
 
 def combine(

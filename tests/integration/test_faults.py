@@ -199,7 +199,9 @@ def test_slow_decode_the_budget_holds(tiny_world, faulty: Faulty, tmp_path) -> N
             ):
                 body = httpx.post(
                     f"{service.base_url}/v1/recommend",
-                    json={"user_id": user, "k": 5, "budget_ms": budget},
+                    # a fresh event: the whole item is rescored, so the engine is needed
+                    # (unchanged histories can be answered from bounded prefix scores alone)
+                    json={"user_id": user, "k": 5, "budget_ms": budget, "recent_item_ids": ["7"]},
                     timeout=30,
                 ).json()
                 assert body["source"] in ("fallback_prefix_popular", "fallback_global_popular")
@@ -224,7 +226,11 @@ def test_engine_dead_readiness_false_fallbacks_answer(faulty: Faulty) -> None:
     time.sleep(1.0)
     base = faulty.service.base_url
     replies = [
-        httpx.post(f"{base}/v1/recommend", json={"user_id": u, "k": 5}, timeout=30)
+        httpx.post(
+            f"{base}/v1/recommend",
+            json={"user_id": u, "k": 5, "recent_item_ids": ["7"]},  # needs the engine
+            timeout=30,
+        )
         for u in faulty.users[:5]
     ]
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]

@@ -66,7 +66,9 @@ def eval_calls(cluster: RedisClusterProcess) -> list[int]:
 
 def value(model: str = "m1", catalog: str = "c1", n: int = 3) -> UserPrefixes:
     prefixes = tuple(Prefix(i, i + 1, -0.5 * (i + 1)) for i in range(n))
-    return UserPrefixes(model, catalog, time.time(), prefixes, history_digest=history_digest([(1, 2, 3), (2, 3, 4)]))
+    return UserPrefixes(
+        model, catalog, time.time(), prefixes, history_digest=history_digest([(1, 2, 3), (2, 3, 4)])
+    )
 
 
 def publish_synthetic(
