@@ -53,6 +53,14 @@ class TinyWorld:
     catalog_dir: Path
     model_dir: Path
 
+    def cli_args(self) -> list[str]:
+        """``--model --catalog --interactions`` for commands run on this world."""
+        return [
+            "--model", str(self.model_dir),
+            "--catalog", str(self.catalog_dir),
+            "--interactions", str(self.interactions_csv),
+        ]  # fmt: skip
+
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:

@@ -103,13 +103,12 @@ def speed(
             "THINKAHEAD_RECOMMEND__DEFAULT_BUDGET_MS": "2000",
             "THINKAHEAD_RECOMMEND__MAX_PREFIXES": str(prefixes),
         }
-        env_all = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         service = start_service(
             model_dir,
             catalog_dir,
             url,
             work / "service.log",
-            env={**env_all, **env},
+            env=env,
             wait_for="/readyz",
             timeout=600,
         )
@@ -168,7 +167,6 @@ def run_bench(
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     engine = VllmBatchEngine(model_dir, VllmOptions(multiprocessing=False))
     t0 = time.monotonic()
     report: dict[str, Any] = {

@@ -17,12 +17,7 @@ def test_bench_writes_a_complete_report(tiny_world, tmp_path) -> None:  # type: 
     result = run_cli(
         *[
             "bench",
-            "--model",
-            str(tiny_world.model_dir),
-            "--catalog",
-            str(tiny_world.catalog_dir),
-            "--interactions",
-            str(tiny_world.interactions_csv),
+            *tiny_world.cli_args(),
             "--out",
             str(out),
             "--quality-users",

@@ -62,12 +62,7 @@ def test_eval_command_reports_metrics_beside_covisitation(tiny_world, tmp_path):
         result = run_cli(
             *[
                 "eval",
-                "--model",
-                str(tiny_world.model_dir),
-                "--catalog",
-                str(tiny_world.catalog_dir),
-                "--interactions",
-                str(tiny_world.interactions_csv),
+                *tiny_world.cli_args(),
                 "--out",
                 str(out),
                 "--split",
@@ -98,12 +93,7 @@ def test_eval_refuses_bad_options(tiny_world, tmp_path):  # type: ignore[no-unty
     result = run_cli(
         *[
             "eval",
-            "--model",
-            str(tiny_world.model_dir),
-            "--catalog",
-            str(tiny_world.catalog_dir),
-            "--interactions",
-            str(tiny_world.interactions_csv),
+            *tiny_world.cli_args(),
             "--out",
             str(tmp_path / "r.json"),
             "--beam",
