@@ -29,6 +29,22 @@ class RedisSettings(BaseModel):
     history_cap: int = Field(default=50, ge=1, le=1000)
     snapshot_poll_s: float = Field(default=1.0, gt=0)
     max_snapshot_age_s: float = Field(default=3 * 86400, gt=0)
+    idempotency_window_s: float = Field(
+        default=86400,
+        gt=0,
+        description="how long an events idempotency key is remembered (a retry within it is "
+        "answered from the first call, not appended again)",
+    )
+
+
+class BreakerSettings(BaseModel):
+    """Engine circuit breaker: after ``failures`` engine errors in a row requests stop calling
+    the engine (fallbacks answer at once); a background probe retries it every
+    ``probe_interval_s`` and closes the breaker on the first success."""
+
+    failures: int = Field(default=3, ge=1)
+    probe_interval_s: float = Field(default=2.0, gt=0)
+    probe_timeout_s: float = Field(default=2.0, gt=0)
 
 
 class EngineSettings(BaseModel):
@@ -37,6 +53,7 @@ class EngineSettings(BaseModel):
     remote_model: str | None = Field(default=None, description="served model name; None: first")
     remote_timeout_s: float = Field(default=5.0, gt=0)
     vllm: VllmOptions = Field(default_factory=VllmOptions)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> EngineSettings:
@@ -69,6 +86,42 @@ class RecommendSettings(BaseModel):
         return self
 
 
+class AuthSettings(BaseModel):
+    keys_file: Path | None = Field(
+        default=None,
+        description="JSON keys file ({'keys': [{'name', 'sha256', 'scopes', 'rate_per_s', "
+        "'burst'}]}); None: no authentication, allowed on loopback binds only",
+    )
+    reload_s: float = Field(default=1.0, gt=0, description="how often the file is re-checked")
+    insecure: bool = Field(
+        default=False, description="serve without keys on a non-loopback bind (--insecure)"
+    )
+
+
+class TlsSettings(BaseModel):
+    """Server TLS for both transports; ``client_ca_file`` turns on mTLS (client certificates
+    signed by that CA are required)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file (mTLS) needs tls.cert_file and tls.key_file")
+        for path in (self.cert_file, self.key_file, self.client_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path}: no such file")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="THINKAHEAD_", env_nested_delimiter="__", extra="forbid"
@@ -82,6 +135,14 @@ class Settings(BaseSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     drain_s: float = Field(default=10.0, ge=0)
     log_level: str = "info"
+    max_body_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="request body cap (REST, refused with 413 before parsing) and gRPC max "
+        "message size",
+    )
     redis: RedisSettings = Field(default_factory=RedisSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     recommend: RecommendSettings = Field(default_factory=RecommendSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)

@@ -9,6 +9,7 @@ prefixes, else global popular.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from service.beam import BeamSearch, run_searches_async
+from service.breaker import CircuitBreaker
 from service.catalog import Catalog
 from service.config import RecommendSettings
 from service.constraint import Constraint
@@ -98,6 +100,7 @@ class Recommendation:
 class EventsResult:
     history_length: int
     unknown_item_ids: list[str]
+    replayed: bool = False  # answered from an earlier call with the same idempotency key
 
 
 def check_id(field: str, value: str) -> None:
@@ -138,6 +141,7 @@ class Recommender:
         settings: RecommendSettings,
         metrics: Metrics,
         max_snapshot_age_s: float,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.catalog = catalog
         self.model = model
@@ -148,14 +152,14 @@ class Recommender:
         self.metrics = metrics
         self.max_snapshot_age_s = max_snapshot_age_s
         self.in_flight = 0
-        self.engine_healthy = True
+        self.breaker = breaker or CircuitBreaker(failures=3)
         self._full_decode_s = 0.0  # running estimate, decides whether full decode fits a budget
 
     # ----- admission -------------------------------------------------------------------
     @asynccontextmanager
     async def admission(self) -> AsyncIterator[None]:
         if self.in_flight >= self.settings.max_in_flight:
-            self.metrics.rejected.labels("overloaded").inc()
+            # Counted (rejected, by reason) by the transports' one gate, like every refusal.
             raise Overloaded(f"more than {self.settings.max_in_flight} requests in flight")
         self.in_flight += 1
         self.metrics.in_flight.inc()
@@ -164,6 +168,11 @@ class Recommender:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+
+    @property
+    def engine_healthy(self) -> bool:
+        """False while the engine breaker is open or probing: skip full decode, fall back."""
+        return self.breaker.allow()
 
     # ----- validation ------------------------------------------------------------------
     def validate(self, q: RecommendQuery) -> None:
@@ -283,15 +292,17 @@ class Recommender:
         return value, None
 
     async def _score(self, requests: list[ScoreRequest], clock: _Clock) -> list[TokenLogprobs]:
+        if not self.breaker.allow():
+            raise EngineError("engine circuit breaker open; a background probe retries it")
         t0 = time.perf_counter()
         self.metrics.engine_queue.inc(len(requests))
         try:
             async with asyncio.timeout(max(clock.remaining(), 0.0005)):
                 results = await self.engine.score(requests)
-            self.engine_healthy = True
+            self.breaker.record_success()
             return results
         except EngineError:
-            self.engine_healthy = False
+            self.breaker.record_failure()
             raise
         finally:
             self.metrics.engine_queue.dec(len(requests))
@@ -466,15 +477,39 @@ class Recommender:
         return items + filled, len(filled)
 
     # ----- events ----------------------------------------------------------------------
-    async def append_events(self, user_id: str, item_ids: Sequence[str]) -> EventsResult:
+    async def append_events(
+        self, user_id: str, item_ids: Sequence[str], idempotency_key: str | None = None
+    ) -> EventsResult:
         check_id("user_id", user_id)
         if not item_ids:
             raise InvalidRequest("item_ids", "at least one id")
         check_ids("item_ids", item_ids, self.settings.max_list_items)
         known = [i for i in item_ids if i in self.catalog.row_of]
         unknown = [i for i in item_ids if i not in self.catalog.row_of]
+        if idempotency_key is not None:
+            return await self._append_once(user_id, item_ids, known, unknown, idempotency_key)
         if not known:
             length = len((await self.store.read_user(None, user_id)).history)
             return EventsResult(length, unknown)
         length = await self.store.append_history(user_id, known)
         return EventsResult(length, unknown)
+
+    async def _append_once(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        known: list[str],
+        unknown: list[str],
+        key: str,
+    ) -> EventsResult:
+        """A retried batch (same user, same key, within the window) is not appended again and
+        answers as the first call did; the same key with another batch is refused."""
+        check_id("idempotency_key", key)
+        digest = hashlib.sha256("\n".join(item_ids).encode()).hexdigest()[:32]
+        length, prior = await self.store.append_history_once(user_id, known, key, digest)
+        if prior is None:
+            return EventsResult(length, unknown)
+        if prior != digest:
+            raise InvalidRequest("idempotency_key", "already used for a different batch")
+        self.metrics.idempotent_replays.inc()
+        return EventsResult(length, unknown, replayed=True)

@@ -37,6 +37,30 @@ class InvalidRequest(ServiceError):
         return body
 
 
+class Unauthenticated(ServiceError):
+    """No API key, or one the keys file does not hold."""
+
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    type = "unauthenticated"
+
+
+class PermissionDenied(ServiceError):
+    """A known key without the scope the call needs."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    type = "permission_denied"
+
+
+class PayloadTooLarge(ServiceError):
+    """A request body over the cap, refused before it is parsed."""
+
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    type = "payload_too_large"
+
+
 class Overloaded(ServiceError):
     http_status = 429
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -45,6 +69,12 @@ class Overloaded(ServiceError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RateLimited(Overloaded):
+    """The caller's key spent its token bucket; the other keys are unaffected."""
+
+    type = "rate_limited"
 
 
 class DependencyUnavailable(ServiceError):

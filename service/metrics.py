@@ -98,5 +98,38 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        # Every API call through the one REST middleware / gRPC interceptor, counted the same
+        # way over both transports. ``key`` is the API key's name (never the key itself), a
+        # bounded set from the keys file; "anonymous" when auth is off, "none" when refused
+        # before a key was known.
+        self.calls = Counter(
+            f"{PREFIX}_api_calls_total",
+            "API calls by transport, method, outcome and API key name.",
+            ["transport", "method", "outcome", "key"],
+            registry=r,
+        )
+        self.call_seconds = Histogram(
+            f"{PREFIX}_api_call_duration_seconds",
+            "API call latency inside the server, auth and admission included.",
+            ["transport", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            f"{PREFIX}_engine_breaker_state",
+            "Engine circuit breaker: 0 closed, 1 half-open (probing), 2 open.",
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            f"{PREFIX}_engine_breaker_transitions_total",
+            "Engine circuit breaker state changes, by the state entered.",
+            ["state"],
+            registry=r,
+        )
+        self.idempotent_replays = Counter(
+            f"{PREFIX}_idempotent_replays_total",
+            "Events batches answered from an earlier call with the same idempotency key.",
+            registry=r,
+        )
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz would answer ready.", registry=r)
         self.build = Info(f"{PREFIX}_build", "Service, model and catalog versions.", registry=r)

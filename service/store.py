@@ -68,6 +68,28 @@ return redis.call('LLEN', KEYS[1])
 """
 
 
+# Idempotent append, one script on a single node and on a cluster (both keys carry the user's
+# hash tag, so they share a slot): KEYS[1] history, KEYS[2] the idempotency record; ARGV[1] cap,
+# ARGV[2] window in ms, ARGV[3] the batch digest, ARGV[4..] items oldest to newest. A record
+# already there answers {its digest, the length the first call saw} and appends nothing;
+# otherwise append (if any items), cap, record "digest:length" for the window, answer {"", n}.
+# Check and append are one script, so two concurrent retries cannot both append.
+_APPEND_ONCE = """
+local prior = redis.call('GET', KEYS[2])
+if prior then
+  local sep = string.find(prior, ':', 1, true)
+  return {string.sub(prior, 1, sep - 1), tonumber(string.sub(prior, sep + 1))}
+end
+if #ARGV > 3 then
+  redis.call('LPUSH', KEYS[1], unpack(ARGV, 4))
+  redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+end
+local n = redis.call('LLEN', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[3] .. ':' .. n, 'PX', ARGV[2])
+return {'', n}
+"""
+
+
 @dataclass(frozen=True)
 class UserRead:
     snapshot_value: bytes | None
@@ -75,10 +97,17 @@ class UserRead:
 
 
 class SnapshotStore:
-    def __init__(self, client: Any, keys: Keyspace, history_cap: int) -> None:
+    def __init__(
+        self,
+        client: Any,
+        keys: Keyspace,
+        history_cap: int,
+        idempotency_window_s: float = 86400.0,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.history_cap = history_cap
+        self.idempotency_window_s = idempotency_window_s
 
     async def read_user(self, snapshot_id: str | None, user_id: str) -> UserRead:
         async with redis_boundary("read"):
@@ -106,6 +135,25 @@ class SnapshotStore:
             pipe.llen(key)
             replies = await pipe.execute()
         return int(replies[-1])
+
+    def idempotency_key(self, user_id: str, key: str) -> str:
+        """Beside the history, under the same ``{user_id}`` hash tag (same cluster slot)."""
+        return f"{self.keys.history(user_id)}:idem:{key}"
+
+    async def append_history_once(
+        self, user_id: str, item_ids: Sequence[str], key: str, digest: str
+    ) -> tuple[int, str | None]:
+        """Appends unless ``key`` was seen for this user within the window. Returns the history
+        length (the first call's on a replay) and the digest recorded by the first call (None
+        when this call appended)."""
+        keys = (self.keys.history(user_id), self.idempotency_key(user_id, key))
+        window_ms = max(1, int(self.idempotency_window_s * 1000))
+        async with redis_boundary("append"):
+            prior, length = await self.client.eval(
+                _APPEND_ONCE, 2, *keys, self.history_cap, window_ms, digest, *item_ids
+            )
+        prior_digest = prior.decode() if isinstance(prior, bytes) else str(prior)
+        return int(length), (prior_digest or None)
 
     async def current_snapshot(self) -> tuple[str, SnapshotManifest | None] | None:
         async with redis_boundary("snapshot lookup"):
