@@ -268,6 +268,9 @@ def serve_cmd(
     host: Annotated[str | None, typer.Option(help="bind address for both transports")] = None,
     engine: Annotated[str | None, typer.Option(help="local (vLLM in-process) or remote")] = None,
     remote_url: Annotated[str | None, typer.Option(help="remote vllm serve base URL")] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="serve without API keys on a non-loopback --host")
+    ] = False,
 ) -> None:
     """Serve REST and gRPC recommendations (settings: flags, then THINKAHEAD_* env vars)."""
     from service.config import Settings
@@ -292,6 +295,8 @@ def serve_cmd(
                 **({"remote_url": remote_url} if remote_url else {}),
             }
         )
+    if insecure:
+        updates["auth"] = settings.auth.model_copy(update={"insecure": True})
     run(settings.model_copy(update=updates))
 
 

@@ -1,14 +1,30 @@
 """``python -m service`` / ``thinkahead-serve``: the serving process alone (settings from
-``THINKAHEAD_*`` environment variables), for images that carry no offline code."""
+``THINKAHEAD_*`` environment variables), for images that carry no offline code.
+
+``--insecure`` allows serving without API keys on a non-loopback address."""
 
 from __future__ import annotations
+
+import argparse
 
 from service.config import Settings
 from service.server import run
 
 
-def main() -> None:
-    run(Settings())  # type: ignore[call-arg]
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="thinkahead-serve", description=__doc__)
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without API keys on a non-loopback bind (otherwise refused)",
+    )
+    args = parser.parse_args(argv)
+    settings = Settings()  # type: ignore[call-arg]
+    if args.insecure:
+        settings = settings.model_copy(
+            update={"auth": settings.auth.model_copy(update={"insecure": True})}
+        )
+    run(settings)
 
 
 if __name__ == "__main__":

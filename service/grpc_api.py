@@ -1,10 +1,13 @@
 """gRPC adapter (grpc.aio): the same core as REST, plus the standard health service and
-server reflection. Errors map through the one taxonomy in ``service.errors``."""
+server reflection. One interceptor (:class:`ApiInterceptor`) runs every API call through the
+runtime's gate (auth from the ``authorization`` metadata, rate limit, admission, metrics) and
+maps errors through the one taxonomy in ``service.errors``; health and reflection stay open."""
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,8 +15,10 @@ from grpc_reflection.v1alpha import reflection
 
 from service._proto.thinkahead.v1 import recommender_pb2 as pb
 from service._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
+from service.config import TlsSettings
 from service.core import Recommendation, RecommendQuery, Source, Strategy
-from service.errors import INTERNAL_MESSAGE, InvalidRequest, ServiceError
+from service.errors import INTERNAL_MESSAGE, InvalidRequest, Overloaded, ServiceError
+from service.gate import Gate, current_call
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,7 @@ _SOURCES = {
     Source.FULL_DECODE: pb.SOURCE_FULL_DECODE,
     Source.PREFIX_POPULAR: pb.SOURCE_FALLBACK_PREFIX_POPULAR,
     Source.GLOBAL_POPULAR: pb.SOURCE_FALLBACK_GLOBAL_POPULAR,
+    Source.COVISITATION: pb.SOURCE_FALLBACK_COVISITATION,
 }
 _STRATEGIES = {
     pb.STRATEGY_UNSPECIFIED: Strategy.THINK_AHEAD,
@@ -60,11 +66,55 @@ def to_proto(rec: Recommendation) -> pb.RecommendResponse:
     )
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    if isinstance(exc, ServiceError):
-        await context.abort(exc.grpc_code, exc.message)
-    log.exception("event=unhandled transport=grpc")
-    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+API_METHODS = {
+    f"/{SERVICE_NAME}/Recommend": "recommend",
+    f"/{SERVICE_NAME}/AppendEvents": "events",
+}
+
+
+def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
+    for item in details.invocation_metadata or ():  # type: ignore[attr-defined]
+        if item.key == key and isinstance(item.value, str):
+            return str(item.value)
+    return None
+
+
+class ApiInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the Recommender methods in the gate; errors become status codes here, once."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = API_METHODS.get(details.method)  # type: ignore[attr-defined]
+        if handler is None or method is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        authorization = _metadata(details, "authorization")
+        gate = self.gate
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async with gate.call("grpc", method, authorization):
+                    return await inner(request, context)
+            except ServiceError as exc:
+                if isinstance(exc, Overloaded):
+                    context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
+                await context.abort(exc.grpc_code, exc.message)
+            except Exception:
+                log.exception("event=unhandled transport=grpc")
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str | None:
@@ -81,52 +131,60 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def Recommend(
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecommendResponse:
-        metrics = self.rt.metrics
-        t0 = time.perf_counter()
-        outcome, source = "error", "none"
-        try:
-            strategy = _STRATEGIES.get(request.strategy)
-            if strategy is None:
-                raise InvalidRequest("strategy", f"unknown value {request.strategy}")
-            async with self.rt.core.admission():
-                rec = await self.rt.core.recommend(
-                    RecommendQuery(
-                        user_id=request.user_id,
-                        k=request.k if request.k else 10,
-                        recent_item_ids=tuple(request.recent_item_ids),
-                        exclude_item_ids=tuple(request.exclude_item_ids),
-                        budget_ms=request.budget_ms if request.HasField("budget_ms") else None,
-                        include_reasoning=request.include_reasoning,
-                        strategy=strategy,
-                        request_id=_request_id(context),
-                    )
-                )
-            outcome, source = "ok", rec.source.value
-            return to_proto(rec)
-        except Exception as exc:
-            outcome = exc.type if isinstance(exc, ServiceError) else "internal_error"
-            await _abort(context, exc)
-            raise  # unreachable: abort raises
-        finally:
-            metrics.requests.labels(TRANSPORT, outcome, source).inc()
-            metrics.request_seconds.labels(TRANSPORT).observe(time.perf_counter() - t0)
+        strategy = _STRATEGIES.get(request.strategy)
+        if strategy is None:
+            raise InvalidRequest("strategy", f"unknown value {request.strategy}")
+        rec = await self.rt.core.recommend(
+            RecommendQuery(
+                user_id=request.user_id,
+                k=request.k if request.k else 10,
+                recent_item_ids=tuple(request.recent_item_ids),
+                exclude_item_ids=tuple(request.exclude_item_ids),
+                budget_ms=request.budget_ms if request.HasField("budget_ms") else None,
+                include_reasoning=request.include_reasoning,
+                strategy=strategy,
+                request_id=_request_id(context),
+            )
+        )
+        call = current_call()
+        if call is not None:
+            call.source = rec.source.value
+        return to_proto(rec)
 
     async def AppendEvents(
         self, request: pb.AppendEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.AppendEventsResponse:
-        try:
-            result = await self.rt.core.append_events(request.user_id, list(request.item_ids))
-        except Exception as exc:
-            await _abort(context, exc)
-            raise
-        self.rt.metrics.events.labels(TRANSPORT).inc(len(request.item_ids))
+        key = request.idempotency_key if request.HasField("idempotency_key") else None
+        result = await self.rt.core.append_events(request.user_id, list(request.item_ids), key)
+        if result.replayed:
+            await context.send_initial_metadata((("idempotent-replayed", "true"),))
+        else:
+            self.rt.metrics.events.labels(TRANSPORT).inc(len(request.item_ids))
         return pb.AppendEventsResponse(
             history_length=result.history_length, unknown_item_ids=result.unknown_item_ids
         )
 
 
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
+    """TLS from the settings' PEM files; a client CA makes client certificates required."""
+    assert tls.cert_file is not None and tls.key_file is not None
+    ca = tls.client_ca_file.read_bytes() if tls.client_ca_file is not None else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
 async def start_grpc(runtime: Runtime) -> grpc.aio.Server:
-    server = grpc.aio.server()
+    settings = runtime.settings
+    # The message cap matches the REST body cap: a bigger request is refused by the transport
+    # (RESOURCE_EXHAUSTED) before it is parsed.
+    cap = settings.max_body_bytes
+    server = grpc.aio.server(
+        interceptors=[ApiInterceptor(runtime.gate)],
+        options=[("grpc.max_receive_message_length", cap)],
+    )
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -138,8 +196,11 @@ async def start_grpc(runtime: Runtime) -> grpc.aio.Server:
         ),
         server,
     )
-    settings = runtime.settings
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if settings.tls.enabled:
+        port = server.add_secure_port(address, server_credentials(settings.tls))
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     runtime.extra["grpc_port"] = port
     runtime.extra["grpc_health"] = health_servicer

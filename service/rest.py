@@ -1,27 +1,40 @@
 """REST adapter: FastAPI routes translating JSON <-> the transport-free core.
 
 The lifespan owns the runtime (catalog, model, engine, Redis) and the gRPC server, so one
-process and one event loop serve both transports.
+process and one event loop serve both transports. Authentication, the body cap, rate limits,
+admission, timing and call metrics live in one ASGI middleware (:class:`ApiMiddleware`) over the
+runtime's :class:`~service.gate.Gate`, shared with the gRPC interceptor; the routes only
+translate.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.config import MAX_LIST_ITEMS, Settings
 from service.core import ID_PATTERN, ID_RULE, Recommendation, RecommendQuery, Strategy
-from service.errors import INTERNAL_MESSAGE, Overloaded, ServiceError
+from service.errors import (
+    INTERNAL_MESSAGE,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthenticated,
+)
+from service.gate import current_call
 from service.runtime import Runtime, open_runtime
 
 log = logging.getLogger(__name__)
@@ -85,6 +98,12 @@ class EventsBody(BaseModel):
 
     user_id: Id
     item_ids: IdList = Field(min_length=1, description="oldest first")
+    idempotency_key: Id | None = Field(
+        default=None,
+        description="a retry with the same key for the same user within the server's window "
+        "is not appended again and answers as the first call did (header "
+        "Idempotent-Replayed: true); the same key with another batch is a 422",
+    )
 
 
 class EventsOut(BaseModel):
@@ -104,10 +123,89 @@ class ErrorOut(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "missing or unknown API key"},
+    403: {"model": ErrorOut, "description": "the API key lacks this route's scope"},
+    413: {"model": ErrorOut, "description": "request body over the cap (refused unparsed)"},
     422: {"model": ErrorOut, "description": "invalid request"},
-    429: {"model": ErrorOut, "description": "overloaded; retry after Retry-After seconds"},
+    429: {
+        "model": ErrorOut,
+        "description": "overloaded or the key's rate limit; retry after Retry-After seconds",
+    },
     503: {"model": ErrorOut, "description": "a dependency is down and no fallback could answer"},
 }
+# Authentication happens in ApiMiddleware; this only documents the scheme in the OpenAPI
+# schema (auto_error=False: it never refuses anything itself).
+BEARER = HTTPBearer(auto_error=False, description="API key; scopes: recommend, events")
+API_ROUTES = {"/v1/recommend": "recommend", "/v1/events": "events"}
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    headers: dict[str, str] = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="thinkahead"'
+    return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers or None)
+
+
+async def bounded_receive(headers: Headers, receive: Receive, cap: int) -> Receive:
+    """A ``receive`` that never hands the app more than ``cap`` body bytes: a declared
+    Content-Length over the cap is refused before one byte is read; a chunked body is read
+    here up to the cap and replayed. Raises :class:`PayloadTooLarge`."""
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit():
+        if int(declared) > cap:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds {cap}")
+        return receive  # the server holds the body to its declared length
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return receive  # disconnected: let the app see it
+        body += message.get("body", b"")
+        if len(body) > cap:
+            raise PayloadTooLarge(f"request body exceeds {cap} bytes")
+        if not message.get("more_body", False):
+            break
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    return replay
+
+
+class ApiMiddleware:
+    """Every call to an API route passes the runtime's gate (auth, rate limit, admission,
+    metrics) and the body cap; health, readiness, metrics and docs stay open."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = API_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if method is None:
+            await self.app(scope, receive, send)
+            return
+        gate = scope["app"].state.rt.gate
+        headers = Headers(scope=scope)
+        try:
+            async with gate.call("http", method, headers.get("authorization")):
+                receive = await bounded_receive(headers, receive, self.max_body_bytes)
+                await self.app(scope, receive, send)
+        except ServiceError as exc:  # refused by the gate or the cap: nothing was sent yet
+            await error_response(exc)(scope, receive, send)
+
+
+def _record(exc: ServiceError) -> None:
+    call = current_call()
+    if call is not None:
+        call.fail(exc)
 
 
 def to_response(rec: Recommendation) -> RecommendOut:
@@ -173,22 +271,18 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     def rt(request: Request) -> Runtime:
         return request.app.state.rt  # type: ignore[no-any-return]
 
+    app.add_middleware(ApiMiddleware, max_body_bytes=settings.max_body_bytes)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid"}
         field = _field_of(tuple(first.get("loc", ())))
-        rt(request).metrics.rejected.labels("invalid").inc()
-        detail = ErrorDetail(
-            message=f"{field}: {first.get('msg')}", type="invalid_request", code=422, field=field
-        )
-        return JSONResponse(ErrorOut(error=detail).model_dump(), status_code=422)
+        return await _service_error(request, InvalidRequest(field, str(first.get("msg"))))
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
-        if exc.http_status == 422:
-            rt(request).metrics.rejected.labels("invalid").inc()
-        return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
+        _record(exc)
+        return error_response(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -198,44 +292,41 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         )
         return JSONResponse(body.model_dump(), status_code=500)
 
-    @app.post("/v1/recommend", response_model=RecommendOut, responses=ERROR_RESPONSES)
+    secured = {"responses": ERROR_RESPONSES, "dependencies": [Depends(BEARER)]}
+
+    @app.post("/v1/recommend", response_model=RecommendOut, **secured)  # type: ignore[arg-type]
     async def recommend(
         body: RecommendBody,
         request: Request,
         x_request_id: Annotated[str | None, Header(max_length=64)] = None,
     ) -> RecommendOut:
-        runtime_ = rt(request)
-        metrics = runtime_.metrics
-        t0 = time.perf_counter()
-        outcome, source = "error", "none"
-        try:
-            async with runtime_.core.admission():
-                rec = await runtime_.core.recommend(
-                    RecommendQuery(
-                        user_id=body.user_id,
-                        k=body.k,
-                        recent_item_ids=tuple(body.recent_item_ids),
-                        exclude_item_ids=tuple(body.exclude_item_ids),
-                        budget_ms=body.budget_ms,
-                        include_reasoning=body.include_reasoning,
-                        strategy=body.strategy,
-                        request_id=x_request_id,
-                    )
-                )
-            outcome, source = "ok", rec.source.value
-            return to_response(rec)
-        except ServiceError as exc:
-            outcome = exc.type
-            raise
-        finally:
-            metrics.requests.labels(TRANSPORT, outcome, source).inc()
-            metrics.request_seconds.labels(TRANSPORT).observe(time.perf_counter() - t0)
+        rec = await rt(request).core.recommend(
+            RecommendQuery(
+                user_id=body.user_id,
+                k=body.k,
+                recent_item_ids=tuple(body.recent_item_ids),
+                exclude_item_ids=tuple(body.exclude_item_ids),
+                budget_ms=body.budget_ms,
+                include_reasoning=body.include_reasoning,
+                strategy=body.strategy,
+                request_id=x_request_id,
+            )
+        )
+        call = current_call()
+        if call is not None:
+            call.source = rec.source.value
+        return to_response(rec)
 
-    @app.post("/v1/events", response_model=EventsOut, responses=ERROR_RESPONSES)
-    async def events(body: EventsBody, request: Request) -> EventsOut:
+    @app.post("/v1/events", response_model=EventsOut, **secured)  # type: ignore[arg-type]
+    async def events(body: EventsBody, request: Request, response: Response) -> EventsOut:
         runtime_ = rt(request)
-        result = await runtime_.core.append_events(body.user_id, body.item_ids)
-        runtime_.metrics.events.labels(TRANSPORT).inc(len(body.item_ids))
+        result = await runtime_.core.append_events(
+            body.user_id, body.item_ids, body.idempotency_key
+        )
+        if result.replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        else:
+            runtime_.metrics.events.labels(TRANSPORT).inc(len(body.item_ids))
         return EventsOut(
             history_length=result.history_length, unknown_item_ids=result.unknown_item_ids
         )

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from service import __version__
+from service.auth import Authenticator, KeyStore
+from service.breaker import BreakerState, CircuitBreaker
 from service.catalog import Catalog
 from service.config import Settings
 from service.core import Recommender
-from service.engine.base import Engine
+from service.engine.base import Engine, ScoreRequest
+from service.gate import Gate
 from service.metrics import Metrics
 from service.model import ModelInfo, load_model_info, load_serving_config
+from service.ratelimit import RateLimiter
 from service.snapshot import Keyspace
 from service.snapshot_watch import SnapshotWatcher
 from service.store import SnapshotStore, connect
@@ -31,15 +37,36 @@ class Runtime:
     watcher: SnapshotWatcher
     core: Recommender
     metrics: Metrics
+    gate: Gate
     draining: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+
+    def catalog_and_model_ok(self) -> bool:
+        """The loaded artifacts agree with each other and with what serves: a non-empty catalog,
+        the model built for it, the engine serving that model, and an active snapshot (if any)
+        built for the same pair."""
+        cat, model = self.catalog, self.model
+        ok = (
+            len(cat) > 0
+            and model.manifest.catalog_version == cat.version
+            and model.token_ids.codebook_size == cat.codebook_size
+            and self.engine.model_version == model.version
+        )
+        manifest = self.watcher.active.manifest if self.watcher.active is not None else None
+        if manifest is not None:
+            ok = ok and (manifest.catalog_version, manifest.model_version) == (
+                cat.version,
+                model.version,
+            )
+        return ok
 
     async def readiness(self) -> dict[str, bool]:
         active = self.watcher.active
         checks = {
             "redis": await self.store.ping(),
             "engine": await self.engine.check_health(),
-            "catalog_and_model": True,
+            "engine_breaker": self.core.breaker.state is not BreakerState.OPEN,
+            "catalog_and_model": self.catalog_and_model_ok(),
             "snapshot": active is not None and active.problem is None,
             "accepting": not self.draining,
         }
@@ -66,9 +93,11 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
     catalog = Catalog.load(settings.catalog_dir)
     model = load_model_info(settings.model_dir, catalog)
     recommend = settings.recommend
-    if recommend.offline_weight is None:
-        weight = float(load_serving_config(settings.model_dir).get("offline_weight", 0.0))  # type: ignore[arg-type]
-        recommend = recommend.model_copy(update={"offline_weight": weight})
+    serving = load_serving_config(settings.model_dir)
+    if recommend.fusion is None:
+        recommend = recommend.model_copy(update={"fusion": serving.weights})
+    if recommend.covisit_candidates is None:
+        recommend = recommend.model_copy(update={"covisit_candidates": serving.covisit_candidates})
     metrics = Metrics()
     metrics.build.info(
         {"version": __version__, "model_version": model.version, "catalog_version": catalog.version}
@@ -77,8 +106,12 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         connect(settings.redis),
         Keyspace(settings.redis.prefix, settings.redis.history_prefix),
         settings.redis.history_cap,
+        settings.redis.idempotency_window_s,
     )
+    keys = settings.auth.keys_file
+    auth = Authenticator(KeyStore(keys, settings.auth.reload_s) if keys is not None else None)
     engine = engine or make_engine(settings, model)
+    breaker = _breaker(settings, metrics)
     watcher = SnapshotWatcher(
         store, catalog.version, model.version, settings.redis.snapshot_poll_s, metrics
     )
@@ -91,25 +124,58 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         recommend,
         metrics,
         settings.redis.max_snapshot_age_s,
+        breaker,
     )
+    gate = Gate(auth, RateLimiter(), core, metrics)
+    probe_task: asyncio.Task[None] | None = None
     try:
         await watcher.refresh()
         watcher.start()
-        await _warm_up(core)
+        if not await _warm_up(core):
+            breaker.trip()  # the probe brings the engine in once it answers
+        probes = settings.engine.breaker
+        probe_task = asyncio.create_task(
+            breaker.run_probes(
+                lambda: _probe(core), probes.probe_interval_s, probes.probe_timeout_s
+            ),
+            name="engine-probe",
+        )
         log.info(
-            "event=runtime_ready model=%s catalog=%s items=%d",
+            "event=runtime_ready model=%s catalog=%s items=%d auth=%s",
             model.version,
             catalog.version,
             len(catalog),
+            "keys" if auth.enabled else "open",
         )
-        yield Runtime(settings, catalog, model, engine, store, watcher, core, metrics)
+        yield Runtime(settings, catalog, model, engine, store, watcher, core, metrics, gate)
     finally:
+        if probe_task is not None:
+            probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe_task
         await watcher.stop()
         await engine.close()
         await store.close()
 
 
-async def _warm_up(core: Recommender) -> None:
+def _breaker(settings: Settings, metrics: Metrics) -> CircuitBreaker:
+    def on_change(state: BreakerState) -> None:
+        metrics.breaker_state.set(int(state))
+        metrics.breaker_transitions.labels(state.name.lower()).inc()
+
+    metrics.breaker_state.set(int(BreakerState.CLOSED))
+    return CircuitBreaker(settings.engine.breaker.failures, on_change)
+
+
+async def _probe(core: Recommender) -> None:
+    """One engine step on the empty history: cheap, and proves the engine answers (a health
+    endpoint can be up while generation is broken)."""
+    ids = core.model.token_ids
+    allowed = tuple(ids.level_ids("a", core.catalog.valid_a[:8]))
+    await core.engine.score([ScoreRequest(tuple(ids.history([])), allowed, top_n=1)])
+
+
+async def _warm_up(core: Recommender) -> bool:
     """One full decode so the first real request does not pay for lazy engine setup."""
     from service.beam import BeamSearch, run_searches_async
     from service.constraint import Constraint
@@ -121,3 +187,5 @@ async def _warm_up(core: Recommender) -> None:
         await run_searches_async([search], core.engine.score)
     except Exception as exc:  # a dead engine must not stop the process: readiness says so
         log.warning("event=warm_up_failed error=%s", exc)
+        return False
+    return True

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import ssl
+from typing import Any
 
 import uvicorn
 
+from service.auth import ExposureError, check_exposure
 from service.config import Settings
 from service.rest import create_app
+
+log = logging.getLogger(__name__)
 
 
 def configure_logging(level: str) -> None:
@@ -23,10 +28,31 @@ def configure_logging(level: str) -> None:
     logger.propagate = False
 
 
-def run(settings: Settings) -> None:
-    configure_logging(settings.log_level)
-    app = create_app(settings)
-    config = uvicorn.Config(
+def uvicorn_tls(settings: Settings) -> dict[str, Any]:
+    """uvicorn's TLS options from the settings; a client CA makes client certificates required
+    (mTLS), as on the gRPC port."""
+    tls = settings.tls
+    if not tls.enabled:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+    if tls.client_ca_file is not None:
+        options["ssl_ca_certs"] = str(tls.client_ca_file)
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse what must not start (raises :class:`ExposureError`), before anything loads."""
+    check_exposure(
+        settings.http_host,
+        settings.grpc_host,
+        has_keys=settings.auth.keys_file is not None,
+        insecure=settings.auth.insecure,
+    )
+
+
+def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=settings.http_host,
         port=settings.http_port,
@@ -34,5 +60,19 @@ def run(settings: Settings) -> None:
         timeout_graceful_shutdown=int(settings.drain_s) or None,
         access_log=False,
         lifespan="on",
+        **uvicorn_tls(settings),
     )
-    uvicorn.Server(config).run()
+
+
+def run(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    try:
+        check_settings(settings)
+    except ExposureError as exc:
+        log.error("event=refused_to_start reason=%s", exc)
+        raise SystemExit(2) from exc
+    if settings.auth.keys_file is None:
+        log.warning(
+            "event=auth_off reason=no_keys_file hosts=%s,%s", settings.http_host, settings.grpc_host
+        )
+    uvicorn.Server(uvicorn_config(settings, create_app(settings))).run()
