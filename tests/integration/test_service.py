@@ -100,6 +100,7 @@ def test_readiness_waits_for_a_matching_snapshot(stack: Stack) -> None:
     assert ready.json()["checks"] == {
         "redis": True,
         "engine": True,
+        "engine_breaker": True,
         "catalog_and_model": True,
         "snapshot": True,
         "accepting": True,
