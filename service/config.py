@@ -116,10 +116,7 @@ class TlsSettings(BaseModel):
             raise ValueError("tls.cert_file and tls.key_file go together")
         if self.client_ca_file is not None and self.cert_file is None:
             raise ValueError("tls.client_ca_file (mTLS) needs tls.cert_file and tls.key_file")
-        for path in (self.cert_file, self.key_file, self.client_ca_file):
-            if path is not None and not path.is_file():
-                raise ValueError(f"{path}: no such file")
-        return self
+        return self  # the files are checked when the server starts (service.server)
 
 
 class Settings(BaseSettings):
