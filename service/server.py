@@ -42,11 +42,16 @@ def uvicorn_tls(settings: Settings) -> dict[str, Any]:
 
 
 def check_settings(settings: Settings) -> None:
-    """Refuse what must not start (raises :class:`ExposureError`), before anything loads."""
+    """Refuse what must not start (raises :class:`ExposureError`), before anything loads: an
+    open service on a reachable address, or TLS / keys files that are not there."""
+    tls, keys = settings.tls, settings.auth.keys_file
+    for path in (tls.cert_file, tls.key_file, tls.client_ca_file, keys):
+        if path is not None and not path.is_file():
+            raise ExposureError(f"{path}: no such file (from the tls / auth settings)")
     check_exposure(
         settings.http_host,
         settings.grpc_host,
-        has_keys=settings.auth.keys_file is not None,
+        has_keys=keys is not None,
         insecure=settings.auth.insecure,
     )
 
