@@ -1,0 +1,147 @@
+"""Every ``degraded_reason`` the API documents, produced over real HTTP (in-process app, fake
+engine, a redis-server of this module's own so it can be killed): each answer is a full,
+flagged list of catalog items, never an error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from service.manifest import SnapshotManifest
+from service.snapshot import Keyspace, Prefix, UserPrefixes
+from tests.fake_engine import FAKE_MODEL_VERSION, FakeEngine, write_tiny_artifacts
+from tests.helpers import RedisProcess, start_redis
+from tests.inproc import InProc, make_settings, serve_in_process
+
+KEYS = Keyspace("ta")
+SID = "s-reasons"
+MAX_AGE_S = 600
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    proc = start_redis(tmp_path_factory.mktemp("reasons-redis"))
+    yield proc
+    proc.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def svc(
+    tmp_path_factory: pytest.TempPathFactory, own_redis: RedisProcess
+) -> AsyncIterator[InProc]:
+    catalog_dir, model_dir = write_tiny_artifacts(tmp_path_factory.mktemp("reasons"))
+    settings = make_settings(
+        catalog_dir, model_dir, own_redis.url, redis={
+            "url": own_redis.url, "snapshot_poll_s": 0.1, "max_snapshot_age_s": MAX_AGE_S,
+        },
+    )  # fmt: skip
+    async with serve_in_process(settings, FakeEngine()) as inproc:
+        yield inproc
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def http(svc: InProc) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=svc.base_url, timeout=10) as client:
+        yield client
+
+
+def value(svc: InProc, prefixes: list[tuple[int, int]], **kw: object) -> bytes:
+    args: dict = {  # type: ignore[type-arg]
+        "model_version": FAKE_MODEL_VERSION,
+        "catalog_version": svc.runtime.catalog.version,
+        "computed_at": time.time(),
+        "prefixes": tuple(Prefix(a, b, -0.1 * i) for i, (a, b) in enumerate(prefixes)),
+        **kw,
+    }
+    return UserPrefixes(**args).encode()
+
+
+async def publish(svc: InProc, own_redis: RedisProcess) -> None:
+    r = own_redis.client()
+    cat = svc.runtime.catalog
+    manifest = SnapshotManifest(
+        snapshot_id=SID, model_version=FAKE_MODEL_VERSION, catalog_version=cat.version
+    )
+    r.set(KEYS.manifest(SID), json.dumps(manifest.model_dump()))
+    r.set(KEYS.current, SID)
+    prefixes = sorted(cat.c_under_ab)[:4]
+    r.set(KEYS.user(SID, "fresh"), value(svc, prefixes))
+    r.set(KEYS.user(SID, "stale"), value(svc, prefixes, computed_at=time.time() - 2 * MAX_AGE_S))
+    r.set(KEYS.user(SID, "foreign"), value(svc, prefixes, model_version="other-model"))
+    r.set(KEYS.user(SID, "corrupt"), b"\x00\xffnot msgpack")
+    r.set(KEYS.user(SID, "narrow"), value(svc, prefixes[:1]))
+    r.close()
+    await asyncio.sleep(0.3)  # > snapshot_poll_s
+
+
+async def ask(http: httpx.AsyncClient, svc: InProc, user: str, **body: object) -> dict:  # type: ignore[type-arg]
+    reply = await http.post("/v1/recommend", json={"user_id": user, "k": 5, **body})
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    items = [i["item_id"] for i in answer["items"]]
+    assert len(items) == len(set(items)) == 5
+    assert all(i in svc.runtime.catalog.row_of for i in items)
+    return answer  # type: ignore[no-any-return]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_every_degraded_reason(
+    svc: InProc, http: httpx.AsyncClient, own_redis: RedisProcess
+) -> None:
+    seen: dict[str, str] = {}
+    seen["no_snapshot"] = (await ask(http, svc, "fresh"))["degraded_reason"]
+    await publish(svc, own_redis)
+    ok = await ask(http, svc, "fresh", recent_item_ids=["1"])
+    assert ok["source"] == "think_ahead" and ok["degraded"] is False
+    for user in ("stale", "foreign", "corrupt"):
+        seen[user] = (await ask(http, svc, user))["degraded_reason"]
+    seen["cold"] = (await ask(http, svc, "never-seen"))["degraded_reason"]
+    # Every item under the user's only prefix excluded: nothing left to score there.
+    cat = svc.runtime.catalog
+    a, b = sorted(cat.c_under_ab)[0]
+    under = [cat.item_ids[int(r)] for r in cat.rows_under_ab[(a, b)]]
+    seen["narrow"] = (await ask(http, svc, "narrow", exclude_item_ids=under))["degraded_reason"]
+    svc.engine.delay_s = 0.5
+    try:
+        slow = await ask(http, svc, "fresh", recent_item_ids=["2"], budget_ms=50)
+        seen["slow"] = slow["degraded_reason"]
+        assert slow["timings"]["total_ms"] < 450
+    finally:
+        svc.engine.delay_s = 0.0
+    svc.engine.down = True
+    try:
+        seen["engine"] = (await ask(http, svc, "fresh", recent_item_ids=["3"]))["degraded_reason"]
+    finally:
+        svc.engine.down = False
+    own_redis.stop(kill=True)
+    try:
+        seen["redis"] = (await ask(http, svc, "fresh"))["degraded_reason"]
+    finally:
+        own_redis.restart()
+    assert seen == {
+        "no_snapshot": "no_snapshot",
+        "stale": "stale_snapshot",
+        "foreign": "version_mismatch",
+        "corrupt": "corrupt_value",
+        "cold": "no_prefixes",
+        "narrow": "prefixes_excluded",
+        "slow": "budget_exceeded",
+        "engine": "engine_unavailable",
+        "redis": "redis_unavailable",
+    }
+
+
+def test_reasons_match_the_documented_list() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for reason in (
+        "no_snapshot", "no_prefixes", "version_mismatch", "stale_snapshot", "corrupt_value",
+        "prefixes_excluded", "budget_exceeded", "redis_unavailable", "engine_unavailable",
+    ):  # fmt: skip
+        assert f"`{reason}`" in readme, reason
