@@ -77,7 +77,7 @@ def make_settings(catalog_dir: Path, model_dir: Path, redis_url: str, **override
         "catalog_dir": catalog_dir,
         "http_port": free_port(),
         "grpc_port": free_port(),
-        "drain_s": 0,
+        "drain_s": 1,  # bounded shutdown: uvicorn waits forever on 0
         "log_level": "warning",
         "redis": {"url": redis_url, "snapshot_poll_s": 0.1},
         "engine": {"breaker": {"failures": 2, "probe_interval_s": 0.2, "probe_timeout_s": 1}},
