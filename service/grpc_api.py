@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from service._proto.thinkahead.v1 import recommender_pb2 as pb
 from service._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
 from service.config import TlsSettings
-from service.core import Recommendation, RecommendQuery, Source, Strategy
+from service.core import Recommendation, RecommendQuery, Strategy
 from service.errors import INTERNAL_MESSAGE, InvalidRequest, Overloaded, ServiceError
 from service.gate import Gate, current_call
 from service.runtime import Runtime
@@ -25,12 +25,14 @@ log = logging.getLogger(__name__)
 TRANSPORT = "grpc"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 
+# Keyed by the wire value of core's Source; one the proto does not name answers
+# SOURCE_UNSPECIFIED (still an answer) instead of failing the call.
 _SOURCES = {
-    Source.THINK_AHEAD: pb.SOURCE_THINK_AHEAD,
-    Source.FULL_DECODE: pb.SOURCE_FULL_DECODE,
-    Source.PREFIX_POPULAR: pb.SOURCE_FALLBACK_PREFIX_POPULAR,
-    Source.GLOBAL_POPULAR: pb.SOURCE_FALLBACK_GLOBAL_POPULAR,
-    Source.COVISITATION: pb.SOURCE_FALLBACK_COVISITATION,
+    "think_ahead": pb.SOURCE_THINK_AHEAD,
+    "full_decode": pb.SOURCE_FULL_DECODE,
+    "fallback_prefix_popular": pb.SOURCE_FALLBACK_PREFIX_POPULAR,
+    "fallback_global_popular": pb.SOURCE_FALLBACK_GLOBAL_POPULAR,
+    "fallback_covisitation": pb.SOURCE_FALLBACK_COVISITATION,
 }
 _STRATEGIES = {
     pb.STRATEGY_UNSPECIFIED: Strategy.THINK_AHEAD,
@@ -49,7 +51,7 @@ def to_proto(rec: Recommendation) -> pb.RecommendResponse:
             )
             for i in rec.items
         ],
-        source=_SOURCES[rec.source],
+        source=_SOURCES.get(rec.source.value, pb.SOURCE_UNSPECIFIED),
         degraded=rec.degraded,
         degraded_reason=rec.degraded_reason or "",
         model_version=rec.model_version,
