@@ -193,6 +193,21 @@ def start_redis_cluster(
     return cluster
 
 
+def vllm_serve_command(model_dir: Path, port: int) -> list[str]:
+    """A CPU-sized ``vllm serve`` (OpenAI server) for the remote engine, with the flags the
+    remote engine needs (processed log-probs, prefix caching, 256 log-probs)."""
+    import sys
+
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--skip-tokenizer-init",
+        "--port", str(port), "--host", "127.0.0.1",
+        "--logprobs-mode", "processed_logprobs", "--enable-prefix-caching",
+        "--max-logprobs", "256", "--block-size", "32", "--dtype", "float32",
+        "--max-model-len", "512", "--kv-cache-memory-bytes", str(256 << 20),
+    ]  # fmt: skip
+
+
 @dataclass
 class CliResult:
     exit_code: int

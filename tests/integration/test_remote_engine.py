@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -19,7 +18,7 @@ from service.constraint import Constraint
 from service.engine.base import ScoreRequest
 from service.engine.remote import RemoteVllmEngine
 from service.model import load_model_info
-from tests.helpers import free_port
+from tests.helpers import free_port, vllm_serve_command
 
 pytestmark = pytest.mark.vllm
 
@@ -30,31 +29,7 @@ def vllm_server(tiny_world, tmp_path_factory) -> Iterator[str]:  # type: ignore[
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(tiny_world.model_dir),
-            "--skip-tokenizer-init",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--logprobs-mode",
-            "processed_logprobs",
-            "--enable-prefix-caching",
-            "--max-logprobs",
-            "256",
-            "--block-size",
-            "32",
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "512",
-            "--kv-cache-memory-bytes",
-            str(256 << 20),
-        ],
+        vllm_serve_command(tiny_world.model_dir, port),
         env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
