@@ -68,12 +68,6 @@ async def svc(
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def http(svc: InProc) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=svc.base_url, timeout=10) as client:
-        yield client
-
-
-@pytest_asyncio.fixture(loop_scope="module")
 async def stub(svc: InProc) -> AsyncIterator[pb_grpc.RecommenderStub]:
     async with grpc.aio.insecure_channel(svc.grpc_target) as channel:
         yield pb_grpc.RecommenderStub(channel)

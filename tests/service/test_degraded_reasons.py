@@ -46,12 +46,6 @@ async def svc(
         yield inproc
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def http(svc: InProc) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=svc.base_url, timeout=10) as client:
-        yield client
-
-
 def value(svc: InProc, prefixes: list[tuple[int, int]], **kw: object) -> bytes:
     args: dict = {  # type: ignore[type-arg]
         "model_version": FAKE_MODEL_VERSION,
