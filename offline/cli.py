@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from offline.catalog.covisit import DEFAULT_TOP_N
 from offline.errors import InputError
 from service.catalog import CatalogError
 from service.manifest import ManifestError
@@ -124,23 +125,50 @@ def catalog_build(
     )
 
 
+def _train_default(name: str) -> Any:
+    from offline.train.trainer import TrainConfig
+
+    return TrainConfig.model_fields[name].default
+
+
 @app.command("train")
 @user_errors
 def train_cmd(
     catalog: Annotated[Path, typer.Option(help="catalog directory")],
     interactions: Annotated[Path, typer.Option(help="interactions CSV")],
     out: Annotated[Path, typer.Option(help="model directory to write (HF format)")],
-    preset: Annotated[str, typer.Option(help="model size: tiny, small, base")] = "small",
-    epochs: Annotated[int, typer.Option(help="maximum epochs (early stopping)")] = 40,
-    batch_size: Annotated[int, typer.Option()] = 128,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    patience: Annotated[int, typer.Option(help="epochs without validation gain")] = 3,
-    val_users: Annotated[int, typer.Option(help="validation sample (0 = all)")] = 3000,
-    max_minutes: Annotated[float | None, typer.Option(help="stop after this long")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    preset: Annotated[str, typer.Option(help="model size: tiny, small, base")] = _train_default(
+        "preset"
+    ),
+    epochs: Annotated[
+        int, typer.Option(help="epochs of the cosine schedule (early stopping may end sooner)")
+    ] = _train_default("epochs"),
+    batch_size: Annotated[int, typer.Option()] = _train_default("batch_size"),
+    lr: Annotated[float, typer.Option()] = _train_default("lr"),
+    patience: Annotated[int, typer.Option(help="epochs without validation gain")] = _train_default(
+        "patience"
+    ),
+    val_users: Annotated[int, typer.Option(help="validation sample (0 = all)")] = _train_default(
+        "val_users"
+    ),
+    max_minutes: Annotated[
+        float | None, typer.Option(help="stop after this long")
+    ] = _train_default("max_minutes"),
+    refit: Annotated[
+        bool,
+        typer.Option(
+            help="train on train + validation for exactly --epochs (the serving model; use the "
+            "best epoch of a selection run; its figures are not comparable with the papers)"
+        ),
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue a killed run of the same settings from its checkpoint")
+    ] = True,
+    seed: Annotated[int, typer.Option()] = _train_default("seed"),
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
-    """Train the decoder on the leave-one-out train split; early stopping on validation."""
+    """Train the decoder on the leave-one-out train split; the best epoch on validation is
+    kept. Checkpointed every epoch: rerunning a killed command continues it."""
     from offline.train.trainer import TrainConfig, train
 
     cfg = TrainConfig(
@@ -151,14 +179,21 @@ def train_cmd(
         patience=patience,
         val_users=val_users,
         max_minutes=max_minutes,
+        refit=refit,
+        resume=resume,
         seed=seed,
     )
     manifest = train(catalog, interactions, out, cfg, progress=progress)
     best = manifest.metrics["validation"]
+    params = manifest.parameters
+    chosen = (
+        "refit on train + validation"
+        if refit
+        else f"val R@10 {best.get('recall@10', 0):.4f} N@10 {best.get('ndcg@10', 0):.4f}"
+    )
     typer.echo(
-        f"model {manifest.model_version} -> {out}\n  best epoch {best.get('epoch')}: val "
-        f"R@10 {best.get('recall@10', 0):.4f} N@10 {best.get('ndcg@10', 0):.4f}; "
-        f"{manifest.parameters['train_seconds']:.0f}s"
+        f"model {manifest.model_version} -> {out}\n  best epoch {best.get('epoch')}: {chosen}; "
+        f"{params['train_seconds']:.0f}s, peak RSS {params['peak_rss_gb']:.1f} GB"
     )
 
 
@@ -300,39 +335,57 @@ def serve_cmd(
     run(settings.model_copy(update=updates))
 
 
+covisit_app = typer.Typer(no_args_is_help=True, help="Item-to-item co-visitation tables.")
+app.add_typer(covisit_app, name="covisit")
+
+
+@covisit_app.command("build")
+@user_errors
+def covisit_build(
+    catalog: Annotated[Path, typer.Option(help="catalog directory (covisit.npz is written there)")],
+    interactions: Annotated[Path, typer.Option(help="interactions CSV (user_id, item_id, ...)")],
+    holdout_last: Annotated[
+        int, typer.Option(help="ignore each user's last N interactions (benchmarks: 2)")
+    ] = 0,
+    top_n: Annotated[int, typer.Option(help="neighbours kept per item")] = DEFAULT_TOP_N,
+) -> None:
+    """Rebuild the co-visitation table of a catalog from fresher interactions (the catalog's
+    version does not change; the next think-ahead run publishes it)."""
+    from offline.catalog.covisit import build_covisit_file
+
+    if top_n < 1:
+        raise InputError(None, f"--top-n must be >= 1, got {top_n}")
+    table = build_covisit_file(catalog, interactions, top_n=top_n, holdout_last=holdout_last)
+    typer.echo(
+        f"co-visitation {table.version} -> {catalog}/covisit.npz: "
+        f"{int(table.offsets[-1])} neighbours over {len(table.item_ids)} items "
+        f"({table.parameters['pairs']} transitions)"
+    )
+
+
 @app.command("tune-blend")
 @user_errors
 def tune_blend_cmd(
     model: Annotated[Path, typer.Option(help="model directory (serving.json is written there)")],
-    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    catalog: Annotated[Path, typer.Option(help="catalog directory (with its covisit.npz)")],
     interactions: Annotated[Path, typer.Option(help="interactions CSV")],
-    weights: Annotated[str, typer.Option(help="comma-separated candidate weights")] = (
-        "0,0.1,0.25,0.5,1"
-    ),
     prefixes: Annotated[int, typer.Option(help="M prefixes, as served")] = 32,
-    limit: Annotated[int | None, typer.Option(help="validation users sampled")] = 3000,
+    limit: Annotated[int | None, typer.Option(help="validation users sampled")] = 5000,
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
-    """Choose the offline-score blend weight on the validation split (never on test)."""
+    """Learn the fused score's weights on the validation split (never on test)."""
     from offline.eval_cli import tune_blend
 
-    try:
-        grid = [float(w) for w in weights.split(",") if w.strip()]
-    except ValueError as exc:
-        raise InputError(None, f"--weights: {exc}") from exc
-    if not grid or min(grid) < 0:
-        raise InputError(None, "--weights needs one or more non-negative numbers")
     config = tune_blend(
         model,
         catalog,
         interactions,
-        weights=grid,
         prefixes=prefixes,
         beam=prefixes,
         limit=limit,
         progress=progress,
     )
-    typer.echo(json.dumps(config, indent=2))
+    typer.echo(json.dumps({k: config[k] for k in ("weights", "covisit_candidates", "tuning")}))
 
 
 history_app = typer.Typer(no_args_is_help=True, help="Users' recent histories in Redis.")

@@ -103,17 +103,26 @@ class Split:
     train: Sequences
     valid: list[Example]
     test: list[Example]
+    train_and_valid: Sequences  # each sequence minus its test item (refits)
 
 
 def leave_one_out(seqs: Sequences, max_history: int = 50) -> Split:
     train_items: list[list[str]] = []
+    refit_items: list[list[str]] = []
     valid: list[Example] = []
     test: list[Example] = []
     for user, seq in zip(seqs.users, seqs.items, strict=True):
         if len(seq) < 3:
             train_items.append(list(seq))
+            refit_items.append(list(seq))
             continue
         train_items.append(seq[:-2])
+        refit_items.append(seq[:-1])
         valid.append(Example(user, seq[:-2][-max_history:], seq[-2]))
         test.append(Example(user, seq[:-1][-max_history:], seq[-1]))
-    return Split(Sequences(seqs.users, train_items, seqs.source), valid, test)
+    return Split(
+        Sequences(seqs.users, train_items, seqs.source),
+        valid,
+        test,
+        Sequences(seqs.users, refit_items, seqs.source),
+    )

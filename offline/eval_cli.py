@@ -11,14 +11,19 @@ from offline.errors import InputError
 from offline.evaluate import (
     Ranked,
     covisitation_baseline,
+    popularity_baseline,
     rank_full,
     rank_think_ahead,
     report_row,
     select_examples,
+    think_ahead_candidates,
 )
+from offline.tune import CANDIDATES_GRID, grid_search
 from service.catalog import Catalog
+from service.covisit import COVISIT_FILE, CovisitTable, Neighbours
+from service.fusion import FusionWeights
 from service.manifest import utc_now, write_json_atomic
-from service.model import SERVING_FILE, load_model_info, load_serving_config
+from service.model import ServingConfig, load_model_info, load_serving_config
 
 
 def rank_full_torch(
@@ -75,8 +80,8 @@ def run_eval(
         if mode == "full":
             ranked = rank_full(batch, info, catalog, examples, k, beam, progress=progress)
         else:
-            weight = float(load_serving_config(model_dir).get("offline_weight", 0.0))  # type: ignore[arg-type]
-            (ranked,) = rank_think_ahead(
+            serving = load_serving_config(model_dir)
+            ranked = rank_think_ahead(
                 batch,
                 info,
                 catalog,
@@ -84,15 +89,16 @@ def run_eval(
                 k,
                 prefixes,
                 beam,
-                offline_weights=(weight,),
+                serving,
+                load_covisit(catalog_dir, catalog),
                 progress=progress,
             )
-    rows = {
-        f"decoder ({mode}, {engine}, beam {beam})": report_row(ranked, examples),
-        "co-visitation (train split)": {
-            k_: round(v, 5) for k_, v in covisitation_baseline(data, examples, k).items()
-        },
-    }
+    label = (
+        f"served answer (think-ahead M={prefixes}, fused score)"
+        if mode == "think-ahead"
+        else f"decoder ({mode}, {engine}, beam {beam})"
+    )
+    rows = {label: report_row(ranked, examples), **baseline_rows(data, examples, split, k)}
     report = {
         "created_at": utc_now(),
         "split": split,
@@ -114,22 +120,24 @@ def tune_blend(
     catalog_dir: Path,
     interactions: Path,
     *,
-    weights: list[float],
     prefixes: int = 32,
     beam: int = 32,
-    limit: int | None = 3000,
+    limit: int | None = 5000,
     k: int = 10,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Choose the offline prefix score's blend weight on the validation split and record it in
-    the model directory's ``serving.json`` (the service's default)."""
+    """Learn the fused score's weights and the co-visitation candidate count on the
+    validation split only, and record them in the model directory's ``serving.json`` (the
+    service's, the eval's and the bench's default)."""
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
     examples, _ = select_examples(interactions, "valid", info.max_history, limit)
+    covisit = load_covisit(catalog_dir, catalog)
     batch = VllmBatchEngine(model_dir, VllmOptions())
-    ranked = rank_think_ahead(
+    t0 = time.monotonic()
+    users, _ = think_ahead_candidates(
         batch,
         info,
         catalog,
@@ -137,18 +145,57 @@ def tune_blend(
         k,
         prefixes,
         beam,
-        offline_weights=weights,
+        covisit,
+        max(CANDIDATES_GRID),
+        prune=None,
         progress=progress,
     )
-    rows = {str(w): report_row(r, examples) for w, r in zip(weights, ranked, strict=True)}
-    best = max(weights, key=lambda w: (rows[str(w)]["ndcg@10"], rows[str(w)]["recall@10"], -w))
-    config = {
-        "offline_weight": best,
-        "chosen_on": "validation split, NDCG@10",
-        "users": len(examples),
-        "prefixes": prefixes,
-        "candidates": rows,
-        "created_at": utc_now(),
-    }
-    write_json_atomic(Path(model_dir) / SERVING_FILE, config)
-    return config
+    trials = grid_search(users, k)
+    best = trials[0]
+    decoder_only = next(
+        t
+        for t in trials
+        if t.covisit_candidates == 0 and t.weights == FusionWeights(offline=t.weights.offline)
+    )
+    config = ServingConfig(
+        weights=best.weights,
+        covisit_candidates=best.covisit_candidates,
+        covisit_version=_covisit_version(catalog_dir, catalog),
+        chosen_on=f"validation split, {len(examples)} users, NDCG@{k} over a grid of "
+        f"{len(trials)} settings",
+        created_at=utc_now(),
+        tuning={
+            "best": best.row(),
+            "decoder_only": decoder_only.row(),
+            "top": [t.row() for t in trials[:10]],
+            "prefixes": prefixes,
+            "seconds": round(time.monotonic() - t0, 1),
+        },
+    )
+    config.write(model_dir)
+    return config.model_dump(mode="json")
+
+
+def load_covisit(catalog_dir: Path, catalog: Catalog) -> dict[str, Neighbours]:
+    """The catalog's co-visitation table; empty (decoder only) when it has none."""
+    if not (Path(catalog_dir) / COVISIT_FILE).is_file():
+        return {}
+    return CovisitTable.load(catalog_dir, catalog.item_ids, catalog.version).as_mapping()
+
+
+def _covisit_version(catalog_dir: Path, catalog: Catalog) -> str | None:
+    if not (Path(catalog_dir) / COVISIT_FILE).is_file():
+        return None
+    return CovisitTable.load(catalog_dir, catalog.item_ids, catalog.version).version
+
+
+def baseline_rows(data: Any, examples: list[Any], split: str, k: int) -> dict[str, Any]:
+    """Co-visitation from the training split (comparable with the papers) and, on test, with
+    the validation transitions counted too (what a refit model sees)."""
+    rows = {"co-visitation (train split)": covisitation_baseline(data.train, examples, k)}
+    if split == "test":
+        rows["co-visitation (train + validation)"] = covisitation_baseline(
+            data.train_and_valid, examples, k
+        )
+    rows["popularity (train split)"] = popularity_baseline(data.train, examples, k)
+    return {name: {m: round(v, 5) for m, v in row.items()} for name, row in rows.items()}

@@ -11,7 +11,8 @@ History items are excluded from the ranking in every mode (as the service does).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,15 +21,23 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from offline.baselines import CoVisitation
-from offline.data import Example, leave_one_out, read_interactions
+from offline.data import Example, Sequences, leave_one_out, read_interactions
 from offline.metrics import ranking_metrics
 from offline.thinkahead.prefixes import compute_prefixes
 from service.beam import BeamSearch, run_searches
 from service.catalog import Catalog
 from service.constraint import Constraint
+from service.covisit import Neighbours, covisit_scores
 from service.engine.base import BatchEngine
-from service.model import ModelInfo
-from service.scoring import combine, plan_item_scoring
+from service.fusion import FusionWeights, ItemFeatures, covisit_prefixes, rank_fused
+from service.model import ModelInfo, ServingConfig
+from service.scoring import (
+    ScoredCode,
+    candidate_prefixes,
+    combine,
+    plan_item_scoring,
+    plan_think_ahead,
+)
 from service.tokens import Code
 
 Mode = Literal["full", "think-ahead"]
@@ -98,7 +107,26 @@ def rank_full(
     return Ranked(ranked, invalid, time.monotonic() - t0)
 
 
-def rank_think_ahead(
+@dataclass
+class UserCandidates:
+    """One user's scored think-ahead candidates: enough to rank them under any weights."""
+
+    target: str
+    history: list[str]
+    scored: list[ScoredCode]
+    features: ItemFeatures
+    snapshot_ab: set[tuple[int, int]]
+    covisit_ab: list[tuple[int, int]]  # best first
+
+    def ranked(
+        self, weights: FusionWeights, k: int, covisit_candidates: int | None = None
+    ) -> list[Code]:
+        keep = self.snapshot_ab | set(self.covisit_ab[:covisit_candidates])
+        scored = [(s.code, s.decoder, s.offline) for s in self.scored if s.code[:2] in keep]
+        return [code for code, _ in rank_fused(scored, self.features, weights)[:k]]
+
+
+def think_ahead_candidates(
     engine: BatchEngine,
     model: ModelInfo,
     catalog: Catalog,
@@ -106,18 +134,22 @@ def rank_think_ahead(
     k: int,
     prefixes: int,
     beam: int,
-    offline_weights: Sequence[float] = (0.0,),
+    covisit: Mapping[str, Neighbours],
+    covisit_candidates: int,
+    prune: FusionWeights | None,
     stale_events: int = 0,
     batch_users: int = 128,
     progress: bool = True,
-) -> list[Ranked]:
-    """Offline prefixes from the history minus its last ``stale_events`` items; online scoring
-    with the whole history; one ranking per blend weight of the offline prefix score (the
-    engine work is shared: only the final sort differs)."""
-    t0 = time.monotonic()
+) -> tuple[list[UserCandidates], dict[int, float]]:
+    """The architecture as served, per user: top-M prefixes from a 2-token beam search over
+    the history minus its last ``stale_events`` items (the worker), then the online step over
+    the fresh history (``service.scoring.plan_think_ahead``), with the co-visitation
+    neighbours of the fresh last items among the candidates.
+
+    ``prune``: the served weights, bounding prefixes out of the top k exactly as the service
+    does; None scores every candidate (to learn the weights)."""
     covered = {m: 0 for m in (8, 16, 32, prefixes) if m <= prefixes}
-    ranked: list[list[list[str]]] = [[] for _ in offline_weights]
-    invalid = [0 for _ in offline_weights]
+    out: list[UserCandidates] = []
     ids = model.token_ids
     for start in tqdm(
         range(0, len(examples), batch_users), desc="think-ahead", disable=not progress, unit="batch"
@@ -126,42 +158,116 @@ def rank_think_ahead(
         fresh = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
         stale = [h[: len(h) - stale_events] if stale_events else h for h in fresh]
         offline = compute_prefixes(engine, ids, catalog, stale, max(beam, prefixes), prefixes)
-        for e, result in zip(chunk, offline, strict=True):
+        plans = []
+        for e, history, result in zip(chunk, fresh, offline, strict=True):
             target = catalog.code_of(e.target)
             ranked_ab = [(p.a, p.b) for p in result.prefixes]
             for m in covered:
                 covered[m] += target is not None and target[:2] in ranked_ab[:m]
-        plans = [
-            plan_item_scoring(
-                ids.history(history),
-                result.prefixes,
-                Constraint(catalog, history),
-                ids,
-                top_c=k,
-                reuse_prefix_scores=stale_events == 0,
-                # bounds depend on the blend: prune only when one weight is ranked
-                prune_for=(k, offline_weights[0]) if len(offline_weights) == 1 else None,
+            scores = covisit_scores(e.history, covisit, set(e.history))
+            features = ItemFeatures(catalog, scores)
+            covisit_ab = covisit_prefixes(catalog, scores, covisit_candidates)
+            prompt, constraint = ids.history(history), Constraint(catalog, history)
+            if prune is None:  # every candidate scored, no bound: to learn the weights
+                plan = plan_item_scoring(
+                    prompt,
+                    candidate_prefixes(result.prefixes, covisit_ab, stale_events == 0),
+                    constraint,
+                    ids,
+                    top_c=k,
+                )
+            else:
+                plan = plan_think_ahead(
+                    prompt,
+                    result.prefixes,
+                    covisit_ab,
+                    constraint,
+                    ids,
+                    k,
+                    prune,
+                    features,
+                    unchanged=stale_events == 0,
+                )
+            plans.append(plan)
+            out.append(
+                UserCandidates(e.target, e.history, [], features, set(ranked_ab), covisit_ab)
             )
-            for history, result in zip(fresh, offline, strict=True)
-        ]
         answers = engine.score_batch([r for p in plans for r in p.requests])
         offset = 0
-        for plan in plans:
+        for plan, user in zip(plans, out[start:], strict=True):
             part = answers[offset : offset + len(plan.requests)]
             offset += len(plan.requests)
-            for w, weight in enumerate(offline_weights):
-                scored = combine(plan, part, ids, weight)
-                items, bad = _to_items(catalog, [s.code for s in scored], k)
-                ranked[w].append(items)
-                invalid[w] += bad
-    seconds = time.monotonic() - t0
+            user.scored = combine(plan, part, ids)
     coverage = {m: round(c / max(len(examples), 1), 5) for m, c in sorted(covered.items())}
-    return [Ranked(r, bad, seconds, coverage) for r, bad in zip(ranked, invalid, strict=True)]
+    return out, coverage
 
 
-def covisitation_baseline(data: Any, examples: Sequence[Example], k: int) -> dict[str, float]:
-    model = CoVisitation(data.train)
+def rank_candidates(
+    catalog: Catalog,
+    users: Sequence[UserCandidates],
+    weights: FusionWeights,
+    k: int,
+    covisit_candidates: int | None = None,
+) -> tuple[list[list[str]], int]:
+    ranked, invalid = [], 0
+    for user in users:
+        items, bad = _to_items(catalog, user.ranked(weights, k, covisit_candidates), k)
+        ranked.append(items)
+        invalid += bad
+    return ranked, invalid
+
+
+def rank_think_ahead(
+    engine: BatchEngine,
+    model: ModelInfo,
+    catalog: Catalog,
+    examples: Sequence[Example],
+    k: int,
+    prefixes: int,
+    beam: int,
+    serving: ServingConfig,
+    covisit: Mapping[str, Neighbours],
+    stale_events: int = 0,
+    batch_users: int = 128,
+    progress: bool = True,
+) -> Ranked:
+    """The served ranking (fused score, served weights and pruning) for every example."""
+    t0 = time.monotonic()
+    users, coverage = think_ahead_candidates(
+        engine,
+        model,
+        catalog,
+        examples,
+        k,
+        prefixes,
+        beam,
+        covisit,
+        serving.covisit_candidates,
+        prune=serving.weights,
+        stale_events=stale_events,
+        batch_users=batch_users,
+        progress=progress,
+    )
+    ranked, invalid = rank_candidates(catalog, users, serving.weights, k)
+    return Ranked(ranked, invalid, time.monotonic() - t0, coverage)
+
+
+def covisitation_baseline(
+    train: Sequences, examples: Sequence[Example], k: int
+) -> dict[str, float]:
+    model = CoVisitation(train)
     ranked = [model.recommend(e.history, k) for e in examples]
+    return ranking_metrics(ranked, [e.target for e in examples])
+
+
+def popularity_baseline(train: Sequences, examples: Sequence[Example], k: int) -> dict[str, float]:
+    """The most popular training items the user has not interacted with."""
+    counts = Counter(item for seq in train.items for item in seq)
+    popular = [item for item, _ in counts.most_common()]
+    ranked = []
+    for e in examples:
+        seen = set(e.history)
+        ranked.append([i for i in popular[: k + len(seen)] if i not in seen][:k])
     return ranking_metrics(ranked, [e.target for e in examples])
 
 

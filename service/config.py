@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.vllm_engine import VllmOptions
+from service.fusion import FusionWeights
 
 MAX_LIST_ITEMS = 200  # hard cap of id lists in one request (the API schema documents it)
 
@@ -67,12 +68,23 @@ class RecommendSettings(BaseModel):
     max_budget_ms: int = Field(default=2000, ge=1)
     max_k: int = Field(default=100, ge=1)
     max_prefixes: int = Field(default=32, ge=1, le=256, description="M prefixes used online")
-    offline_weight: float | None = Field(
+    fusion: FusionWeights | None = Field(
+        default=None,
+        description="weights of the fused online score; None: the model directory's "
+        "serving.json (learned on the validation split by `thinkahead tune-blend`), else the "
+        "decoder alone",
+    )
+    covisit_candidates: int | None = Field(
         default=None,
         ge=0,
-        description="weight of the offline prefix log-prob blended with the online item "
-        "log-prob; None: the model directory's serving.json (written by `thinkahead "
-        "tune-blend` on the validation split), else 0",
+        le=MAX_LIST_ITEMS,
+        description="co-visitation neighbours of the fresh history added to the candidates; "
+        "None: serving.json",
+    )
+    covisit_cache_items: int = Field(
+        default=100_000,
+        ge=0,
+        description="items whose co-visitation neighbours are cached in-process (per snapshot)",
     )
     full_decode_beam: int = Field(default=20, ge=1)
     max_list_items: int = Field(default=MAX_LIST_ITEMS, ge=1, le=MAX_LIST_ITEMS)

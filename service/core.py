@@ -1,9 +1,11 @@
 """The recommend use case, transport-free: REST and gRPC are thin adapters over this class.
 
-Per request: one Redis round trip (C_u + history), one engine round scoring whole items under
-the fresh history, all under a deadline. Anything missing, mismatched, slow or down becomes a
-flagged fallback: full decode when the budget allows, else popular items under the user's
-prefixes, else global popular.
+Per request: one Redis round trip (C_u + history), one for the co-visitation neighbours of the
+fresh last items (often served from an in-process cache), one engine round scoring whole items
+under the fresh history, fused with the features that need no engine (``service.fusion``), all
+under a deadline. Anything missing, mismatched, slow or down becomes a flagged fallback: full
+decode when the budget allows, else co-visitation of the user's recent items, else popular
+items under the user's prefixes, else global popular.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from service.beam import BeamSearch, run_searches_async
@@ -24,11 +27,20 @@ from service.breaker import CircuitBreaker
 from service.catalog import Catalog
 from service.config import RecommendSettings
 from service.constraint import Constraint
+from service.covisit import EMPTY as EMPTY_NEIGHBOURS
+from service.covisit import (
+    CovisitError,
+    NeighbourCache,
+    Neighbours,
+    covisit_scores,
+    recent_items,
+)
 from service.engine.base import Engine, EngineError, ScoreRequest, TokenLogprobs
 from service.errors import InvalidRequest, Overloaded, RedisUnavailable
+from service.fusion import FusionWeights, ItemFeatures, covisit_prefixes, rank_fused
 from service.metrics import Metrics
 from service.model import ModelInfo
-from service.scoring import combine, plan_item_scoring
+from service.scoring import plan_think_ahead, rank_think_ahead
 from service.snapshot import CorruptValue, Prefix, UserPrefixes, history_digest
 from service.snapshot_watch import SnapshotWatcher
 from service.store import SnapshotStore, UserRead
@@ -43,6 +55,7 @@ ID_RULE = "1-128 characters from A-Z a-z 0-9 _ . : @ -"
 class Source(StrEnum):
     THINK_AHEAD = "think_ahead"
     FULL_DECODE = "full_decode"
+    COVISITATION = "fallback_covisitation"
     PREFIX_POPULAR = "fallback_prefix_popular"
     GLOBAL_POPULAR = "fallback_global_popular"
 
@@ -130,6 +143,22 @@ class _Clock:
         return Timings(self.redis_s * 1e3, self.decode_s * 1e3, total * 1e3)
 
 
+@dataclass
+class _Request:
+    """One recommend request's state, passed along the chain instead of long argument lists."""
+
+    q: RecommendQuery
+    clock: _Clock
+    request_id: str
+    snapshot_id: str | None
+    snapshot_value: bytes | None
+    history: list[Code]  # the fresh history's codes (stored + recent), oldest first
+    constraint: Constraint
+    prompt: list[int]
+    value: UserPrefixes | None = None
+    covisit: dict[str, float] = field(default_factory=dict)
+
+
 class Recommender:
     def __init__(
         self,
@@ -154,6 +183,7 @@ class Recommender:
         self.in_flight = 0
         self.breaker = breaker or CircuitBreaker(failures=3)
         self._full_decode_s = 0.0  # running estimate, decides whether full decode fits a budget
+        self._neighbours = NeighbourCache(settings.covisit_cache_items)
 
     # ----- admission -------------------------------------------------------------------
     @asynccontextmanager
@@ -187,63 +217,56 @@ class Recommender:
 
     # ----- recommend -------------------------------------------------------------------
     async def recommend(self, q: RecommendQuery) -> Recommendation:
+        """read -> judge the snapshot -> think-ahead -> full decode -> fallbacks; each step
+        answers or says why it could not."""
         self.validate(q)
-        clock = _Clock((q.budget_ms or self.settings.default_budget_ms) / 1000)
-        request_id = q.request_id or uuid.uuid4().hex[:16]
-        active = self.watcher.active
-        usable = active is not None and active.problem is None
-        snapshot_id = active.snapshot_id if active is not None else None
-
-        read, reason = await self._read_user(snapshot_id if usable else None, q.user_id, clock)
-        history = self._history_codes(read.history, q.recent_item_ids)
-        constraint = self._constraint(history, read.history, q)
-        prompt = self.model.token_ids.history(history)
-
+        ctx, reason = await self._open(q)
         if q.strategy is Strategy.FULL_DECODE:
-            return await self._full_or_fallback(
-                q, clock, prompt, constraint, [], None, request_id, snapshot_id, forced=True
-            )
-        prefixes: list[Prefix] = []
-        value: UserPrefixes | None = None
+            return await self._fallbacks(ctx, None, forced=True)
+        reason = reason or self._judge(ctx)
         if reason is None:
-            reason = None if usable else (active.problem if active else "no_snapshot")
-        if reason is None:
-            value, reason = self._decode_value(read.snapshot_value)
-            if value is not None:
-                prefixes = list(value.prefixes[: self.settings.max_prefixes])
-        if reason is None:
-            try:
-                unchanged = (
-                    value is not None
-                    and not q.recent_item_ids
-                    and not q.exclude_item_ids
-                    and value.history_digest == history_digest(history)
-                )
-                items = await self._think_ahead(
-                    prompt, prefixes, constraint, q.k, clock, reuse_prefix_scores=unchanged
-                )
-            except TimeoutError:
-                reason = "budget_exceeded"
-            except EngineError as exc:
-                reason = "engine_unavailable"
-                log.warning("event=engine_error request_id=%s error=%s", request_id, exc)
-            else:
-                if items:
-                    return self._answer(
-                        items,
-                        Source.THINK_AHEAD,
-                        None,
-                        clock,
-                        snapshot_id,
-                        value,
-                        q,
-                        request_id,
-                        constraint,
-                    )
-                reason = "prefixes_excluded"
-        return await self._full_or_fallback(
-            q, clock, prompt, constraint, prefixes, reason, request_id, snapshot_id, value=value
+            answer, reason = await self._think_ahead(ctx)
+            if answer is not None:
+                return answer
+        return await self._fallbacks(ctx, reason)
+
+    async def _open(self, q: RecommendQuery) -> tuple[_Request, str | None]:
+        """The request's context: one Redis round trip for the user's snapshot value and
+        history, one for the co-visitation neighbours of the fresh last items (often cached)."""
+        clock = _Clock((q.budget_ms or self.settings.default_budget_ms) / 1000)
+        active = self.watcher.active
+        snapshot_id = active.snapshot_id if active is not None else None
+        usable = active is not None and active.problem is None
+        read, reason = await self._read_user(snapshot_id if usable else None, q.user_id, clock)
+        if reason is None and not usable:
+            reason = active.problem if active is not None else "no_snapshot"
+        fresh = [*read.history, *q.recent_item_ids]
+        history, _unknown = self.catalog.codes_of(fresh)
+        history = history[-self.model.max_history :]
+        excluded_ids = set(q.exclude_item_ids) | (
+            set(fresh) if self.settings.exclude_history else set()
         )
+        excluded = list(history) if self.settings.exclude_history else []
+        excluded += self.catalog.codes_of(q.exclude_item_ids)[0]
+        ctx = _Request(
+            q=q,
+            clock=clock,
+            request_id=q.request_id or uuid.uuid4().hex[:16],
+            snapshot_id=snapshot_id,
+            snapshot_value=read.snapshot_value,
+            history=history,
+            constraint=Constraint(self.catalog, excluded),
+            prompt=self.model.token_ids.history(history),
+        )
+        if snapshot_id is not None and fresh:
+            ctx.covisit = await self._covisit(snapshot_id, fresh, excluded_ids, clock)
+        return ctx, reason
+
+    def _judge(self, ctx: _Request) -> str | None:
+        """Decode and judge the user's snapshot value; None when think-ahead can use it."""
+        value, reason = self._decode_value(ctx.snapshot_value)
+        ctx.value = value
+        return reason
 
     async def _read_user(
         self, snapshot_id: str | None, user_id: str, clock: _Clock
@@ -262,14 +285,46 @@ class Recommender:
             clock.redis_s = time.perf_counter() - t0
             self.metrics.stage_seconds.labels("redis").observe(clock.redis_s)
 
-    def _history_codes(self, stored: list[str], recent: Sequence[str]) -> list[Code]:
-        codes, _unknown = self.catalog.codes_of([*stored, *recent])
-        return codes[-self.model.max_history :]
+    async def _covisit(
+        self, snapshot_id: str, fresh: list[str], excluded: set[str], clock: _Clock
+    ) -> dict[str, float]:
+        """Co-visitation scores of the neighbours of the fresh last items; cached neighbour
+        lists when Redis is slow or down (what cannot be read counts as no neighbours)."""
+        recent = [i for i in recent_items(fresh) if i in self.catalog.row_of]
+        found: dict[str, Neighbours] = {}
+        missing = []
+        for item in recent:
+            cached = self._neighbours.get(snapshot_id, item)
+            if cached is None:
+                missing.append(item)
+            else:
+                found[item] = cached
+        if missing and clock.remaining() > 0:
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(max(clock.remaining(), 0.001)):
+                    raws = await self.store.read_covisit(snapshot_id, missing)
+                for item, raw in zip(missing, raws, strict=True):
+                    value = self._decode_neighbours(raw)
+                    self._neighbours.put(snapshot_id, item, value)
+                    found[item] = value
+            except (TimeoutError, RedisUnavailable) as exc:
+                log.warning("event=covisit_read_failed error=%r", exc)
+            finally:
+                elapsed = time.perf_counter() - t0
+                clock.redis_s += elapsed
+                self.metrics.stage_seconds.labels("redis").observe(elapsed)
+        return covisit_scores(fresh, found, excluded)
 
-    def _constraint(self, history: list[Code], stored: list[str], q: RecommendQuery) -> Constraint:
-        excluded = list(history) if self.settings.exclude_history else []
-        excluded += self.catalog.codes_of(q.exclude_item_ids)[0]
-        return Constraint(self.catalog, excluded)
+    def _decode_neighbours(self, raw: bytes | None) -> Neighbours:
+        if raw is None:
+            return EMPTY_NEIGHBOURS
+        try:
+            return Neighbours.decode(raw)
+        except CovisitError as exc:
+            self.metrics.corrupt_values.labels("covisit").inc()
+            log.warning("event=corrupt_value what=covisit error=%s", exc)
+            return EMPTY_NEIGHBOURS
 
     def _decode_value(self, raw: bytes | None) -> tuple[UserPrefixes | None, str | None]:
         if raw is None:
@@ -310,90 +365,92 @@ class Recommender:
             clock.decode_s += elapsed
             self.metrics.stage_seconds.labels("decode").observe(elapsed)
 
-    async def _think_ahead(
-        self,
-        prompt: list[int],
-        prefixes: list[Prefix],
-        constraint: Constraint,
-        k: int,
-        clock: _Clock,
-        reuse_prefix_scores: bool = False,
-    ) -> list[ScoredItem]:
-        weight = self.settings.offline_weight or 0.0
-        plan = plan_item_scoring(
-            prompt,
-            prefixes,
-            constraint,
+    @property
+    def weights(self) -> FusionWeights:
+        return self.settings.fusion or FusionWeights()
+
+    async def _think_ahead(self, ctx: _Request) -> tuple[Recommendation | None, str | None]:
+        value = ctx.value
+        assert value is not None
+        q = ctx.q
+        weights = self.weights
+        features = ItemFeatures(self.catalog, ctx.covisit)
+        plan = plan_think_ahead(
+            ctx.prompt,
+            value.prefixes[: self.settings.max_prefixes],
+            covisit_prefixes(self.catalog, ctx.covisit, self.settings.covisit_candidates or 0),
+            ctx.constraint,
             self.model.token_ids,
-            top_c=k,
-            reuse_prefix_scores=reuse_prefix_scores,
-            prune_for=(k, weight),
+            q.k,
+            weights,
+            features,
+            unchanged=(
+                not q.recent_item_ids
+                and not q.exclude_item_ids
+                and value.history_digest == history_digest(ctx.history)
+            ),
         )
         if not plan.prefixes:
-            return []
-        results = await self._score(plan.requests, clock) if plan.requests else []
-        scored = combine(plan, results, self.model.token_ids, weight)
-        return self._items([(s.code, s.score) for s in scored], k)
+            return None, "prefixes_excluded"
+        try:
+            results = await self._score(plan.requests, ctx.clock) if plan.requests else []
+        except TimeoutError:
+            return None, "budget_exceeded"
+        except EngineError as exc:
+            log.warning("event=engine_error request_id=%s error=%s", ctx.request_id, exc)
+            return None, "engine_unavailable"
+        ranked = rank_think_ahead(plan, results, self.model.token_ids, features, weights)
+        items = self._items(ranked, q.k)
+        if not items:
+            return None, "prefixes_excluded"
+        return self._answer(ctx, items, Source.THINK_AHEAD, None), None
 
-    async def _full_decode(
-        self, prompt: list[int], constraint: Constraint, k: int, clock: _Clock
-    ) -> list[ScoredItem]:
+    async def _full_decode(self, ctx: _Request) -> list[ScoredItem]:
         t0 = time.perf_counter()
-        width = max(k, self.settings.full_decode_beam)
-        search = BeamSearch(prompt, self.model.token_ids, constraint, width)
-        await run_searches_async([search], lambda reqs: self._score(reqs, clock))
+        width = max(ctx.q.k, self.settings.full_decode_beam)
+        search = BeamSearch(ctx.prompt, self.model.token_ids, ctx.constraint, width)
+        await run_searches_async([search], lambda reqs: self._score(reqs, ctx.clock))
         elapsed = time.perf_counter() - t0
         est = self._full_decode_s
         self._full_decode_s = elapsed if est == 0 else 0.8 * est + 0.2 * elapsed
-        return self._items([(b.code, b.score) for b in search.beams], k)  # type: ignore[misc]
+        return self._items([(b.code, b.score) for b in search.beams], ctx.q.k)  # type: ignore[misc]
 
-    async def _full_or_fallback(
-        self,
-        q: RecommendQuery,
-        clock: _Clock,
-        prompt: list[int],
-        constraint: Constraint,
-        prefixes: list[Prefix],
-        reason: str | None,
-        request_id: str,
-        snapshot_id: str | None,
-        forced: bool = False,
-        value: UserPrefixes | None = None,
+    async def _fallbacks(
+        self, ctx: _Request, reason: str | None, forced: bool = False
     ) -> Recommendation:
+        """Full decode when the engine is up and the budget allows it, else co-visitation of
+        the user's recent items, else popular items under the user's prefixes, else global
+        popular."""
         engine_ok = reason not in ("engine_unavailable", "budget_exceeded")
-        fits = clock.remaining() > self._full_decode_s * 1.1
+        fits = ctx.clock.remaining() > self._full_decode_s * 1.1
         if forced or (engine_ok and self.engine_healthy and fits):
             try:
-                items = await self._full_decode(prompt, constraint, q.k, clock)
+                items = await self._full_decode(ctx)
                 if items:
-                    return self._answer(
-                        items,
-                        Source.FULL_DECODE,
-                        reason,
-                        clock,
-                        snapshot_id,
-                        value,
-                        q,
-                        request_id,
-                        constraint,
-                    )
+                    return self._answer(ctx, items, Source.FULL_DECODE, reason)
             except TimeoutError:
                 reason = reason or "budget_exceeded"
             except EngineError as exc:
                 reason = reason or "engine_unavailable"
-                log.warning("event=engine_error request_id=%s error=%s", request_id, exc)
-        source, items = self._popular(prefixes, constraint, q.k)
-        return self._answer(
-            items,
-            source,
-            reason or "unknown",
-            clock,
-            snapshot_id,
-            value,
-            q,
-            request_id,
-            constraint,
-        )
+                log.warning("event=engine_error request_id=%s error=%s", ctx.request_id, exc)
+        reason = reason or "unknown"
+        items = self._covisit_items(ctx)
+        if items:
+            return self._answer(ctx, items, Source.COVISITATION, reason)
+        prefixes = list(ctx.value.prefixes) if ctx.value is not None else []
+        source, items = self._popular(prefixes, ctx.constraint, ctx.q.k)
+        return self._answer(ctx, items, source, reason)
+
+    def _covisit_items(self, ctx: _Request) -> list[ScoredItem]:
+        """The fused score's terms that need no engine, over the co-visitation neighbours."""
+        features = ItemFeatures(self.catalog, ctx.covisit)
+        weights = FusionWeights(covisit=1.0, popularity=min(self.weights.popularity, 1.0))
+        scored = [
+            (code, 0.0, 0.0)
+            for item in ctx.covisit
+            if (code := self.catalog.code_of(item)) is not None and ctx.constraint.allows(code)
+        ]
+        return self._items(rank_fused(scored, features, weights), ctx.q.k)
 
     def _popular(
         self,
@@ -428,6 +485,8 @@ class Recommender:
     def _items(self, scored: list[tuple[Code, float]], k: int) -> list[ScoredItem]:
         items: list[ScoredItem] = []
         for code, score in scored:
+            if not math.isfinite(score):
+                continue
             item = self.catalog.item_at(code)
             if item is not None:
                 items.append(ScoredItem(item, score, code))
@@ -436,33 +495,24 @@ class Recommender:
         return items
 
     def _answer(
-        self,
-        items: list[ScoredItem],
-        source: Source,
-        reason: str | None,
-        clock: _Clock,
-        snapshot_id: str | None,
-        value: UserPrefixes | None,
-        q: RecommendQuery,
-        request_id: str,
-        constraint: Constraint,
+        self, ctx: _Request, items: list[ScoredItem], source: Source, reason: str | None
     ) -> Recommendation:
         if reason is not None:
             self.metrics.fallbacks.labels(reason, source.value).inc()
         backfilled = 0
-        if len(items) < q.k:
-            items, backfilled = self._backfill(items, constraint, q.k)
-        reasoning = value.reasoning if (q.include_reasoning and value is not None) else None
+        if len(items) < ctx.q.k:
+            items, backfilled = self._backfill(items, ctx.constraint, ctx.q.k)
+        value = ctx.value
         return Recommendation(
             items=items,
             source=source,
             degraded_reason=reason,
             model_version=self.model.version,
             catalog_version=self.catalog.version,
-            snapshot_id=snapshot_id,
-            timings=clock.timings(),
-            reasoning=reasoning,
-            request_id=request_id,
+            snapshot_id=ctx.snapshot_id,
+            timings=ctx.clock.timings(),
+            reasoning=value.reasoning if (ctx.q.include_reasoning and value is not None) else None,
+            request_id=ctx.request_id,
             backfilled=backfilled,
         )
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.catalog import Catalog
-from service.manifest import ManifestError, ModelManifest, require_same_catalog
+from service.fusion import FusionWeights
+from service.manifest import ManifestError, ModelManifest, require_same_catalog, write_json_atomic
 from service.tokens import TokenIds
 
 
@@ -47,18 +51,44 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int]:
 
 
 SERVING_FILE = "serving.json"
+DEFAULT_COVISIT_CANDIDATES = 20
 
 
-def load_serving_config(model_dir: Path | str) -> dict[str, object]:
-    """Serving defaults chosen offline for this model (``thinkahead tune-blend``), if any."""
+class ServingConfig(BaseModel):
+    """Serving defaults learned offline for this model on the validation split
+    (``thinkahead tune-blend``): the fused score's weights and how many co-visitation
+    neighbours join the candidates."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    weights: FusionWeights = Field(default_factory=FusionWeights)
+    covisit_candidates: int = Field(default=DEFAULT_COVISIT_CANDIDATES, ge=0)
+    covisit_version: str | None = None
+    chosen_on: str | None = None
+    created_at: str | None = None
+    tuning: dict[str, Any] = Field(default_factory=dict, description="how the choice was made")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_weight_files(cls, data: Any) -> Any:
+        # serving.json written before the fused score held only the offline prefix weight
+        if isinstance(data, dict) and "offline_weight" in data and "weights" not in data:
+            data = {**data, "weights": {"offline": data["offline_weight"]}}
+        return data
+
+    def write(self, model_dir: Path | str) -> None:
+        write_json_atomic(Path(model_dir) / SERVING_FILE, self.model_dump(mode="json"))
+
+
+def load_serving_config(model_dir: Path | str) -> ServingConfig:
+    """The model's serving.json; defaults (decoder only) when it has none."""
     path = Path(model_dir) / SERVING_FILE
     if not path.is_file():
-        return {}
+        return ServingConfig()
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: not JSON: {exc}") from exc
-    return data if isinstance(data, dict) else {}
+        return ServingConfig.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{path}: not a serving config: {exc}") from exc
 
 
 def load_model_info(model_dir: Path | str, catalog: Catalog) -> ModelInfo:

@@ -93,9 +93,11 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
     catalog = Catalog.load(settings.catalog_dir)
     model = load_model_info(settings.model_dir, catalog)
     recommend = settings.recommend
-    if recommend.offline_weight is None:
-        weight = float(load_serving_config(settings.model_dir).get("offline_weight", 0.0))  # type: ignore[arg-type]
-        recommend = recommend.model_copy(update={"offline_weight": weight})
+    serving = load_serving_config(settings.model_dir)
+    if recommend.fusion is None:
+        recommend = recommend.model_copy(update={"fusion": serving.weights})
+    if recommend.covisit_candidates is None:
+        recommend = recommend.model_copy(update={"covisit_candidates": serving.covisit_candidates})
     metrics = Metrics()
     metrics.build.info(
         {"version": __version__, "model_version": model.version, "catalog_version": catalog.version}

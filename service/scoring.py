@@ -2,9 +2,9 @@
 
 An item's score is log P(a) + log P(b | a) + log P(c | a, b) under the fresh history, each
 log-prob renormalised over what the constraint allows at that step (exactly as constrained
-beam search scores it), blended with the offline prefix score by a weight chosen on the
-validation split. Scoring only the last token cannot reorder prefixes that hold a single item:
-P(c | a, b) = 1 there.
+beam search scores it), fused with the offline prefix score and the request's other features
+(``service.fusion``) by weights learned on the validation split. Scoring only the last token
+cannot reorder prefixes that hold a single item: P(c | a, b) = 1 there.
 
 All requests go to the engine at once, so the prefix cache serves the shared history:
 - one request for log P(a) of the candidates' distinct a's, and one per distinct a for
@@ -14,38 +14,86 @@ All requests go to the engine at once, so the prefix cache serves the shared his
   single choice, whose renormalised log-prob is exactly 0 (most prefixes: 70-80% of (a, b) hold
   one item at K = 256 on Beauty). The same holds for a single allowed b.
 
-When the prefix scores are reused, each prefix's items are bounded before any request is sent:
-an item scores at most the prefix's head (log P(c | a, b) <= 0), and the prefix's best item at
-least head - log(n_c) (the largest of n_c probabilities is >= 1/n_c); a single-item prefix is
-exact. A prefix whose upper bound is below the k-th best lower bound cannot place an item in the
-top k, so its request is never sent: exact top-k, fewer requests (often none).
+Candidates are the snapshot's prefixes plus the prefixes of the co-visitation neighbours of the
+fresh history; a prefix the snapshot lacks gets the lowest snapshot score as its offline score
+(it ranked below all of them offline) and always needs its a and b steps.
+
+Where a prefix's head log P(a, b) is known without the engine (reused snapshot scores), its
+items are bounded before any request is sent: an item scores at most head + w_offline * offline
++ its largest feature bonus (log P(c | a, b) <= 0), and the prefix's best item at least
+head + w_offline * offline - log(n_c) + its smallest bonus (the largest of n_c probabilities is
+>= 1/n_c). A prefix with an unknown head is bounded above with head <= 0. A prefix whose upper
+bound is below the k-th best lower bound cannot place an item in the top k, so its request is
+never sent: exact top-k, fewer requests (often none).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from service.constraint import Constraint
-from service.engine.base import MAX_WANTED_IDS, ScoreRequest, TokenLogprobs
+from service.engine.base import ScoreRequest, TokenLogprobs
+from service.fusion import FusionWeights, ItemFeatures, rank_fused
 from service.snapshot import Prefix
 from service.tokens import Code, TokenIds
+
+# c's asked per prefix: all of them in catalogs like Beauty (<= 31 items per prefix at K = 256),
+# the best this many where a prefix holds more.
+MIN_TOP_C = 32
+
+
+@dataclass(frozen=True)
+class CandidatePrefix:
+    a: int
+    b: int
+    offline: float  # the snapshot's prefix score, or the fill for a prefix the snapshot lacks
+    head: float | None = None  # log P(a, b) under the fresh history, when known already
 
 
 @dataclass(frozen=True)
 class ScoredCode:
     code: Code
-    score: float
-    online: float  # log P(a, b, c) under the fresh history
-    offline: float  # the snapshot's prefix score
+    decoder: float  # log P(a, b, c) under the fresh history
+    offline: float  # the prefix's offline score
+
+
+def candidate_prefixes(
+    snapshot: Sequence[Prefix],
+    extra: Iterable[tuple[int, int]] = (),
+    reuse_prefix_scores: bool = False,
+) -> list[CandidatePrefix]:
+    """The snapshot's prefixes, then the extra (co-visitation) prefixes it lacks.
+
+    ``reuse_prefix_scores``: the history is the one the snapshot was computed from, so its
+    prefix scores are log P(a, b) under the fresh history."""
+    out = [
+        CandidatePrefix(p.a, p.b, p.score, p.score if reuse_prefix_scores else None)
+        for p in snapshot
+    ]
+    seen = {(p.a, p.b) for p in snapshot}
+    fill = min((p.score for p in snapshot), default=0.0)
+    for a, b in extra:
+        if (a, b) not in seen:
+            seen.add((a, b))
+            out.append(CandidatePrefix(a, b, fill))
+    return out
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """Bound prefixes out of the top ``k`` of the fused score before asking the engine."""
+
+    k: int
+    offline_weight: float
+    bonus: Callable[[Code], float]  # the fused score's terms besides decoder and offline
 
 
 @dataclass
 class ScoringPlan:
     requests: list[ScoreRequest] = field(default_factory=list)
-    prefixes: list[Prefix] = field(default_factory=list)
-    reuse_prefix_scores: bool = False
+    prefixes: list[CandidatePrefix] = field(default_factory=list)
     a_slots: list[tuple[int, list[int]]] = field(default_factory=list)
     b_slots: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (request, a, b's)
     single_b: set[tuple[int, int]] = field(default_factory=set)  # log P(b | a) = 0
@@ -54,54 +102,49 @@ class ScoringPlan:
     pruned: int = 0  # prefixes bounded out of the top k without a request
 
 
-def _chunks(values: list[int], size: int = MAX_WANTED_IDS) -> list[list[int]]:
-    return [values[i : i + size] for i in range(0, len(values), size)]
-
-
 def plan_item_scoring(
     prompt: Sequence[int],
-    prefixes: Sequence[Prefix],
+    candidates: Sequence[CandidatePrefix],
     constraint: Constraint,
     ids: TokenIds,
     top_c: int,
-    reuse_prefix_scores: bool = False,
-    prune_for: tuple[int, float] | None = None,
+    prune: Pruning | None = None,
 ) -> ScoringPlan:
-    """Requests for every usable prefix; prefixes left empty by exclusions are dropped.
-
-    ``prune_for=(k, offline_weight)``: with reused prefix scores, also drop the prefixes that
-    cannot reach the top k under that blend (see the module docstring)."""
+    """Requests for every usable candidate; prefixes left empty by exclusions are dropped."""
     prompt = tuple(prompt)
-    plan = ScoringPlan(reuse_prefix_scores=reuse_prefix_scores)
-    plan.prefixes = [p for p in prefixes if constraint.has_prefix(p.a, p.b)]
-    if reuse_prefix_scores and prune_for is not None:
-        kept = bounded_prefixes(plan.prefixes, constraint, *prune_for)
+    plan = ScoringPlan()
+    plan.prefixes = [p for p in candidates if constraint.has_prefix(p.a, p.b)]
+    if prune is not None:
+        kept = bounded_prefixes(plan.prefixes, constraint, prune)
         plan.pruned = len(plan.prefixes) - len(kept)
         plan.prefixes = kept
     if not plan.prefixes:
         return plan
-    if not reuse_prefix_scores:
-        a_allowed = tuple(ids.level_ids("a", constraint.a_values()))
-        distinct_a = sorted({p.a for p in plan.prefixes})
-        for chunk in _chunks(distinct_a):
-            plan.a_slots.append((len(plan.requests), chunk))
-            plan.requests.append(
-                ScoreRequest(prompt, a_allowed, want=tuple(ids.level_ids("a", chunk)))
+    unknown = [p for p in plan.prefixes if p.head is None]
+    if unknown:
+        distinct_a = sorted({p.a for p in unknown})
+        plan.a_slots.append((len(plan.requests), distinct_a))
+        plan.requests.append(
+            ScoreRequest(
+                prompt,
+                tuple(ids.level_ids("a", constraint.a_values())),
+                want=tuple(ids.level_ids("a", distinct_a)),
             )
+        )
         for a in distinct_a:
             b_values = constraint.b_values(a)
-            wanted = sorted({p.b for p in plan.prefixes if p.a == a})
+            wanted = sorted({p.b for p in unknown if p.a == a})
             if len(b_values) == 1:
                 plan.single_b.add((a, wanted[0]))
                 continue
-            b_allowed = tuple(ids.level_ids("b", b_values))
-            for chunk in _chunks(wanted):
-                plan.b_slots.append((len(plan.requests), a, chunk))
-                plan.requests.append(
-                    ScoreRequest(
-                        (*prompt, int(ids.a[a])), b_allowed, want=tuple(ids.level_ids("b", chunk))
-                    )
+            plan.b_slots.append((len(plan.requests), a, wanted))
+            plan.requests.append(
+                ScoreRequest(
+                    (*prompt, int(ids.a[a])),
+                    tuple(ids.level_ids("b", b_values)),
+                    want=tuple(ids.level_ids("b", wanted)),
                 )
+            )
     for p in plan.prefixes:
         c_values = constraint.c_values(p.a, p.b)
         if len(c_values) == 1:
@@ -112,37 +155,35 @@ def plan_item_scoring(
             ScoreRequest(
                 (*prompt, int(ids.a[p.a]), int(ids.b[p.b])),
                 tuple(ids.level_ids("c", c_values)),
-                top_n=top_c,
+                top_n=max(top_c, MIN_TOP_C),
             )
         )
     return plan
 
 
 def bounded_prefixes(
-    prefixes: Sequence[Prefix], constraint: Constraint, k: int, offline_weight: float
-) -> list[Prefix]:
-    """The prefixes that can still hold a top-k item, in their original order.
-
-    With reused prefix scores an item scores (1 + w) * prefix score + log P(c | a, b)."""
-    if len(prefixes) <= k:
+    prefixes: Sequence[CandidatePrefix], constraint: Constraint, prune: Pruning
+) -> list[CandidatePrefix]:
+    """The prefixes that can still hold a top-k item, in their original order."""
+    if len(prefixes) <= prune.k:
         return list(prefixes)
-    upper = [(1.0 + offline_weight) * p.score for p in prefixes]
-    lower = [
-        u - math.log(len(constraint.c_values(p.a, p.b)))
-        for u, p in zip(upper, prefixes, strict=True)
-    ]
-    kth_best = sorted(lower, reverse=True)[k - 1]
+    upper: list[float] = []
+    lower: list[float] = []
+    for p in prefixes:
+        c_values = constraint.c_values(p.a, p.b)
+        bonuses = [prune.bonus((p.a, p.b, int(c))) for c in c_values]
+        base = prune.offline_weight * p.offline + (p.head if p.head is not None else 0.0)
+        upper.append(base + max(bonuses))
+        lower.append(
+            base - math.log(len(c_values)) + min(bonuses) if p.head is not None else -math.inf
+        )
+    kth_best = sorted(lower, reverse=True)[prune.k - 1]
     # the tolerance keeps ties that float rounding of the bounds could split
     return [p for p, u in zip(prefixes, upper, strict=True) if u >= kth_best - 1e-6]
 
 
-def combine(
-    plan: ScoringPlan,
-    results: Sequence[TokenLogprobs],
-    ids: TokenIds,
-    offline_weight: float,
-) -> list[ScoredCode]:
-    """Item scores, best first; ties broken by code so the order is deterministic."""
+def combine(plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds) -> list[ScoredCode]:
+    """Every scored candidate item with its decoder log-prob and offline score, in plan order."""
     log_a: dict[int, float] = {}
     for index, values in plan.a_slots:
         for a in values:
@@ -158,10 +199,10 @@ def combine(
     scored: list[ScoredCode] = []
     for p in plan.prefixes:
         key = (p.a, p.b)
-        if plan.reuse_prefix_scores:
-            head = p.score
+        if p.head is not None:
+            head = p.head
         else:
-            head = log_a.get(p.a, float("-inf")) + log_b.get(key, float("-inf"))
+            head = log_a.get(p.a, -math.inf) + log_b.get(key, -math.inf)
         if key in plan.single_c:
             c_scores = {plan.single_c[key]: 0.0}
         else:
@@ -171,9 +212,40 @@ def combine(
                 if t in ids.index_of
             }
         for c, lp_c in c_scores.items():
-            online = head + lp_c
-            scored.append(
-                ScoredCode((p.a, p.b, c), online + offline_weight * p.score, online, p.score)
-            )
-    scored.sort(key=lambda s: (-s.score, s.code))
+            scored.append(ScoredCode((p.a, p.b, c), head + lp_c, p.offline))
     return scored
+
+
+def plan_think_ahead(
+    prompt: Sequence[int],
+    snapshot: Sequence[Prefix],
+    covisit_ab: Sequence[tuple[int, int]],
+    constraint: Constraint,
+    ids: TokenIds,
+    k: int,
+    weights: FusionWeights,
+    features: ItemFeatures,
+    unchanged: bool,
+) -> ScoringPlan:
+    """The online step's engine requests, exactly as the service sends them (the service, the
+    eval and the bench all call this)."""
+    return plan_item_scoring(
+        prompt,
+        candidate_prefixes(snapshot, covisit_ab, reuse_prefix_scores=unchanged),
+        constraint,
+        ids,
+        top_c=k,
+        prune=Pruning(k, weights.offline, features.bonus_with(weights)),
+    )
+
+
+def rank_think_ahead(
+    plan: ScoringPlan,
+    results: Sequence[TokenLogprobs],
+    ids: TokenIds,
+    features: ItemFeatures,
+    weights: FusionWeights,
+) -> list[tuple[Code, float]]:
+    """The engine's answers fused into the served ranking, best first."""
+    scored = combine(plan, results, ids)
+    return rank_fused([(s.code, s.decoder, s.offline) for s in scored], features, weights)

@@ -5,6 +5,7 @@ Keys (prefix configurable, default ``ta``)::
     ta:snap:current                 -> active snapshot id
     ta:snap:{sid}:manifest          -> SnapshotManifest (JSON)
     ta:snap:{sid}:u:{<user_id>}     -> UserPrefixes (msgpack), with a TTL
+    ta:snap:{sid}:cv:{<item_id>}    -> the item's co-visitation neighbours (msgpack), with a TTL
     ta:hist:{<user_id>}             -> list of recent item ids, newest first, capped
     ta:snap:pending                 -> id of the snapshot a worker is still writing
     ta:snap:{sid}:done              -> set of finished shard numbers (resume)
@@ -66,6 +67,9 @@ class Keyspace:
 
     def user(self, snapshot_id: str, user_id: str) -> str:
         return f"{self.prefix}:snap:{snapshot_id}:u:{{{user_id}}}"
+
+    def covisit(self, snapshot_id: str, item_id: str) -> str:
+        return f"{self.prefix}:snap:{snapshot_id}:cv:{{{item_id}}}"
 
     def user_pattern(self, snapshot_id: str) -> str:
         return f"{self.prefix}:snap:{snapshot_id}:*"

@@ -43,6 +43,7 @@ class SnapshotWatcher:
         self.active: ActiveSnapshot | None = None
         self.redis_ok = False
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def judge(self, snapshot_id: str, manifest: SnapshotManifest | None) -> ActiveSnapshot:
         if manifest is None:
@@ -74,14 +75,18 @@ class SnapshotWatcher:
         self.metrics.snapshot_age.set(age)
 
     async def _loop(self) -> None:
-        while True:
+        # The flag, not only the cancel: a cancel that lands while the Redis driver is mid-read
+        # can surface as a connection error that refresh() absorbs, and the loop went on.
+        while not self._stopping:
             await self.refresh()
             await asyncio.sleep(self.poll_s)
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._loop(), name="snapshot-watcher")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -121,6 +121,15 @@ class SnapshotStore:
         history = [v.decode("utf-8", "replace") for v in reversed(newest_first)]
         return UserRead(value, history)
 
+    async def read_covisit(self, snapshot_id: str, item_ids: Sequence[str]) -> list[bytes | None]:
+        """The co-visitation values of a few items (one pipeline; on a cluster the client
+        splits it by node)."""
+        async with redis_boundary("co-visitation read"):
+            pipe = self.client.pipeline(transaction=False)
+            for item in item_ids:
+                pipe.get(self.keys.covisit(snapshot_id, item))
+            return list(await pipe.execute())
+
     async def append_history(self, user_id: str, item_ids: Sequence[str]) -> int:
         """LPUSH oldest-to-newest so the newest ends first, then cap, atomically."""
         key = self.keys.history(user_id)

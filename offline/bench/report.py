@@ -9,11 +9,19 @@ from typing import Any
 QUALITY_COLS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
+def _weights(quality: dict[str, Any]) -> str:
+    serving = quality.get("serving") or {}
+    weights = serving.get("weights") or {"offline": quality.get("offline_weight", 0.0)}
+    parts = [f"{name} {value:g}" for name, value in weights.items()]
+    parts.append(f"co-visitation candidates {serving.get('covisit_candidates', 0)}")
+    return ", ".join(parts)
+
+
 def _quality_table(quality: dict[str, Any]) -> list[str]:
     lines = [
         f"Beauty test split, {quality['users']} users, full ranking over the catalog, history "
-        f"items excluded; offline-score blend weight {quality['offline_weight']} "
-        "(chosen on validation).",
+        f"items excluded; think-ahead ranks by the fused score with the weights learned on "
+        f"validation ({_weights(quality)}).",
         "",
         "| ranking | R@5 | R@10 | N@5 | N@10 | R@10 vs full | invalid items "
         "| target (a,b) in C_u |",

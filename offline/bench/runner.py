@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from offline.bench.load import run_load
 from offline.bench.report import write_report
+from offline.eval_cli import baseline_rows, load_covisit
 from offline.evaluate import (
-    covisitation_baseline,
     rank_full,
     rank_think_ahead,
     report_row,
@@ -43,12 +43,13 @@ def quality(
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
     examples, data = select_examples(interactions, "test", info.max_history, users)
-    weight = float(load_serving_config(model_dir).get("offline_weight", 0.0))  # type: ignore[arg-type]
+    serving = load_serving_config(model_dir)
+    covisit = load_covisit(catalog_dir, catalog)
     rows: dict[str, Any] = {}
     full = rank_full(engine, info, catalog, examples, 10, beam, progress=progress)
     rows[f"full decode (3 tokens, beam {beam})"] = report_row(full, examples)
     for stale in (0, 1, 3):
-        (ranked,) = rank_think_ahead(
+        ranked = rank_think_ahead(
             engine,
             info,
             catalog,
@@ -56,20 +57,15 @@ def quality(
             10,
             prefixes,
             prefixes,
-            offline_weights=(weight,),
+            serving,
+            covisit,
             stale_events=stale,
             progress=progress,
         )
         name = f"think-ahead (M={prefixes}, " + ("fresh)" if not stale else f"stale by {stale})")
         rows[name] = report_row(ranked, examples)
-    rows["co-visitation (train split)"] = {
-        k: round(v, 5) for k, v in covisitation_baseline(data, examples, 10).items()
-    }
-    full_r10 = rows[next(iter(rows))]["recall@10"]
-    for name, row in rows.items():
-        if name.startswith("think-ahead"):
-            row["retention_recall@10"] = round(row["recall@10"] / full_r10, 4) if full_r10 else None
-    return {"users": len(examples), "offline_weight": weight, "rows": rows}
+    rows.update(baseline_rows(data, examples, "test", 10))
+    return {"users": len(examples), "serving": serving.model_dump(mode="json"), "rows": rows}
 
 
 def speed(

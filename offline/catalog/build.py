@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from offline.catalog import cf as cf_mod
+from offline.catalog.covisit import build_covisit
 from offline.catalog.embed import (
     DEFAULT_BATCH_SIZE,
     MINILM_NAME,
@@ -36,10 +37,12 @@ from service.catalog import (
     POPULARITY_FILE,
     REPORT_FILE,
     TRIE_FILE,
+    Catalog,
     build_trie,
     catalog_version_of,
     write_codes,
 )
+from service.covisit import CovisitTable
 from service.manifest import MANIFEST_FILE, CatalogManifest, file_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -214,9 +217,16 @@ def build_catalog(
         **code_statistics(codes, codebook_size),
         **interaction_stats,
     }
+    covisit = None
     if seqs is None:
         report["unknown_item_interactions"] = 0
-    _write_atomically(out_dir, items.ids, codes, popularity, manifest, report, seconds, t, t_start)
+    else:
+        catalog = Catalog(manifest, list(items.ids), codes, popularity.astype(np.float64))
+        covisit = build_covisit(catalog, seqs, holdout_last=holdout_last)
+        report["covisit"] = {"version": covisit.version, **covisit.parameters}
+    _write_atomically(
+        out_dir, items.ids, codes, popularity, manifest, report, seconds, t, t_start, covisit
+    )
     return report
 
 
@@ -270,6 +280,7 @@ def _write_atomically(
     seconds: dict[str, float],
     t_write: float,
     t_start: float,
+    covisit: CovisitTable | None = None,
 ) -> None:
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +294,8 @@ def _write_atomically(
         with (tmp / POPULARITY_FILE).open("wb") as f:
             np.save(f, popularity.astype(np.float64))
         manifest.write(tmp)
+        if covisit is not None:
+            covisit.save(tmp)
         seconds["write"] = time.perf_counter() - t_write
         seconds["total"] = time.perf_counter() - t_start
         report["seconds"] = {key: round(value, 3) for key, value in seconds.items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,6 +26,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from service.covisit import Neighbours
 from service.manifest import SnapshotManifest
 from service.snapshot import Keyspace, UserPrefixes
 
@@ -106,17 +107,38 @@ class SnapshotWriter:
             self.client.sadd(self.keys.done_shards(snapshot_id), shard)
             self.client.expire(self.keys.done_shards(snapshot_id), self.ttl_s)
 
+    def write_covisit(self, snapshot_id: str, neighbours: Iterable[tuple[str, Neighbours]]) -> int:
+        """The co-visitation table under the snapshot, one value per item (it shards like the
+        users' values and is cleaned up with the snapshot)."""
+
+        def write(item: str, value: Neighbours) -> Callable[[Any], object]:
+            key = self.keys.covisit(snapshot_id, item)
+            return lambda pipe: pipe.set(key, value.encode(), ex=self.ttl_s)
+
+        return self._pipelined("write co-visitation", (write(i, v) for i, v in neighbours))
+
     def seed_histories(self, histories: Iterable[tuple[str, Sequence[str]]], cap: int) -> int:
         """Replace users' history lists (newest first, capped), e.g. from an interactions log."""
-        n = 0
-        with _redis_errors("seed histories"):
-            pipe = self.client.pipeline(transaction=False)
-            for user, items in histories:
-                key = self.keys.history(user)
+
+        def replace(user: str, items: Sequence[str]) -> Callable[[Any], object]:
+            key, recent = self.keys.history(user), list(items)[-cap:]
+
+            def ops(pipe: Any) -> None:
                 pipe.delete(key)
-                recent = list(items)[-cap:]
                 if recent:
                     pipe.lpush(key, *recent)
+
+            return ops
+
+        return self._pipelined("seed histories", (replace(u, i) for u, i in histories))
+
+    def _pipelined(self, what: str, writes: Iterable[Callable[[Any], object]]) -> int:
+        """Apply the writes through non-transactional pipelines of WRITE_CHUNK writes each."""
+        n = 0
+        with _redis_errors(what):
+            pipe = self.client.pipeline(transaction=False)
+            for write in writes:
+                write(pipe)
                 n += 1
                 if n % WRITE_CHUNK == 0:
                     pipe.execute()

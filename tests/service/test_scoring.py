@@ -1,5 +1,5 @@
-"""Logic of the one-round whole-item scoring, with hand-made engine answers (the engine itself is
-exercised for real in tests/integration)."""
+"""Logic of the one-round whole-item scoring and the fused score, with hand-made engine answers
+(the engine itself is exercised for real in tests/integration)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,16 @@ import numpy as np
 from offline.train.tokenizer import build_tokenizer
 from service.catalog import Catalog
 from service.constraint import Constraint
+from service.fusion import FusionWeights, ItemFeatures, rank_fused
 from service.manifest import CatalogManifest
-from service.scoring import ScoringPlan, combine, plan_item_scoring
+from service.scoring import (
+    CandidatePrefix,
+    Pruning,
+    ScoringPlan,
+    candidate_prefixes,
+    combine,
+    plan_item_scoring,
+)
 from service.snapshot import Prefix
 from service.tokens import TokenIds
 from tests.service.test_constraint import tiny_catalog
@@ -22,8 +30,12 @@ PROMPT = IDS.history([(1, 0, 0)])
 PREFIXES = [Prefix(0, 0, -0.1), Prefix(0, 1, -0.2), Prefix(1, 0, -0.3)]
 
 
+def fresh(prefixes: list[Prefix]) -> list[CandidatePrefix]:
+    return candidate_prefixes(prefixes)
+
+
 def test_plan_skips_steps_with_a_single_allowed_token() -> None:
-    plan = plan_item_scoring(PROMPT, PREFIXES, Constraint(tiny_catalog()), IDS, top_c=5)
+    plan = plan_item_scoring(PROMPT, fresh(PREFIXES), Constraint(tiny_catalog()), IDS, top_c=5)
     # 1 request for the a's, 1 for the b's under a=0 (a=1 has a single b), and c requests only
     # for the two prefixes that hold more than one item.
     assert len(plan.requests) == 4
@@ -38,34 +50,49 @@ def test_plan_skips_steps_with_a_single_allowed_token() -> None:
 
 
 def test_unchanged_history_reuses_offline_prefix_scores() -> None:
-    plan = plan_item_scoring(
-        PROMPT, PREFIXES, Constraint(tiny_catalog()), IDS, top_c=5, reuse_prefix_scores=True
-    )
+    candidates = candidate_prefixes(PREFIXES, reuse_prefix_scores=True)
+    plan = plan_item_scoring(PROMPT, candidates, Constraint(tiny_catalog()), IDS, top_c=5)
     assert len(plan.requests) == 2 and not plan.a_slots and not plan.b_slots
     results = [
         {int(IDS.c[0]): math.log(0.25), int(IDS.c[1]): math.log(0.75)},
         {int(IDS.c[0]): math.log(0.5), int(IDS.c[2]): math.log(0.5)},
     ]
-    scored = combine(plan, results, IDS, offline_weight=0.0)
+    scored = {s.code: s for s in combine(plan, results, IDS)}
     # the single-item prefix keeps its offline score exactly (P(c | a, b) = 1)
-    assert scored[0].code == (0, 1, 0) and scored[0].online == -0.2
-    assert scored[1].code == (0, 0, 1)
-    assert math.isclose(scored[1].online, -0.1 + math.log(0.75))
-    assert {s.code for s in scored} == {(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 0, 2)}
+    assert scored[(0, 1, 0)].decoder == -0.2
+    assert math.isclose(scored[(0, 0, 1)].decoder, -0.1 + math.log(0.75))
+    assert set(scored) == {(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 0, 2)}
+
+
+def test_covisitation_prefixes_the_snapshot_lacks_need_their_a_and_b_steps() -> None:
+    candidates = candidate_prefixes(
+        [Prefix(0, 0, -0.1), Prefix(0, 1, -0.7)], extra=[(0, 1), (1, 0)], reuse_prefix_scores=True
+    )
+    # (0, 1) is in the snapshot already; (1, 0) joins with the lowest snapshot score
+    assert [(c.a, c.b, c.offline, c.head) for c in candidates] == [
+        (0, 0, -0.1, -0.1),
+        (0, 1, -0.7, -0.7),
+        (1, 0, -0.7, None),
+    ]
+    plan = plan_item_scoring(PROMPT, candidates, Constraint(tiny_catalog()), IDS, top_c=5)
+    assert plan.a_slots == [(0, [1])] and plan.single_b == {(1, 0)} and not plan.b_slots
 
 
 def test_fully_excluded_prefixes_are_dropped_never_sent_empty() -> None:
     con = Constraint(tiny_catalog(), [(0, 1, 0)])
-    plan = plan_item_scoring(PROMPT, [Prefix(0, 1, 0.0)], con, IDS, top_c=5)
+    plan = plan_item_scoring(PROMPT, fresh([Prefix(0, 1, 0.0)]), con, IDS, top_c=5)
     assert plan.requests == [] and plan.prefixes == []
-    plan = plan_item_scoring(PROMPT, [Prefix(0, 1, 0.0), Prefix(0, 0, 0.0)], con, IDS, top_c=5)
+    plan = plan_item_scoring(
+        PROMPT, fresh([Prefix(0, 1, 0.0), Prefix(0, 0, 0.0)]), con, IDS, top_c=5
+    )
     assert all(r.allowed for r in plan.requests)
-    assert plan.prefixes == [Prefix(0, 0, 0.0)]
+    assert [(p.a, p.b) for p in plan.prefixes] == [(0, 0)]
 
 
-def test_item_score_sums_levels_and_blends_offline_score() -> None:
+def test_item_score_sums_levels_and_fuses_the_other_terms() -> None:
+    catalog = tiny_catalog()
     prefixes = [Prefix(0, 1, math.log(0.9)), Prefix(1, 0, math.log(0.1))]
-    plan = plan_item_scoring(PROMPT, prefixes, Constraint(tiny_catalog()), IDS, top_c=5)
+    plan = plan_item_scoring(PROMPT, fresh(prefixes), Constraint(catalog), IDS, top_c=5)
     # a request, b request (a=0), c request for (1, 0); (0, 1) holds one item
     assert len(plan.requests) == 3
     results = [
@@ -73,13 +100,20 @@ def test_item_score_sums_levels_and_blends_offline_score() -> None:
         {int(IDS.b[1]): math.log(0.5)},
         {int(IDS.c[0]): math.log(0.7), int(IDS.c[2]): math.log(0.3)},
     ]
-    scored = combine(plan, results, IDS, offline_weight=0.0)
+    scored = [(s.code, s.decoder, s.offline) for s in combine(plan, results, IDS)]
+    none = ItemFeatures(catalog, {})
     # Fresh context prefers a=1 although the offline score preferred (0, 1).
-    assert [s.code for s in scored] == [(1, 0, 0), (1, 0, 2), (0, 1, 0)]
-    assert math.isclose(scored[0].online, math.log(0.8 * 1.0 * 0.7))
-    blended = combine(plan, results, IDS, offline_weight=2.0)
-    assert blended[0].code == (0, 1, 0)
-    assert math.isclose(blended[0].score, math.log(0.2 * 0.5) + 2 * math.log(0.9))
+    ranked = rank_fused(scored, none, FusionWeights())
+    assert [code for code, _ in ranked] == [(1, 0, 0), (1, 0, 2), (0, 1, 0)]
+    assert math.isclose(ranked[0][1], math.log(0.8 * 1.0 * 0.7))
+    blended = rank_fused(scored, none, FusionWeights(offline=2.0))
+    assert blended[0][0] == (0, 1, 0)
+    assert math.isclose(blended[0][1], math.log(0.2 * 0.5) + 2 * math.log(0.9))
+    # co-visitation of the fresh history lifts i4 = (1, 0, 2) to the top
+    covisit = ItemFeatures(catalog, {"i4": 20.0})
+    lifted = rank_fused(scored, covisit, FusionWeights(covisit=1.0))
+    assert lifted[0][0] == (1, 0, 2)
+    assert math.isclose(lifted[0][1], math.log(0.8 * 0.3) + math.log1p(20.0))
 
 
 def random_catalog(rng: np.random.Generator, k: int = 8, items: int = 120) -> Catalog:
@@ -95,18 +129,36 @@ def random_catalog(rng: np.random.Generator, k: int = 8, items: int = 120) -> Ca
     return Catalog(manifest, [f"r{i}" for i in range(len(array))], array, np.ones(len(array)))
 
 
-def softmax_answers(rng: np.random.Generator, plan: ScoringPlan) -> list[dict[int, float]]:
+def answers_by_request(
+    rng: np.random.Generator, plan: ScoringPlan
+) -> dict[object, dict[int, float]]:
     """A normalised distribution over each request's allowed tokens (what processed log-probs
-    return), all of it: the unpruned and pruned plans read the same numbers."""
-    answers = []
+    return), all of it, keyed by prompt and allowed set: the unpruned and pruned plans read the same
+    numbers."""
+    answers: dict[object, dict[int, float]] = {}
     for request in plan.requests:
         logits = rng.normal(scale=2.0, size=len(request.allowed))
         logp = logits - np.logaddexp.reduce(logits)
-        answers.append({t: float(v) for t, v in zip(request.allowed, logp, strict=True)})
+        answers[(request.prompt, request.allowed)] = {
+            t: float(v) for t, v in zip(request.allowed, logp, strict=True)
+        }
     return answers
 
 
-def test_bounded_prefixes_keep_the_exact_top_k() -> None:
+def ranking(
+    plan: ScoringPlan,
+    answers: dict[object, dict[int, float]],
+    ids: TokenIds,
+    features: ItemFeatures,
+    weights: FusionWeights,
+    k: int,
+) -> list[tuple[int, int, int]]:
+    results = [answers[(r.prompt, r.allowed)] for r in plan.requests]
+    scored = [(s.code, s.decoder, s.offline) for s in combine(plan, results, ids)]
+    return [code for code, _ in rank_fused(scored, features, weights)[:k]]
+
+
+def test_bounded_prefixes_keep_the_exact_top_k_of_the_fused_score() -> None:
     rng = np.random.default_rng(7)
     ids = TokenIds.from_vocab(build_tokenizer(8).get_vocab(), 8)
     prompt = ids.history([(1, 1, 0)])
@@ -115,31 +167,47 @@ def test_bounded_prefixes_keep_the_exact_top_k() -> None:
         catalog = random_catalog(rng)
         constraint = Constraint(catalog)
         ab = sorted({(int(a), int(b)) for a, b, _ in catalog.codes})
-        chosen = rng.choice(len(ab), size=min(16, len(ab)), replace=False)
-        prefixes = [Prefix(*ab[i], float(-rng.exponential(3.0))) for i in chosen]
+        chosen = rng.choice(len(ab), size=min(20, len(ab)), replace=False)
+        snapshot = [Prefix(*ab[i], float(-rng.exponential(3.0))) for i in chosen[:16]]
+        extra = [ab[i] for i in chosen[16:]]  # co-visitation prefixes: heads unknown
+        candidates = candidate_prefixes(snapshot, extra, reuse_prefix_scores=True)
         k = int(rng.integers(1, 11))
-        weight = float(rng.choice([0.0, 0.25, 1.0]))
-        full = plan_item_scoring(
-            prompt, prefixes, constraint, ids, top_c=8, reuse_prefix_scores=True
+        weights = FusionWeights(
+            offline=float(rng.choice([0.0, 0.25, 1.0])),
+            covisit=float(rng.choice([0.0, 1.0, 4.0])),
+            popularity=float(rng.choice([0.0, 0.5])),
         )
-        # one distribution per prefix, shared by both plans
-        by_prefix = dict(zip(full.c_slots, softmax_answers(rng, full), strict=True))
+        covisit = {
+            catalog.item_ids[r]: float(rng.exponential(2.0))
+            for r in rng.choice(len(catalog), size=10, replace=False)
+        }
+        catalog.popularity[:] = rng.integers(0, 50, size=len(catalog))
+        features = ItemFeatures(catalog, covisit)
+        full = plan_item_scoring(prompt, candidates, constraint, ids, top_c=8)
         pruned = plan_item_scoring(
-            prompt, prefixes, constraint, ids, top_c=8, reuse_prefix_scores=True,
-            prune_for=(k, weight),
+            prompt, candidates, constraint, ids, top_c=8,
+            prune=Pruning(k, weights.offline, features.bonus_with(weights)),
         )  # fmt: skip
+        answers = answers_by_request(rng, full)
         assert len(pruned.requests) <= len(full.requests)
         assert pruned.pruned == len(full.prefixes) - len(pruned.prefixes)
         pruned_total += pruned.pruned
-        want = combine(full, [by_prefix[p] for p in full.c_slots], ids, weight)[:k]
-        got = combine(pruned, [by_prefix[p] for p in pruned.c_slots], ids, weight)[:k]
-        assert [s.code for s in got] == [s.code for s in want], trial
+
+        assert ranking(pruned, answers, ids, features, weights, k) == ranking(
+            full, answers, ids, features, weights, k
+        ), trial
     assert pruned_total > 0  # the bound does bite
 
 
-def test_pruning_needs_reused_prefix_scores() -> None:
+def test_pruning_needs_known_prefix_heads() -> None:
     # without them the prefix scores are not the fresh log P(a, b): nothing can be bounded
+    features = ItemFeatures(tiny_catalog(), {})
     plan = plan_item_scoring(
-        PROMPT, PREFIXES, Constraint(tiny_catalog()), IDS, top_c=5, prune_for=(1, 0.0)
+        PROMPT,
+        fresh(PREFIXES),
+        Constraint(tiny_catalog()),
+        IDS,
+        top_c=5,
+        prune=Pruning(1, 0.0, features.bonus_with(FusionWeights())),
     )
     assert plan.pruned == 0 and len(plan.prefixes) == 3

@@ -112,3 +112,55 @@ def test_add_item_tokens_extends_a_random_llm(tiny_world, tmp_path: Path) -> Non
     assert new.norm(dim=-1).mean() < 3 * old.norm(dim=-1).mean()  # no outsized new rows
     text = AutoTokenizer.from_pretrained(str(out))("hello world", add_special_tokens=False)
     assert text["input_ids"] == [3, 4]  # text behaviour untouched
+
+
+def test_killed_run_resumes_from_its_last_epoch(tiny_world, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import offline.train.trainer as trainer
+    from offline.train.checkpoint import checkpoint_path
+
+    cfg = trainer.TrainConfig(
+        preset="tiny", epochs=2, batch_size=64, val_users=50, warmup_steps=5, patience=5
+    )
+    out = tmp_path / "model"
+    real_eval = trainer.evaluate_examples
+    calls = {"n": 0}
+
+    def killed_in_epoch_2(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # what a SIGINT does mid-run
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate_examples", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(tiny_world.catalog_dir, tiny_world.interactions_csv, out, cfg, False)
+    assert not out.exists() and checkpoint_path(out).is_file()
+    first_epoch_loss = torch.load(checkpoint_path(out), weights_only=False)["history"][0]
+
+    monkeypatch.setattr(trainer, "evaluate_examples", real_eval)
+    manifest = trainer.train(tiny_world.catalog_dir, tiny_world.interactions_csv, out, cfg, False)
+    history = manifest.metrics["history"]
+    assert manifest.parameters["resumed_after_epoch"] == 1
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[0] == first_epoch_loss  # epoch 1 was not trained again
+    assert not checkpoint_path(out).exists()  # removed once the model is written
+
+
+def test_refit_trains_on_validation_items_for_the_given_epochs(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from offline.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(preset="tiny", epochs=1, batch_size=64, warmup_steps=5, refit=True)
+    manifest = train(
+        tiny_world.catalog_dir, tiny_world.interactions_csv, tmp_path / "refit", cfg, False
+    )
+    assert manifest.parameters["refit"] is True
+    assert manifest.metrics["validation"] == {"epoch": 1}  # nothing selected on validation
+    plain = train(
+        tiny_world.catalog_dir,
+        tiny_world.interactions_csv,
+        tmp_path / "plain",
+        cfg.model_copy(update={"refit": False, "val_users": 20}),
+        False,
+    )
+    # every user's validation item joins the training sequences
+    assert manifest.parameters["train_items"] > plain.parameters["train_items"]

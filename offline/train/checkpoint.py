@@ -1,0 +1,125 @@
+"""Per-epoch training checkpoints, so a killed ``thinkahead train`` continues where it stopped.
+
+The checkpoint sits beside the output directory (``.<out>.ckpt.pt``), is replaced atomically
+after every epoch and removed when the model directory is written. A run resumes only a
+checkpoint of the same inputs and settings (``run_identity``); anything else starts afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from service.manifest import sha256_hex
+
+log = logging.getLogger(__name__)
+CHECKPOINT_SCHEMA = 1
+
+
+class _Identified(Protocol):
+    def model_dump_json(self, *, exclude: set[str]) -> str: ...
+
+
+@dataclass
+class RunState:
+    """Everything the epoch loop carries from one epoch to the next."""
+
+    epoch: int = 0
+    step: int = 0
+    stale: int = 0
+    finished: bool = False
+    elapsed_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    best_model: dict[str, torch.Tensor] | None = None
+    # filled on load
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    numpy_rng: dict[str, Any] = field(default_factory=dict)
+    torch_rng: torch.Tensor | None = None
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.ckpt.pt"
+
+
+def run_identity(cfg: _Identified, data: Any) -> str:
+    """Inputs and settings that must match for a checkpoint to be resumed (not ``resume``
+    itself, nor the time limit, nor the thread count)."""
+    settings = cfg.model_dump_json(exclude={"resume", "max_minutes", "threads"})
+    return sha256_hex(settings.encode(), data.data_hash.encode(), data.catalog.version.encode())
+
+
+class Checkpoint:
+    def __init__(self, path: Path, identity: str) -> None:
+        self.path = path
+        self.identity = identity
+
+    def save(
+        self,
+        state: RunState,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        rng: np.random.Generator,
+    ) -> None:
+        body = {
+            "schema": CHECKPOINT_SCHEMA,
+            "identity": self.identity,
+            "epoch": state.epoch,
+            "step": state.step,
+            "stale": state.stale,
+            "finished": state.finished,
+            "elapsed_s": state.elapsed_s,
+            "history": state.history,
+            "best": state.best,
+            "best_model": state.best_model,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "numpy_rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(body, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> RunState | None:
+        if not self.path.is_file():
+            return None
+        try:
+            body = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a torn or foreign file: start afresh, say so
+            log.warning("ignoring unreadable checkpoint %s: %s", self.path, exc)
+            return None
+        if body.get("schema") != CHECKPOINT_SCHEMA or body.get("identity") != self.identity:
+            log.warning("ignoring checkpoint %s: other inputs or settings", self.path)
+            return None
+        return RunState(
+            epoch=body["epoch"],
+            step=body["step"],
+            stale=body["stale"],
+            finished=body["finished"],
+            elapsed_s=body["elapsed_s"],
+            history=body["history"],
+            best=body["best"],
+            best_model=body["best_model"],
+            model=body["model"],
+            optimizer=body["optimizer"],
+            numpy_rng=body["numpy_rng"],
+            torch_rng=body["torch_rng"],
+        )
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

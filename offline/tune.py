@@ -1,0 +1,103 @@
+"""Learn the fused score's weights on the validation split (``thinkahead tune-blend``).
+
+Every candidate of every validation user is scored once by the engine (no pruning); the grid
+over weights and co-visitation candidate counts is then pure array arithmetic: the target's
+rank under weights w is the number of candidates that outscore it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from offline.evaluate import UserCandidates
+from service.fusion import FusionWeights
+
+OFFLINE_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+COVISIT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+POPULARITY_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
+CANDIDATES_GRID = (0, 10, 20, 40)
+
+
+@dataclass(frozen=True)
+class Trial:
+    weights: FusionWeights
+    covisit_candidates: int
+    recall: float
+    ndcg: float
+
+    def row(self) -> dict[str, float]:
+        return {
+            **self.weights.model_dump(),
+            "covisit_candidates": self.covisit_candidates,
+            "recall@10": round(self.recall, 5),
+            "ndcg@10": round(self.ndcg, 5),
+        }
+
+
+class CandidateMatrix:
+    """Users x candidates, padded: one row per user, -inf where a user has fewer candidates."""
+
+    def __init__(self, users: Sequence[UserCandidates], unreachable_rank: int = 10**6) -> None:
+        width = max((len(u.scored) for u in users), default=1) or 1
+        shape = (len(users), width)
+        self.decoder = np.full(shape, -np.inf)
+        self.offline = np.zeros(shape)
+        self.covisit = np.zeros(shape)
+        self.popularity = np.zeros(shape)
+        # the rank of the candidate's prefix among the co-visitation prefixes; -1: a snapshot
+        # prefix (always a candidate)
+        self.source_rank = np.full(shape, unreachable_rank, dtype=np.int64)
+        self.target = np.full(len(users), -1, dtype=np.int64)
+        for u, user in enumerate(users):
+            target_code = user.features.catalog.code_of(user.target)
+            cv_rank = {ab: r for r, ab in enumerate(user.covisit_ab)}
+            for j, s in enumerate(user.scored):
+                self.decoder[u, j] = s.decoder
+                self.offline[u, j] = s.offline
+                self.covisit[u, j] = user.features.covisit_of(s.code)
+                self.popularity[u, j] = user.features.popularity_of(s.code)
+                ab = s.code[:2]
+                self.source_rank[u, j] = -1 if ab in user.snapshot_ab else cv_rank.get(ab, 10**6)
+                if s.code == target_code:
+                    self.target[u] = j
+
+    def metrics(self, weights: FusionWeights, covisit_candidates: int, k: int = 10) -> Trial:
+        score = (
+            self.decoder
+            + weights.offline * self.offline
+            + weights.covisit * self.covisit
+            + weights.popularity * self.popularity
+        )
+        score = np.where(self.source_rank < covisit_candidates, score, -np.inf)
+        has = self.target >= 0
+        rows = np.arange(len(self.target))
+        target_score = np.where(has, score[rows, np.maximum(self.target, 0)], -np.inf)
+        rank = (score > target_score[:, None]).sum(axis=1)
+        hit = has & np.isfinite(target_score) & (rank < k)
+        n = max(len(self.target), 1)
+        gain = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
+        return Trial(weights, covisit_candidates, float(hit.sum() / n), float(gain.sum() / n))
+
+
+def grid_search(users: Sequence[UserCandidates], k: int = 10) -> list[Trial]:
+    """Every grid point, best first (NDCG@k, then Recall@k, then the simpler setting)."""
+    matrix = CandidateMatrix(users)
+    trials = [
+        matrix.metrics(FusionWeights(offline=o, covisit=c, popularity=p), n, k)
+        for o, c, p, n in itertools.product(
+            OFFLINE_GRID, COVISIT_GRID, POPULARITY_GRID, CANDIDATES_GRID
+        )
+    ]
+    trials.sort(
+        key=lambda t: (
+            -t.ndcg,
+            -t.recall,
+            t.covisit_candidates,
+            t.weights.offline + t.weights.covisit + t.weights.popularity,
+        )
+    )
+    return trials

@@ -1,0 +1,154 @@
+"""The recommend chain with co-visitation, in seconds: the core over a real redis-server and a
+fake engine (softmax over the allowed tokens). Co-visitation neighbours of the fresh history
+join the think-ahead candidates, lift items through the fused score, and answer as
+``fallback_covisitation`` when the decoder cannot."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import redis
+
+from offline.thinkahead.publish import SnapshotWriter
+from service.catalog import Catalog
+from service.core import RecommendQuery, Source
+from service.covisit import Neighbours
+from service.fusion import FusionWeights
+from service.manifest import SnapshotManifest
+from service.model import ServingConfig
+from service.runtime import Runtime, open_runtime
+from service.snapshot import Keyspace, Prefix, UserPrefixes, history_digest
+from tests.fake_engine import FAKE_MODEL_VERSION, FakeEngine, write_tiny_artifacts
+from tests.inproc import make_settings
+
+SID = "snap-covisit-1"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    catalog_dir, model_dir = write_tiny_artifacts(tmp_path_factory.mktemp("covisit"))
+    # served weights as `thinkahead tune-blend` would record them
+    ServingConfig(weights=FusionWeights(covisit=4.0), covisit_candidates=5).write(model_dir)
+    return catalog_dir, model_dir
+
+
+def publish(redis_url: str, catalog: Catalog, users: dict[str, list[str]]) -> None:
+    """A snapshot whose prefixes avoid item "7", plus co-visitation: "7" follows "1"."""
+    writer = SnapshotWriter(redis.Redis.from_url(redis_url), Keyspace(), ttl_s=600)
+    manifest = SnapshotManifest(
+        snapshot_id=SID, model_version=FAKE_MODEL_VERSION, catalog_version=catalog.version
+    )
+    writer.begin(manifest)
+    seven = catalog.code_of("7")
+    assert seven is not None
+    prefixes = tuple(
+        Prefix(int(a), int(b), -1.0 - i)
+        for i, (a, b) in enumerate(sorted(catalog.rows_under_ab))
+        if (a, b) != seven[:2]
+    )[:4]
+    values = []
+    for user, history in users.items():
+        codes = catalog.codes_of(history)[0]
+        values.append(
+            (
+                user,
+                UserPrefixes(
+                    FAKE_MODEL_VERSION,
+                    catalog.version,
+                    time.time(),
+                    prefixes,
+                    history_digest=history_digest(codes),
+                ),
+            )
+        )
+    writer.write_shard(SID, 0, values)
+    writer.write_covisit(SID, [("1", Neighbours(("7", "9"), (30.0, 1.0)))])
+    writer.publish(manifest)
+    writer.seed_histories(users.items(), cap=50)
+
+
+@asynccontextmanager
+async def running(artifacts: tuple[Path, Path], redis_url: str) -> AsyncIterator[Runtime]:
+    catalog_dir, model_dir = artifacts
+    publish(redis_url, Catalog.load(catalog_dir), {"u1": ["3", "4"], "u2": ["1"]})
+    settings = make_settings(catalog_dir, model_dir, redis_url)
+    async with open_runtime(settings, FakeEngine()) as rt:
+        await rt.watcher.refresh()
+        yield rt
+
+
+async def test_served_weights_come_from_serving_json(
+    artifacts: tuple[Path, Path], redis_url: str
+) -> None:
+    async with running(artifacts, redis_url) as runtime:
+        assert runtime.core.weights == FusionWeights(covisit=4.0)
+        assert runtime.settings.recommend.covisit_candidates is None  # resolved in the core
+        assert runtime.core.settings.covisit_candidates == 5
+
+
+async def test_a_fresh_event_brings_its_neighbours_into_the_candidates(
+    artifacts: tuple[Path, Path], redis_url: str
+) -> None:
+    async with running(artifacts, redis_url) as runtime:
+        before = await runtime.core.recommend(RecommendQuery("u1", k=5))
+        assert before.source is Source.THINK_AHEAD and "7" not in [i.item_id for i in before.items]
+        after = await runtime.core.recommend(RecommendQuery("u1", k=5, recent_item_ids=("1",)))
+        assert after.source is Source.THINK_AHEAD
+        # "7" is under no snapshot prefix: only co-visitation of the fresh "1" can bring it, and
+        # its co-visitation feature puts it first
+        assert after.items[0].item_id == "7"
+        assert "1" not in [i.item_id for i in after.items]  # history stays excluded
+
+
+async def test_without_the_feature_weight_the_neighbour_is_only_a_candidate(
+    artifacts: tuple[Path, Path],
+    redis_url: str,
+) -> None:
+    async with running(artifacts, redis_url) as runtime:
+        core = runtime.core
+        fused = await core.recommend(RecommendQuery("u2", k=60))
+        core.settings = core.settings.model_copy(update={"fusion": FusionWeights()})
+        plain = await core.recommend(RecommendQuery("u2", k=60))
+        assert fused.source is plain.source is Source.THINK_AHEAD
+        with_feature = {i.item_id: i.score for i in fused.items}
+        decoder_only = {i.item_id: i.score for i in plain.items}
+        # "7" is scored by the decoder either way; the feature adds exactly 4 * log(1 + 30)
+        assert "7" in decoder_only
+        assert with_feature["7"] - decoder_only["7"] == pytest.approx(4 * math.log1p(30.0))
+        assert with_feature["2"] == pytest.approx(decoder_only["2"])  # no co-visitation
+
+
+async def test_engine_down_users_with_recent_items_get_covisitation(
+    artifacts: tuple[Path, Path], redis_url: str
+) -> None:
+    async with running(artifacts, redis_url) as runtime:
+        engine = runtime.engine
+        assert isinstance(engine, FakeEngine)
+        engine.down = True
+        answer = await runtime.core.recommend(RecommendQuery("u2", k=3))
+        assert answer.source is Source.COVISITATION
+        assert answer.degraded_reason == "engine_unavailable"
+        assert [i.item_id for i in answer.items[:2]] == ["7", "9"]
+        assert answer.backfilled == 1  # the third is a popular item
+        cold = await runtime.core.recommend(RecommendQuery("nobody", k=3))
+        assert cold.source is Source.GLOBAL_POPULAR  # no recent items: nothing to co-visit
+
+
+async def test_neighbours_are_cached_so_redis_outages_keep_covisitation(
+    artifacts: tuple[Path, Path], redis_url: str
+) -> None:
+    async with running(artifacts, redis_url) as runtime:
+        runtime.engine.down = True  # type: ignore[attr-defined]
+        first = await runtime.core.recommend(RecommendQuery("u2", k=2))
+        assert first.source is Source.COVISITATION
+        redis.Redis.from_url(redis_url).delete(Keyspace().covisit(SID, "1"))
+        again = await runtime.core.recommend(RecommendQuery("u2", k=2))
+        assert [i.item_id for i in again.items] == [i.item_id for i in first.items]
+        # recent items from the request itself work too, with no stored history
+        fresh = await runtime.core.recommend(RecommendQuery("nobody", k=2, recent_item_ids=("1",)))
+        assert fresh.source is Source.COVISITATION and fresh.items[0].item_id == "7"
