@@ -392,8 +392,9 @@ def engine_killed_and_back(s: Secure) -> None:
         )
         assert closed - healthy <= PROBE_INTERVAL_S + 0.5
         body = http.post("/v1/recommend", json=cold, headers=headers).json()
-        assert body["source"] == "full_decode"  # degraded only by no_prefixes (cold user)
-        assert body["degraded_reason"] == "no_prefixes"
+        # Flagged only because this user has no prefixes (or there is no snapshot at all).
+        assert body["source"] == "full_decode"
+        assert body["degraded_reason"] in ("no_prefixes", "no_snapshot")
 
 
 def test_refuses_a_public_bind_without_keys_unless_insecure(secure: Secure, tmp_path) -> None:  # type: ignore[no-untyped-def]
