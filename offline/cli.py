@@ -209,7 +209,10 @@ def eval_cmd(
     beam: Annotated[int, typer.Option(help="beam width (>= 10)")] = 20,
     prefixes: Annotated[int, typer.Option(help="think-ahead: M prefixes")] = 32,
     engine: Annotated[
-        str, typer.Option(help="vllm, or torch (reference, full mode only)")
+        str,
+        typer.Option(
+            help="vllm, or torch (plain PyTorch, same requests, minutes per split on CPU)"
+        ),
     ] = "vllm",
     limit: Annotated[int | None, typer.Option(help="evaluate a random sample of users")] = None,
     progress: Annotated[bool, typer.Option()] = True,
@@ -371,9 +374,12 @@ def tune_blend_cmd(
     interactions: Annotated[Path, typer.Option(help="interactions CSV")],
     prefixes: Annotated[int, typer.Option(help="M prefixes, as served")] = 32,
     limit: Annotated[int | None, typer.Option(help="validation users sampled")] = 5000,
+    engine: Annotated[str, typer.Option(help="vllm or torch (same requests)")] = "vllm",
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
     """Learn the fused score's weights on the validation split (never on test)."""
+    if engine not in ("vllm", "torch"):
+        raise InputError(None, f"--engine must be vllm or torch, got {engine!r}")
     from offline.eval_cli import tune_blend
 
     config = tune_blend(
@@ -383,9 +389,28 @@ def tune_blend_cmd(
         prefixes=prefixes,
         beam=prefixes,
         limit=limit,
+        engine=engine,
         progress=progress,
     )
     typer.echo(json.dumps({k: config[k] for k in ("weights", "covisit_candidates", "tuning")}))
+
+
+@app.command("quality-report")
+@user_errors
+def quality_report_cmd(
+    served: Annotated[Path, typer.Option(help="`eval --mode think-ahead` report (test split)")],
+    decoder: Annotated[Path, typer.Option(help="`eval --mode full` report (test split)")],
+    model: Annotated[Path, typer.Option(help="model directory (manifest, serving.json)")],
+    out: Annotated[Path, typer.Option(help="directory for quality.md and quality.json")],
+    refit: Annotated[
+        Path | None, typer.Option(help="`eval --mode think-ahead` report of a refit model")
+    ] = None,
+) -> None:
+    """The quality report: our rows beside co-visitation, popularity and published figures."""
+    from offline.bench.quality import BEAUTY_COMMANDS, build_quality_report
+
+    build_quality_report(served, decoder, model, out, BEAUTY_COMMANDS, refit=refit)
+    typer.echo((out / "quality.md").read_text())
 
 
 history_app = typer.Typer(no_args_is_help=True, help="Users' recent histories in Redis.")

@@ -45,6 +45,18 @@ def rank_full_torch(
     return Ranked(ranked, 0, time.monotonic() - t0)
 
 
+def batch_engine(engine: str, model_dir: Path, info: Any) -> Any:
+    """vLLM's offline engine, or the plain-PyTorch one (same requests, same answers to ~1e-5:
+    the whole test split in minutes on a CPU)."""
+    if engine == "torch":
+        from offline.decode.torch_engine import TorchBatchEngine
+
+        return TorchBatchEngine(model_dir, info.token_ids)
+    from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
+
+    return VllmBatchEngine(model_dir, VllmOptions())
+
+
 def run_eval(
     model_dir: Path,
     catalog_dir: Path,
@@ -64,23 +76,21 @@ def run_eval(
         raise InputError(None, f"--split must be test or valid, got {split!r}")
     if mode not in ("full", "think-ahead"):
         raise InputError(None, f"--mode must be full or think-ahead, got {mode!r}")
-    if engine not in ("vllm", "torch") or (engine == "torch" and mode != "full"):
-        raise InputError(None, "--engine must be vllm, or torch with --mode full")
+    if engine not in ("vllm", "torch"):
+        raise InputError(None, f"--engine must be vllm or torch, got {engine!r}")
     if beam < k:
         raise InputError(None, f"--beam must be >= {k} for top-{k} metrics")
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
+    serving = load_serving_config(model_dir)
     examples, data = select_examples(interactions, split, info.max_history, limit)
-    if engine == "torch":
+    if engine == "torch" and mode == "full":
         ranked = rank_full_torch(model_dir, info, catalog, examples, k, beam, progress)
     else:
-        from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
-
-        batch = VllmBatchEngine(model_dir, VllmOptions())
+        batch = batch_engine(engine, model_dir, info)
         if mode == "full":
             ranked = rank_full(batch, info, catalog, examples, k, beam, progress=progress)
         else:
-            serving = load_serving_config(model_dir)
             ranked = rank_think_ahead(
                 batch,
                 info,
@@ -108,6 +118,7 @@ def run_eval(
         "catalog_version": catalog.version,
         "model_manifest": info.manifest.model_dump(mode="json", exclude={"metrics"}),
         "validation_at_training": info.manifest.metrics.get("validation"),
+        "serving": serving.model_dump(mode="json") if mode == "think-ahead" else None,
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "rows": rows,
     }
@@ -124,18 +135,17 @@ def tune_blend(
     beam: int = 32,
     limit: int | None = 5000,
     k: int = 10,
+    engine: str = "vllm",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Learn the fused score's weights and the co-visitation candidate count on the
     validation split only, and record them in the model directory's ``serving.json`` (the
     service's, the eval's and the bench's default)."""
-    from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
-
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
     examples, _ = select_examples(interactions, "valid", info.max_history, limit)
     covisit = load_covisit(catalog_dir, catalog)
-    batch = VllmBatchEngine(model_dir, VllmOptions())
+    batch = batch_engine(engine, model_dir, info)
     t0 = time.monotonic()
     users, _ = think_ahead_candidates(
         batch,

@@ -50,7 +50,7 @@ class Ranked:
     seconds: float
     # share of targets whose (a, b) is among the user's top-m offline prefixes, per m: the
     # ceiling of think-ahead recall
-    coverage: dict[int, float] | None = None
+    coverage: dict[str, float] | None = None
 
 
 def select_examples(
@@ -140,7 +140,7 @@ def think_ahead_candidates(
     stale_events: int = 0,
     batch_users: int = 128,
     progress: bool = True,
-) -> tuple[list[UserCandidates], dict[int, float]]:
+) -> tuple[list[UserCandidates], dict[str, float]]:
     """The architecture as served, per user: top-M prefixes from a 2-token beam search over
     the history minus its last ``stale_events`` items (the worker), then the online step over
     the fresh history (``service.scoring.plan_think_ahead``), with the co-visitation
@@ -149,6 +149,7 @@ def think_ahead_candidates(
     ``prune``: the served weights, bounding prefixes out of the top k exactly as the service
     does; None scores every candidate (to learn the weights)."""
     covered = {m: 0 for m in (8, 16, 32, prefixes) if m <= prefixes}
+    with_covisit = 0
     out: list[UserCandidates] = []
     ids = model.token_ids
     for start in tqdm(
@@ -167,6 +168,7 @@ def think_ahead_candidates(
             scores = covisit_scores(e.history, covisit, set(e.history))
             features = ItemFeatures(catalog, scores)
             covisit_ab = covisit_prefixes(catalog, scores, covisit_candidates)
+            with_covisit += target is not None and target[:2] in {*ranked_ab, *covisit_ab}
             prompt, constraint = ids.history(history), Constraint(catalog, history)
             if prune is None:  # every candidate scored, no bound: to learn the weights
                 plan = plan_item_scoring(
@@ -198,7 +200,9 @@ def think_ahead_candidates(
             part = answers[offset : offset + len(plan.requests)]
             offset += len(plan.requests)
             user.scored = combine(plan, part, ids)
-    coverage = {m: round(c / max(len(examples), 1), 5) for m, c in sorted(covered.items())}
+    n = max(len(examples), 1)
+    coverage: dict[str, float] = {f"M={m}": round(c / n, 5) for m, c in sorted(covered.items())}
+    coverage[f"M={prefixes} + co-visitation"] = round(with_covisit / n, 5)
     return out, coverage
 
 
@@ -279,5 +283,5 @@ def report_row(ranked: Ranked, examples: Sequence[Example]) -> dict[str, Any]:
         "seconds": round(ranked.seconds, 1),
     }
     if ranked.coverage:
-        row["prefix_coverage"] = {f"M={m}": v for m, v in ranked.coverage.items()}
+        row["prefix_coverage"] = dict(ranked.coverage)
     return row

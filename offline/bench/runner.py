@@ -65,6 +65,10 @@ def quality(
         name = f"think-ahead (M={prefixes}, " + ("fresh)" if not stale else f"stale by {stale})")
         rows[name] = report_row(ranked, examples)
     rows.update(baseline_rows(data, examples, "test", 10))
+    full_r10 = rows[next(iter(rows))]["recall@10"]
+    for name, row in rows.items():
+        if name.startswith("think-ahead"):
+            row["retention_recall@10"] = round(row["recall@10"] / full_r10, 4) if full_r10 else None
     return {"users": len(examples), "serving": serving.model_dump(mode="json"), "rows": rows}
 
 

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
+from service.model import ServingConfig
 from service.snapshot import Keyspace, UserPrefixes
 from tests.helpers import run_cli
 
@@ -121,8 +122,6 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
             "--model",
             str(model),
             *common,
-            "--weights",
-            "0,0.5,2",
             "--limit",
             "60",
             "--prefixes",
@@ -130,11 +129,13 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
         ],
     )
     assert result.exit_code == 0, result.output
-    serving = json.loads((model / "serving.json").read_text())
-    assert serving["offline_weight"] in (0.0, 0.5, 2.0)
-    assert set(serving["candidates"]) == {"0.0", "0.5", "2.0"}
-    best = serving["candidates"][str(serving["offline_weight"])]
-    assert all(best["ndcg@10"] >= row["ndcg@10"] for row in serving["candidates"].values())
+    serving = ServingConfig.model_validate_json((model / "serving.json").read_text())
+    tuning = serving.tuning
+    # the recorded choice is the best of the grid on validation, and no worse than the decoder
+    assert tuning["best"]["ndcg@10"] == max(row["ndcg@10"] for row in tuning["top"])
+    assert tuning["best"]["ndcg@10"] >= tuning["decoder_only"]["ndcg@10"]
+    assert serving.weights.covisit == tuning["best"]["covisit"]
+    assert serving.covisit_version is not None  # the catalog carries its co-visitation table
 
     out = tmp_path / "ta.json"
     result = run_cli(
@@ -154,5 +155,7 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
         ],
     )
     assert result.exit_code == 0, result.output
-    row = next(v for k, v in json.loads(out.read_text())["rows"].items() if k.startswith("decoder"))
+    rows = json.loads(out.read_text())["rows"]
+    row = next(v for k, v in rows.items() if k.startswith("served answer"))
     assert row["invalid_items"] == 0 and row["users"] == 60
+    assert {"co-visitation (train split)", "popularity (train split)"} <= set(rows)

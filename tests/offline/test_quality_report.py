@@ -1,0 +1,54 @@
+"""The quality report puts our rows beside the baselines and the published figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from offline.bench.quality import PUBLISHED, build_quality_report
+from service.fusion import FusionWeights
+from service.manifest import ModelManifest
+from service.model import ServingConfig
+
+ROW = {"recall@5": 0.05, "recall@10": 0.08, "ndcg@5": 0.04, "ndcg@10": 0.05, "users": 3}
+
+
+def test_report_lists_ours_baselines_and_published_rows(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    ModelManifest(
+        model_version="m1",
+        catalog_version="c1",
+        codebook_size=4,
+        preset="small",
+        metrics={"validation": {"epoch": 2}, "history": [{}, {}, {}]},
+        parameters={"parameters": 1000, "train_seconds": 600.0, "peak_rss_gb": 2.5},
+    ).write(model)
+    ServingConfig(weights=FusionWeights(covisit=4.0), covisit_candidates=10).write(model)
+    served = tmp_path / "served.json"
+    served.write_text(
+        json.dumps(
+            {
+                "users": 3,
+                "split": "test",
+                "rows": {
+                    "served answer (think-ahead M=32, fused score)": {**ROW, "invalid_items": 0},
+                    "co-visitation (train split)": ROW,
+                },
+            }
+        )
+    )
+    decoder = tmp_path / "decoder.json"
+    decoder.write_text(json.dumps({"rows": {"decoder (full, torch, beam 20)": ROW}}))
+    report = build_quality_report(served, decoder, model, tmp_path / "out", ["cmd one"])
+    kinds = {name: row["kind"] for name, row in report["rows"].items()}
+    assert kinds["served answer (think-ahead M=32, fused score)"] == "ours"
+    assert kinds["co-visitation (train split)"] == "baseline"
+    assert kinds["decoder (full, torch, beam 20), decoder alone"] == "ours"
+    assert all(kinds[name] == "published" for name in PUBLISHED)
+    text = (tmp_path / "out" / "quality.md").read_text()
+    assert "| TIGER | *published* |  | 0.0648 |  | 0.0384 |  |" in text
+    assert "4 x log(1 + co-visitation)" in text and "10.0 minutes" in text
+    assert "cmd one" in text
+    assert (
+        json.loads((tmp_path / "out" / "quality.json").read_text())["training"]["epochs_run"] == 3
+    )
