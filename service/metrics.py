@@ -60,7 +60,9 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            f"{PREFIX}_in_flight_requests", "Recommend requests being served.", registry=r
+            f"{PREFIX}_in_flight_requests",
+            "API calls being served (recommend and events; the admission limit counts both).",
+            registry=r,
         )
         self.rejected = Counter(
             f"{PREFIX}_rejected_requests_total",
