@@ -17,7 +17,7 @@ from offline.evaluate import UserCandidates
 from service.fusion import FusionWeights
 
 OFFLINE_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
-COVISIT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+COVISIT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 POPULARITY_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
 CANDIDATES_GRID = (0, 10, 20, 40)
 

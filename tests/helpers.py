@@ -21,6 +21,9 @@ from offline.localproc import (
 )
 from offline.localproc import start_service as _start_service
 
+# the fallback tier: co-visitation of recent items, else popular under prefixes, else popular
+FALLBACK_SOURCES = ("fallback_covisitation", "fallback_prefix_popular", "fallback_global_popular")
+
 __all__ = ["RedisProcess", "ServiceProcess", "free_port", "redis_server_binary", "start_redis"]
 
 
