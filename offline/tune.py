@@ -83,8 +83,12 @@ class CandidateMatrix:
         return Trial(weights, covisit_candidates, float(hit.sum() / n), float(gain.sum() / n))
 
 
-def grid_search(users: Sequence[UserCandidates], k: int = 10) -> list[Trial]:
-    """Every grid point, best first (NDCG@k, then Recall@k, then the simpler setting)."""
+def grid_search(
+    users: Sequence[UserCandidates], k: int = 10, tolerance: float = 0.01
+) -> list[Trial]:
+    """Every grid point, the chosen one first: the fewest co-visitation candidates (each costs
+    engine work online) among the settings within ``tolerance`` (relative) of the best NDCG@k;
+    then by NDCG@k, Recall@k, and the simpler setting."""
     matrix = CandidateMatrix(users)
     trials = [
         matrix.metrics(FusionWeights(offline=o, covisit=c, popularity=p), n, k)
@@ -92,11 +96,13 @@ def grid_search(users: Sequence[UserCandidates], k: int = 10) -> list[Trial]:
             OFFLINE_GRID, COVISIT_GRID, POPULARITY_GRID, CANDIDATES_GRID
         )
     ]
+    best_ndcg = max(t.ndcg for t in trials)
     trials.sort(
         key=lambda t: (
+            t.ndcg < best_ndcg * (1 - tolerance),
+            t.covisit_candidates if t.ndcg >= best_ndcg * (1 - tolerance) else 0,
             -t.ndcg,
             -t.recall,
-            t.covisit_candidates,
             t.weights.offline + t.weights.covisit + t.weights.popularity,
         )
     )

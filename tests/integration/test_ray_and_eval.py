@@ -131,8 +131,8 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     assert result.exit_code == 0, result.output
     serving = ServingConfig.model_validate_json((model / "serving.json").read_text())
     tuning = serving.tuning
-    # the recorded choice is the best of the grid on validation, and no worse than the decoder
-    assert tuning["best"]["ndcg@10"] == max(row["ndcg@10"] for row in tuning["top"])
+    # the recorded choice is within 1% of the grid's best on validation, no worse than the decoder
+    assert tuning["best"]["ndcg@10"] >= 0.99 * tuning["grid_best_ndcg@10"]
     assert tuning["best"]["ndcg@10"] >= tuning["decoder_only"]["ndcg@10"]
     assert serving.weights.covisit == tuning["best"]["covisit"]
     assert serving.covisit_version is not None  # the catalog carries its co-visitation table
