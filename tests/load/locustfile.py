@@ -7,7 +7,8 @@
 
 Environment: THINKAHEAD_LOAD_USERS (a file with one user id per line, or N for u1..uN),
 THINKAHEAD_LOAD_ITEMS (a file with item ids, for events), THINKAHEAD_GRPC (host:port; the gRPC
-user is active only when it is set), THINKAHEAD_COLD_SHARE (default 0.1).
+user is active only when it is set), THINKAHEAD_COLD_SHARE (default 0.1), THINKAHEAD_LOAD_KEY (an
+API key with both scopes, for a service with a keys file).
 Load only ever targets loopback: any other host is refused.
 
     locust -f tests/load/locustfile.py --headless -u 16 -r 8 -t 60s \
@@ -25,11 +26,16 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import grpc
+import grpc.experimental.gevent as grpc_gevent
 from locust import User, between, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from service._proto.thinkahead.v1 import recommender_pb2 as pb
 from service._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
+
+# grpcio blocks the OS thread in its own completion queue; under locust's gevent loop every
+# other user (the REST ones too) would wait behind each gRPC call. This makes grpc yield.
+grpc_gevent.init_gevent()
 
 
 def _is_loopback(host: str) -> bool:
@@ -64,6 +70,9 @@ def _ids(var: str, prefix: str, default: int) -> list[str]:
 USERS = _ids("THINKAHEAD_LOAD_USERS", "", 1000)
 ITEMS = _ids("THINKAHEAD_LOAD_ITEMS", "", 1000)
 COLD_SHARE = float(os.environ.get("THINKAHEAD_COLD_SHARE", "0.1"))
+API_KEY = os.environ.get("THINKAHEAD_LOAD_KEY")
+HEADERS = {"authorization": f"Bearer {API_KEY}"} if API_KEY else {}
+METADATA = tuple(HEADERS.items())
 # Zipf-like popularity over users: weight 1/rank.
 WEIGHTS = [1.0 / (r + 1) for r in range(len(USERS))]
 
@@ -76,6 +85,7 @@ def pick_user(rng: random.Random) -> str:
 
 class RestUser(FastHttpUser):
     wait_time = between(0.0, 0.05)
+    default_headers = HEADERS
 
     def on_start(self) -> None:
         self.rng = random.Random()
@@ -138,7 +148,7 @@ class GrpcUser(User):
         exc = None
         size = 0
         try:
-            size = fn(request, timeout=30).ByteSize()
+            size = fn(request, timeout=30, metadata=METADATA).ByteSize()
         except grpc.RpcError as err:
             exc = err
         self.environment.events.request.fire(
