@@ -208,6 +208,10 @@ def eval_cmd(
     mode: Annotated[str, typer.Option(help="full or think-ahead")] = "full",
     beam: Annotated[int, typer.Option(help="beam width (>= 10)")] = 20,
     prefixes: Annotated[int, typer.Option(help="think-ahead: M prefixes")] = 32,
+    covisit_candidates: Annotated[
+        int | None,
+        typer.Option(help="think-ahead: co-visitation candidates (default: serving.json)"),
+    ] = None,
     engine: Annotated[
         str,
         typer.Option(
@@ -229,6 +233,7 @@ def eval_cmd(
         mode=mode,
         beam=beam,
         prefixes=prefixes,
+        covisit_candidates=covisit_candidates,
         engine=engine,
         limit=limit,
         progress=progress,

@@ -69,6 +69,7 @@ def run_eval(
     prefixes: int = 32,
     engine: str = "vllm",
     limit: int | None = None,
+    covisit_candidates: int | None = None,
     k: int = 10,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -83,6 +84,8 @@ def run_eval(
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
     serving = load_serving_config(model_dir)
+    if covisit_candidates is not None:
+        serving = serving.model_copy(update={"covisit_candidates": covisit_candidates})
     examples, data = select_examples(interactions, split, info.max_history, limit)
     if engine == "torch" and mode == "full":
         ranked = rank_full_torch(model_dir, info, catalog, examples, k, beam, progress)
@@ -104,7 +107,8 @@ def run_eval(
                 progress=progress,
             )
     label = (
-        f"served answer (think-ahead M={prefixes}, fused score)"
+        f"served answer (think-ahead M={prefixes} + {serving.covisit_candidates} "
+        "co-visitation candidates, fused score)"
         if mode == "think-ahead"
         else f"decoder ({mode}, {engine}, beam {beam})"
     )

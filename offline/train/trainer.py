@@ -33,6 +33,7 @@ from offline.train.checkpoint import (
     RunState,
     checkpoint_path,
     peak_rss_gb,
+    rss_gb,
     run_identity,
 )
 from offline.train.dataset import Encoded, batches, encode, windows
@@ -290,7 +291,7 @@ def train(
                 "epoch": epoch,
                 "train_loss": float(np.mean(losses)),
                 "seconds": round(time.monotonic() - t0, 1),
-                "rss_gb": round(peak_rss_gb(), 2),
+                "rss_gb": round(rss_gb(), 2),  # after validation: growth shows up here
                 **{k: round(v, 5) for k, v in metrics.items()},
             }
             state.history.append(row)
