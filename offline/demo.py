@@ -161,7 +161,8 @@ def run_demo(work: Path, data: Path | None, users: int, minutes: float, keep_run
         base = service.base_url
         http = httpx.Client(base_url=base, timeout=60)
         user = run.plan.users[0]
-        history = read_interactions(inter).items[0]
+        seqs = read_interactions(inter)
+        history = seqs.items[seqs.users.index(user)]  # the first planned user's own history
         typer.echo(f"   user {user} recently bought:")
         for item in history[-3:]:
             typer.echo(f"     - {titles.get(item, item)[:70]}")

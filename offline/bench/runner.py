@@ -93,7 +93,7 @@ def speed(
     try:
         job = ThinkAheadJob(prefixes=prefixes, beam=prefixes, holdout_last=1, max_users=users)
         run = ThinkAheadRun(model_dir, catalog_dir, interactions, url, job)
-        run.seed_histories(interactions, holdout_last=1)
+        run.seed_histories(interactions)
         client = redis_proc.client()
         before = int(client.info("memory")["used_memory"])
         snapshot = run.run(lambda: engine, progress=progress)

@@ -202,9 +202,11 @@ class ThinkAheadRun:
             for i, s in enumerate(range(0, len(self.plan.users), job.shard_size))
         ]
 
-    def seed_histories(self, interactions: Path, cap: int = 50, holdout_last: int = 0) -> int:
-        """Load users' recent histories into ``ta:hist`` (what the online prompt reads)."""
-        seqs = read_interactions(interactions).truncated(holdout_last)
+    def seed_histories(self, interactions: Path, cap: int = 50) -> int:
+        """Load users' recent histories into ``ta:hist`` (what the online prompt reads): the
+        same events the snapshot was computed from (``holdout_last`` of the job applies), so
+        a seeded user's history digest matches their snapshot value."""
+        seqs = read_interactions(interactions).truncated(self.job.holdout_last)
         return self.writer.seed_histories(zip(seqs.users, seqs.items, strict=True), cap)
 
     def open_snapshot(self) -> tuple[SnapshotManifest, set[int]]:
