@@ -389,6 +389,7 @@ class Recommender:
                 and not q.exclude_item_ids
                 and value.history_digest == history_digest(ctx.history)
             ),
+            covisit_heads=value.covisit_heads,
         )
         if not plan.prefixes:
             return None, "prefixes_excluded"

@@ -63,21 +63,24 @@ def candidate_prefixes(
     snapshot: Sequence[Prefix],
     extra: Iterable[tuple[int, int]] = (),
     reuse_prefix_scores: bool = False,
+    extra_heads: Sequence[Prefix] = (),
 ) -> list[CandidatePrefix]:
     """The snapshot's prefixes, then the extra (co-visitation) prefixes it lacks.
 
     ``reuse_prefix_scores``: the history is the one the snapshot was computed from, so its
-    prefix scores are log P(a, b) under the fresh history."""
+    prefix scores, and the ``extra_heads`` the worker computed for co-visitation prefixes, are
+    log P(a, b) under the fresh history."""
     out = [
         CandidatePrefix(p.a, p.b, p.score, p.score if reuse_prefix_scores else None)
         for p in snapshot
     ]
     seen = {(p.a, p.b) for p in snapshot}
     fill = min((p.score for p in snapshot), default=0.0)
+    heads = {(p.a, p.b): p.score for p in extra_heads} if reuse_prefix_scores else {}
     for a, b in extra:
         if (a, b) not in seen:
             seen.add((a, b))
-            out.append(CandidatePrefix(a, b, fill))
+            out.append(CandidatePrefix(a, b, fill, heads.get((a, b))))
     return out
 
 
@@ -109,8 +112,10 @@ def plan_item_scoring(
     ids: TokenIds,
     top_c: int,
     prune: Pruning | None = None,
+    heads_only: bool = False,
 ) -> ScoringPlan:
-    """Requests for every usable candidate; prefixes left empty by exclusions are dropped."""
+    """Requests for every usable candidate; prefixes left empty by exclusions are dropped.
+    ``heads_only``: only the a and b steps (the worker's log P(a, b) of extra prefixes)."""
     prompt = tuple(prompt)
     plan = ScoringPlan()
     plan.prefixes = [p for p in candidates if constraint.has_prefix(p.a, p.b)]
@@ -145,7 +150,7 @@ def plan_item_scoring(
                     want=tuple(ids.level_ids("b", wanted)),
                 )
             )
-    for p in plan.prefixes:
+    for p in [] if heads_only else plan.prefixes:
         c_values = constraint.c_values(p.a, p.b)
         if len(c_values) == 1:
             plan.single_c[(p.a, p.b)] = int(c_values[0])
@@ -182,8 +187,11 @@ def bounded_prefixes(
     return [p for p, u in zip(prefixes, upper, strict=True) if u >= kth_best - 1e-6]
 
 
-def combine(plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds) -> list[ScoredCode]:
-    """Every scored candidate item with its decoder log-prob and offline score, in plan order."""
+def prefix_heads(
+    plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds
+) -> dict[tuple[int, int], float]:
+    """log P(a, b) of every planned prefix: known ones as given, the others from the a and b
+    answers (-inf where the engine did not return a token)."""
     log_a: dict[int, float] = {}
     for index, values in plan.a_slots:
         for a in values:
@@ -196,13 +204,20 @@ def combine(plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds) 
             lp = results[index].get(int(ids.b[b]))
             if lp is not None:
                 log_b[(a, b)] = lp
+    return {
+        (p.a, p.b): p.head
+        if p.head is not None
+        else log_a.get(p.a, -math.inf) + log_b.get((p.a, p.b), -math.inf)
+        for p in plan.prefixes
+    }
+
+
+def combine(plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds) -> list[ScoredCode]:
+    """Every scored candidate item with its decoder log-prob and offline score, in plan order."""
+    heads = prefix_heads(plan, results, ids)
     scored: list[ScoredCode] = []
     for p in plan.prefixes:
         key = (p.a, p.b)
-        if p.head is not None:
-            head = p.head
-        else:
-            head = log_a.get(p.a, -math.inf) + log_b.get(key, -math.inf)
         if key in plan.single_c:
             c_scores = {plan.single_c[key]: 0.0}
         else:
@@ -212,7 +227,7 @@ def combine(plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds) 
                 if t in ids.index_of
             }
         for c, lp_c in c_scores.items():
-            scored.append(ScoredCode((p.a, p.b, c), head + lp_c, p.offline))
+            scored.append(ScoredCode((p.a, p.b, c), heads[key] + lp_c, p.offline))
     return scored
 
 
@@ -226,12 +241,13 @@ def plan_think_ahead(
     weights: FusionWeights,
     features: ItemFeatures,
     unchanged: bool,
+    covisit_heads: Sequence[Prefix] = (),
 ) -> ScoringPlan:
     """The online step's engine requests, exactly as the service sends them (the service, the
     eval and the bench all call this)."""
     return plan_item_scoring(
         prompt,
-        candidate_prefixes(snapshot, covisit_ab, reuse_prefix_scores=unchanged),
+        candidate_prefixes(snapshot, covisit_ab, unchanged, covisit_heads),
         constraint,
         ids,
         top_c=k,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 
@@ -101,22 +101,23 @@ class UserPrefixes:
     prefixes: tuple[Prefix, ...]
     history_digest: str = ""  # of the history the prefixes were computed from
     reasoning: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    # log P(a, b | that history) of the co-visitation candidates' prefixes that are not among
+    # ``prefixes``: an unchanged user's whole candidate set is then scored without a/b steps
+    covisit_heads: tuple[Prefix, ...] = ()
 
     def encode(self) -> bytes:
-        flat: list[float | int] = []
-        for p in self.prefixes:
-            flat.extend((p.a, p.b, float(p.score)))
         body = {
             "v": VALUE_SCHEMA,
             "m": self.model_version,
             "c": self.catalog_version,
             "t": float(self.computed_at),
-            "p": flat,
+            "p": _flat(self.prefixes),
             "h": self.history_digest,
         }
         if self.reasoning is not None:
             body["r"] = self.reasoning
+        if self.covisit_heads:
+            body["x"] = _flat(self.covisit_heads)
         return msgpack.packb(body, use_bin_type=True)
 
     @classmethod
@@ -128,13 +129,8 @@ class UserPrefixes:
         if not isinstance(body, dict) or body.get("v") != VALUE_SCHEMA:
             raise CorruptValue("not a snapshot value of schema version 1")
         try:
-            flat = body["p"]
-            if not isinstance(flat, list) or len(flat) % 3:
-                raise CorruptValue("prefix list length is not a multiple of 3")
-            prefixes = tuple(
-                Prefix(int(flat[i]), int(flat[i + 1]), float(flat[i + 2]))
-                for i in range(0, len(flat), 3)
-            )
+            prefixes = _unflat(body["p"])
+            covisit_heads = _unflat(body.get("x", []))
             reasoning = body.get("r")
             return cls(
                 model_version=str(body["m"]),
@@ -143,8 +139,24 @@ class UserPrefixes:
                 prefixes=prefixes,
                 history_digest=str(body.get("h", "")),
                 reasoning=None if reasoning is None else str(reasoning),
+                covisit_heads=covisit_heads,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, CorruptValue):
                 raise
             raise CorruptValue(f"malformed snapshot value: {exc!r}") from exc
+
+
+def _flat(prefixes: Sequence[Prefix]) -> list[float | int]:
+    flat: list[float | int] = []
+    for p in prefixes:
+        flat.extend((p.a, p.b, float(p.score)))
+    return flat
+
+
+def _unflat(flat: object) -> tuple[Prefix, ...]:
+    if not isinstance(flat, list) or len(flat) % 3:
+        raise CorruptValue("prefix list length is not a multiple of 3")
+    return tuple(
+        Prefix(int(flat[i]), int(flat[i + 1]), float(flat[i + 2])) for i in range(0, len(flat), 3)
+    )

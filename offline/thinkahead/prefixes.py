@@ -9,13 +9,18 @@ contributes 0). For G = 1 this is just the constrained log P(a, b | history).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.beam import BeamSearch, run_searches
 from service.catalog import Catalog
 from service.constraint import Constraint
+from service.covisit import COVISIT_FILE, CovisitTable, Neighbours, covisit_scores
 from service.engine.base import BatchEngine
+from service.fusion import covisit_prefixes
+from service.model import load_serving_config
+from service.scoring import CandidatePrefix, plan_item_scoring, prefix_heads
 from service.snapshot import Prefix
 from service.tokens import Code, TokenIds
 
@@ -83,3 +88,61 @@ def compute_prefixes(
             reasoning = paths.texts[u][0]
         results.append(UserResult(merge_paths(per_path, keep), reasoning))
     return results
+
+
+@dataclass(frozen=True)
+class CovisitSource:
+    """The catalog's co-visitation table and how many neighbours the service adds to the
+    candidates (the model's serving.json)."""
+
+    neighbours: Mapping[str, Neighbours]
+    candidates: int
+
+    @classmethod
+    def load(cls, catalog_dir: Path, catalog: Catalog, model_dir: Path) -> CovisitSource | None:
+        if not (Path(catalog_dir) / COVISIT_FILE).is_file():
+            return None
+        table = CovisitTable.load(catalog_dir, catalog.item_ids, catalog.version)
+        return cls(table.as_mapping(), load_serving_config(model_dir).covisit_candidates)
+
+
+def covisit_heads(
+    engine: BatchEngine,
+    ids: TokenIds,
+    catalog: Catalog,
+    histories: Sequence[Sequence[Code]],
+    results: Sequence[UserResult],
+    source: CovisitSource,
+) -> list[tuple[Prefix, ...]]:
+    """log P(a, b | history) of the prefixes the service will add from co-visitation for an
+    unchanged history, where the prefix search did not keep them: one engine batch for all
+    users, so the service answers such a user without a/b requests."""
+    plans = []
+    for history, result in zip(histories, results, strict=True):
+        items = [item for code in history if (item := catalog.item_at(code)) is not None]
+        scores = covisit_scores(items, source.neighbours, set(items))
+        kept = {(p.a, p.b) for p in result.prefixes}
+        extra = [
+            CandidatePrefix(a, b, 0.0)
+            for a, b in covisit_prefixes(catalog, scores, source.candidates)
+            if (a, b) not in kept
+        ]
+        plans.append(
+            plan_item_scoring(
+                ids.history(history),
+                extra,
+                Constraint(catalog, history),
+                ids,
+                top_c=1,
+                heads_only=True,
+            )
+        )
+    answers = engine.score_batch([r for plan in plans for r in plan.requests])
+    out: list[tuple[Prefix, ...]] = []
+    offset = 0
+    for plan in plans:
+        part = answers[offset : offset + len(plan.requests)]
+        offset += len(plan.requests)
+        heads = prefix_heads(plan, part, ids)
+        out.append(tuple(Prefix(a, b, h) for (a, b), h in heads.items()))
+    return out

@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from offline.thinkahead.prefixes import CovisitSource
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
 from offline.thinkahead.worker import (
     Summary,
@@ -38,6 +39,7 @@ class ShardWorker:
         self.model = load_model_info(model_dir, self.catalog)
         self.job = ThinkAheadJob(**job)
         self.engine = local_engine_factory(Path(model_dir))()
+        self.covisit = CovisitSource.load(Path(catalog_dir), self.catalog, Path(model_dir))
         self.writer = SnapshotWriter(
             connect_sync(redis_url, cluster=cluster),
             Keyspace(self.job.key_prefix, self.job.history_prefix),
@@ -52,7 +54,14 @@ class ShardWorker:
         histories: list[list[tuple[int, int, int]]],
     ) -> int:
         values = process_shard(
-            self.engine, self.model, self.catalog, self.job, users, histories, lambda n: None
+            self.engine,
+            self.model,
+            self.catalog,
+            self.job,
+            users,
+            histories,
+            lambda n: None,
+            self.covisit,
         )
         self.writer.write_shard(snapshot_id, index, values)
         return len(users)

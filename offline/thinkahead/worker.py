@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from offline.data import read_interactions
 from offline.errors import InputError
-from offline.thinkahead.prefixes import compute_prefixes
+from offline.thinkahead.prefixes import CovisitSource, compute_prefixes, covisit_heads
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
 from offline.thinkahead.reasoning import Reasoner
 from service.catalog import Catalog
@@ -135,6 +135,7 @@ def process_shard(
     users: Sequence[str],
     histories: Sequence[Sequence[Code]],
     on_batch: Callable[[int], None],
+    covisit: CovisitSource | None = None,
 ) -> list[tuple[str, UserPrefixes]]:
     values: list[tuple[str, UserPrefixes]] = []
     reasoner = reasoner_for(model, job)
@@ -146,8 +147,15 @@ def process_shard(
         results = compute_prefixes(
             engine, model.token_ids, catalog, batch_hist, job.beam, job.prefixes, paths=paths
         )
+        heads = (
+            covisit_heads(engine, model.token_ids, catalog, batch_hist, results, covisit)
+            if covisit is not None
+            else [() for _ in results]
+        )
         now = time.time()
-        for user, hist, result in zip(users[start:], batch_hist, results, strict=False):
+        for user, hist, result, extra in zip(
+            users[start:], batch_hist, results, heads, strict=False
+        ):
             values.append(
                 (
                     user,
@@ -158,6 +166,7 @@ def process_shard(
                         tuple(result.prefixes),
                         history_digest=history_digest(hist),
                         reasoning=result.reasoning,
+                        covisit_heads=extra,
                     ),
                 )
             )
@@ -184,6 +193,7 @@ class ThinkAheadRun:
         self.redis_url, self.cluster = redis_url, cluster
         self.job = job
         self.plan = plan_users(interactions, self.catalog, self.model.max_history, job.holdout_last)
+        self.covisit = CovisitSource.load(self.catalog_dir, self.catalog, self.model_dir)
         if job.max_users is not None:
             self.plan.users = self.plan.users[: job.max_users]
             self.plan.histories = self.plan.histories[: job.max_users]
@@ -295,7 +305,14 @@ class ThinkAheadRun:
             engine = engine_factory()
             for index, users, histories in todo:
                 values = process_shard(
-                    engine, self.model, self.catalog, self.job, users, histories, bar.update
+                    engine,
+                    self.model,
+                    self.catalog,
+                    self.job,
+                    users,
+                    histories,
+                    bar.update,
+                    self.covisit,
                 )
                 self.writer.write_shard(manifest.snapshot_id, index, values)
         bar.close()

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import redis
 
+from offline.thinkahead.prefixes import CovisitSource, UserResult, covisit_heads
 from offline.thinkahead.publish import SnapshotWriter
 from service.catalog import Catalog
 from service.core import RecommendQuery, Source
 from service.covisit import Neighbours
+from service.engine.base import ScoreRequest, TokenLogprobs
 from service.fusion import FusionWeights
 from service.manifest import SnapshotManifest
-from service.model import ServingConfig
+from service.model import ModelInfo, ServingConfig, load_model_info
 from service.runtime import Runtime, open_runtime
 from service.snapshot import Keyspace, Prefix, UserPrefixes, history_digest
 from tests.fake_engine import FAKE_MODEL_VERSION, FakeEngine, write_tiny_artifacts
@@ -37,8 +39,21 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return catalog_dir, model_dir
 
 
-def publish(redis_url: str, catalog: Catalog, users: dict[str, list[str]]) -> None:
-    """A snapshot whose prefixes avoid item "7", plus co-visitation: "7" follows "1"."""
+class SyncFake:
+    """The fake engine as the worker's batch engine."""
+
+    def score_batch(self, requests: list[ScoreRequest]) -> list[TokenLogprobs]:
+        return [FakeEngine()._one(r) for r in requests]
+
+
+def publish(
+    redis_url: str,
+    catalog: Catalog,
+    users: dict[str, list[str]],
+    model: ModelInfo | None = None,
+) -> None:
+    """A snapshot whose prefixes avoid item "7", plus co-visitation: "7" follows "1". With a
+    ``model``, values carry the worker's log P(a, b) of the co-visitation prefixes."""
     writer = SnapshotWriter(redis.Redis.from_url(redis_url), Keyspace(), ttl_s=600)
     manifest = SnapshotManifest(
         snapshot_id=SID, model_version=FAKE_MODEL_VERSION, catalog_version=catalog.version
@@ -52,8 +67,19 @@ def publish(redis_url: str, catalog: Catalog, users: dict[str, list[str]]) -> No
         if (a, b) != seven[:2]
     )[:4]
     values = []
+    neighbours = {"1": Neighbours(("7", "9"), (30.0, 1.0))}
     for user, history in users.items():
         codes = catalog.codes_of(history)[0]
+        heads: tuple[Prefix, ...] = ()
+        if model is not None:
+            (heads,) = covisit_heads(
+                SyncFake(),
+                model.token_ids,
+                catalog,
+                [codes],
+                [UserResult(list(prefixes), None)],
+                CovisitSource(neighbours, 5),
+            )
         values.append(
             (
                 user,
@@ -63,19 +89,24 @@ def publish(redis_url: str, catalog: Catalog, users: dict[str, list[str]]) -> No
                     time.time(),
                     prefixes,
                     history_digest=history_digest(codes),
+                    covisit_heads=heads,
                 ),
             )
         )
     writer.write_shard(SID, 0, values)
-    writer.write_covisit(SID, [("1", Neighbours(("7", "9"), (30.0, 1.0)))])
+    writer.write_covisit(SID, list(neighbours.items()))
     writer.publish(manifest)
     writer.seed_histories(users.items(), cap=50)
 
 
 @asynccontextmanager
-async def running(artifacts: tuple[Path, Path], redis_url: str) -> AsyncIterator[Runtime]:
+async def running(
+    artifacts: tuple[Path, Path], redis_url: str, worker_heads: bool = False
+) -> AsyncIterator[Runtime]:
     catalog_dir, model_dir = artifacts
-    publish(redis_url, Catalog.load(catalog_dir), {"u1": ["3", "4"], "u2": ["1"]})
+    catalog = Catalog.load(catalog_dir)
+    model = load_model_info(model_dir, catalog) if worker_heads else None
+    publish(redis_url, catalog, {"u1": ["3", "4"], "u2": ["1"]}, model)
     settings = make_settings(catalog_dir, model_dir, redis_url)
     async with open_runtime(settings, FakeEngine()) as rt:
         await rt.watcher.refresh()
@@ -152,3 +183,30 @@ async def test_neighbours_are_cached_so_redis_outages_keep_covisitation(
         # recent items from the request itself work too, with no stored history
         fresh = await runtime.core.recommend(RecommendQuery("nobody", k=2, recent_item_ids=("1",)))
         assert fresh.source is Source.COVISITATION and fresh.items[0].item_id == "7"
+
+
+async def test_worker_heads_spare_an_unchanged_users_a_and_b_steps(
+    artifacts: tuple[Path, Path], redis_url: str
+) -> None:
+    answers = {}
+    for worker_heads in (False, True):
+        async with running(artifacts, redis_url, worker_heads) as runtime:
+            engine = runtime.engine
+            assert isinstance(engine, FakeEngine)
+            sent: list[ScoreRequest] = []
+            real = engine.score
+
+            async def spy(requests: list[ScoreRequest], real=real, sent=sent):  # type: ignore[no-untyped-def]
+                sent.extend(requests)
+                return await real(requests)
+
+            engine.score = spy  # type: ignore[method-assign]
+            rec = await runtime.core.recommend(RecommendQuery("u2", k=5))
+            assert rec.source is Source.THINK_AHEAD
+            sid_begin = runtime.model.token_ids.sid_begin
+            a_steps = [r for r in sent if r.prompt[-1] == sid_begin]
+            answers[worker_heads] = ([(i.item_id, i.score) for i in rec.items], a_steps)
+    assert answers[False][1] and not answers[True][1]  # the a/b steps are gone
+    ranked, plain = answers[True][0], answers[False][0]
+    assert [i for i, _ in ranked] == [i for i, _ in plain] and "7" in dict(ranked)
+    assert [s for _, s in ranked] == pytest.approx([s for _, s in plain], abs=1e-6)

@@ -19,8 +19,13 @@ def value(**kw) -> UserPrefixes:  # type: ignore[no-untyped-def]
 
 
 def test_round_trip_keeps_every_field() -> None:
-    v = value(reasoning="likes matte lipsticks")
+    v = value(reasoning="likes matte lipsticks", covisit_heads=(Prefix(5, 6, -2.5),))
     assert UserPrefixes.decode(v.encode()) == v
+    assert UserPrefixes.decode(value().encode()).covisit_heads == ()  # optional field
+    body = msgpack.unpackb(v.encode())
+    body["x"] = [1, 2]  # not (a, b, score) triples
+    with pytest.raises(CorruptValue, match="multiple of 3"):
+        UserPrefixes.decode(msgpack.packb(body))
 
 
 def test_value_is_compact() -> None:
