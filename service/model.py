@@ -51,7 +51,8 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int]:
 
 
 SERVING_FILE = "serving.json"
-DEFAULT_COVISIT_CANDIDATES = 20
+DEFAULT_COVISIT_CANDIDATES = 10
+DEFAULT_WEIGHTS = FusionWeights(offline=2.0, covisit=32.0, popularity=0.0)
 
 
 class ServingConfig(BaseModel):
@@ -61,7 +62,9 @@ class ServingConfig(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    weights: FusionWeights = Field(default_factory=FusionWeights)
+    # Without a serving.json (no tune-blend run for this model): what tune-blend learned on
+    # Beauty's validation split (3,000 users, 2026-12-02), the defaults for any catalog.
+    weights: FusionWeights = Field(default_factory=lambda: DEFAULT_WEIGHTS)
     covisit_candidates: int = Field(default=DEFAULT_COVISIT_CANDIDATES, ge=0)
     covisit_version: str | None = None
     chosen_on: str | None = None
