@@ -59,10 +59,14 @@ def build_quality_report(
     serving = load_serving_config(model_dir)
     rows: dict[str, dict[str, Any]] = {}
     for name, row in _rows(served_report).items():
-        rows[name] = {**row, "kind": "ours" if name.startswith("served") else "baseline"}
+        if name.startswith("served"):
+            rows[name] = {**row, "kind": "ours"}
     for name, row in _rows(decoder_report).items():
         if name.startswith("decoder"):
             rows[f"{name}, decoder alone"] = {**row, "kind": "ours"}
+    for name, row in _rows(served_report).items():
+        if not name.startswith("served"):
+            rows[name] = {**row, "kind": "baseline"}
     if refit is not None:
         for name, row in _rows(json.loads(Path(refit).read_text())).items():
             if name.startswith("served"):
@@ -119,11 +123,15 @@ def render(report: dict[str, Any]) -> str:
         f"prefix score + {w['covisit']:g} x log(1 + co-visitation) + {w['popularity']:g} x "
         f"log(1 + popularity), with {report['serving']['covisit_candidates']} co-visitation "
         "neighbours of the fresh last items among the candidates; weights learned on the "
-        f"validation split ({report['serving'].get('chosen_on')}).",
+        f"{report['serving'].get('chosen_on')}.",
         "",
         f"Decoder: `{t['preset']}` preset, {t['parameters']:,} parameters, {t['epochs_run']} "
         f"epochs (best {t['best_epoch']}), {t['train_seconds'] / 60:.1f} minutes on this "
         f"machine's 2 cores, peak RSS {t['peak_rss_gb']} GB.",
+        "",
+        "Evaluation: `thinkahead eval --mode think-ahead --engine torch` (the service's "
+        "planning, pruning and fused ranking; the plain-PyTorch engine answers the same score "
+        "requests as vLLM, see tests/offline/decode/test_torch_engine.py).",
         "",
         "Commands:",
         "",
