@@ -164,6 +164,9 @@ def train_cmd(
     resume: Annotated[
         bool, typer.Option(help="continue a killed run of the same settings from its checkpoint")
     ] = True,
+    low_memory: Annotated[
+        bool, typer.Option(help="keep resident memory near the live tensors (slower)")
+    ] = False,
     seed: Annotated[int, typer.Option()] = _train_default("seed"),
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
@@ -181,6 +184,7 @@ def train_cmd(
         max_minutes=max_minutes,
         refit=refit,
         resume=resume,
+        low_memory=low_memory,
         seed=seed,
     )
     manifest = train(catalog, interactions, out, cfg, progress=progress)

@@ -54,7 +54,7 @@ def checkpoint_path(out_dir: Path) -> Path:
 def run_identity(cfg: _Identified, data: Any) -> str:
     """Inputs and settings that must match for a checkpoint to be resumed (not ``resume``
     itself, nor the time limit, nor the thread count)."""
-    settings = cfg.model_dump_json(exclude={"resume", "max_minutes", "threads"})
+    settings = cfg.model_dump_json(exclude={"resume", "max_minutes", "threads", "low_memory"})
     return sha256_hex(settings.encode(), data.data_hash.encode(), data.catalog.version.encode())
 
 

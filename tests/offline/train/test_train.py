@@ -164,3 +164,12 @@ def test_refit_trains_on_validation_items_for_the_given_epochs(tiny_world, tmp_p
     )
     # every user's validation item joins the training sequences
     assert manifest.parameters["train_items"] > plain.parameters["train_items"]
+
+
+def test_malloc_thresholds_can_be_pinned() -> None:
+    import subprocess
+    import sys
+
+    # in a child: the thresholds are process-wide and would slow the rest of the session
+    code = "from offline.train.memory import fix_malloc_thresholds as f; assert f()"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
