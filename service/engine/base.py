@@ -15,9 +15,6 @@ from typing import Protocol
 
 TokenLogprobs = dict[int, float]
 
-# vLLM refuses more than this many ids in ``logprob_token_ids``.
-MAX_WANTED_IDS = 128
-
 
 class EngineError(RuntimeError):
     """The engine failed or is not running (the core maps it to a fallback or UNAVAILABLE)."""
