@@ -20,7 +20,7 @@ from offline.evaluate import (
 )
 from offline.tune import CANDIDATES_GRID, grid_search
 from service.catalog import Catalog
-from service.covisit import COVISIT_FILE, CovisitTable, Neighbours
+from service.covisit import CovisitTable, Neighbours
 from service.fusion import FusionWeights
 from service.manifest import utc_now, write_json_atomic
 from service.model import ServingConfig, load_model_info, load_serving_config
@@ -148,7 +148,8 @@ def tune_blend(
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
     examples, _ = select_examples(interactions, "valid", info.max_history, limit)
-    covisit = load_covisit(catalog_dir, catalog)
+    table = CovisitTable.load_optional(catalog_dir, catalog.item_ids, catalog.version)
+    covisit = table.as_mapping() if table is not None else {}
     batch = batch_engine(engine, model_dir, info)
     t0 = time.monotonic()
     users, _ = think_ahead_candidates(
@@ -174,7 +175,7 @@ def tune_blend(
     config = ServingConfig(
         weights=best.weights,
         covisit_candidates=best.covisit_candidates,
-        covisit_version=_covisit_version(catalog_dir, catalog),
+        covisit_version=table.version if table is not None else None,
         chosen_on=f"validation split, {len(examples)} users: the fewest co-visitation "
         f"candidates within 1% of the best NDCG@{k} over a grid of {len(trials)} settings",
         created_at=utc_now(),
@@ -193,15 +194,8 @@ def tune_blend(
 
 def load_covisit(catalog_dir: Path, catalog: Catalog) -> dict[str, Neighbours]:
     """The catalog's co-visitation table; empty (decoder only) when it has none."""
-    if not (Path(catalog_dir) / COVISIT_FILE).is_file():
-        return {}
-    return CovisitTable.load(catalog_dir, catalog.item_ids, catalog.version).as_mapping()
-
-
-def _covisit_version(catalog_dir: Path, catalog: Catalog) -> str | None:
-    if not (Path(catalog_dir) / COVISIT_FILE).is_file():
-        return None
-    return CovisitTable.load(catalog_dir, catalog.item_ids, catalog.version).version
+    table = CovisitTable.load_optional(catalog_dir, catalog.item_ids, catalog.version)
+    return table.as_mapping() if table is not None else {}
 
 
 def baseline_rows(data: Any, examples: list[Any], split: str, k: int) -> dict[str, Any]:

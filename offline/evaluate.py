@@ -112,7 +112,6 @@ class UserCandidates:
     """One user's scored think-ahead candidates: enough to rank them under any weights."""
 
     target: str
-    history: list[str]
     scored: list[ScoredCode]
     features: ItemFeatures
     snapshot_ab: set[tuple[int, int]]
@@ -191,9 +190,7 @@ def think_ahead_candidates(
                     unchanged=stale_events == 0,
                 )
             plans.append(plan)
-            out.append(
-                UserCandidates(e.target, e.history, [], features, set(ranked_ab), covisit_ab)
-            )
+            out.append(UserCandidates(e.target, [], features, set(ranked_ab), covisit_ab))
         answers = engine.score_batch([r for p in plans for r in p.requests])
         offset = 0
         for plan, user in zip(plans, out[start:], strict=True):

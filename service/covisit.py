@@ -174,6 +174,15 @@ class CovisitTable:
         return path
 
     @classmethod
+    def load_optional(
+        cls, directory: Path | str, item_ids: list[str], catalog_version: str
+    ) -> CovisitTable | None:
+        """The catalog directory's table, or None when it has none (decoder only)."""
+        if not (Path(directory) / COVISIT_FILE).is_file():
+            return None
+        return cls.load(directory, item_ids, catalog_version)
+
+    @classmethod
     def load(cls, directory: Path | str, item_ids: list[str], catalog_version: str) -> CovisitTable:
         path = Path(directory) / COVISIT_FILE
         if not path.is_file():

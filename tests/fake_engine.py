@@ -46,6 +46,10 @@ class FakeEngine:
         ranked = sorted(logprobs.items(), key=lambda kv: (-kv[1], kv[0]))
         return dict(ranked[: request.n_logprobs])
 
+    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
+        """The same answers as an offline :class:`BatchEngine` (the worker's side)."""
+        return [self._one(r) for r in requests]
+
     async def score(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
         self.calls += 1
         if self.delay_s:

@@ -16,7 +16,7 @@ from pathlib import Path
 from service.beam import BeamSearch, run_searches
 from service.catalog import Catalog
 from service.constraint import Constraint
-from service.covisit import COVISIT_FILE, CovisitTable, Neighbours, covisit_scores
+from service.covisit import CovisitTable, Neighbours, covisit_scores
 from service.engine.base import BatchEngine
 from service.fusion import covisit_prefixes
 from service.model import load_serving_config
@@ -97,13 +97,15 @@ class CovisitSource:
 
     neighbours: Mapping[str, Neighbours]
     candidates: int
+    version: str | None = None  # the table's, recorded in the snapshot manifest
 
     @classmethod
     def load(cls, catalog_dir: Path, catalog: Catalog, model_dir: Path) -> CovisitSource | None:
-        if not (Path(catalog_dir) / COVISIT_FILE).is_file():
+        table = CovisitTable.load_optional(catalog_dir, catalog.item_ids, catalog.version)
+        if table is None:
             return None
-        table = CovisitTable.load(catalog_dir, catalog.item_ids, catalog.version)
-        return cls(table.as_mapping(), load_serving_config(model_dir).covisit_candidates)
+        candidates = load_serving_config(model_dir).covisit_candidates
+        return cls(table.as_mapping(), candidates, table.version)
 
 
 def covisit_heads(

@@ -24,7 +24,7 @@ from offline.thinkahead.prefixes import CovisitSource, compute_prefixes, covisit
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
 from offline.thinkahead.reasoning import Reasoner
 from service.catalog import Catalog
-from service.covisit import COVISIT_FILE, CovisitTable
+from service.covisit import COVISIT_FILE
 from service.engine.base import BatchEngine
 from service.manifest import SnapshotManifest, file_hash, sha256_hex
 from service.model import ModelInfo, load_model_info
@@ -247,18 +247,17 @@ class ThinkAheadRun:
         return manifest, set()
 
     def publish_covisit(self, snapshot_id: str) -> str | None:
-        """Write the catalog directory's co-visitation table under the snapshot; its version,
-        or None when the catalog has none (the service then serves without co-visitation)."""
-        if not (self.catalog_dir / COVISIT_FILE).is_file():
+        """Write the co-visitation table the users were scored with under the snapshot; its
+        version, or None when the catalog has none (the service then serves without it)."""
+        if self.covisit is None:
             log.warning(
                 "no %s in %s: the snapshot carries no co-visitation table",
                 COVISIT_FILE,
                 self.catalog_dir,
             )
             return None
-        table = CovisitTable.load(self.catalog_dir, self.catalog.item_ids, self.catalog.version)
-        self.writer.write_covisit(snapshot_id, table.as_mapping().items())
-        return table.version
+        self.writer.write_covisit(snapshot_id, self.covisit.neighbours.items())
+        return self.covisit.version
 
     def finish(self, manifest: SnapshotManifest, started: float, resumed: int) -> Summary:
         covisit_version = self.publish_covisit(manifest.snapshot_id)

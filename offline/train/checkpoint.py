@@ -46,6 +46,11 @@ class RunState:
     torch_rng: torch.Tensor | None = None
 
 
+# what the epoch loop carries, and what only a loaded checkpoint fills in
+_CARRIED = ("epoch", "step", "stale", "finished", "elapsed_s", "history", "best", "best_model")
+_LOADED = ("model", "optimizer", "numpy_rng", "torch_rng")
+
+
 def checkpoint_path(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     return out_dir.parent / f".{out_dir.name}.ckpt.pt"
@@ -73,14 +78,7 @@ class Checkpoint:
         body = {
             "schema": CHECKPOINT_SCHEMA,
             "identity": self.identity,
-            "epoch": state.epoch,
-            "step": state.step,
-            "stale": state.stale,
-            "finished": state.finished,
-            "elapsed_s": state.elapsed_s,
-            "history": state.history,
-            "best": state.best,
-            "best_model": state.best_model,
+            **{name: getattr(state, name) for name in _CARRIED},
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "numpy_rng": rng.bit_generator.state,
@@ -102,18 +100,7 @@ class Checkpoint:
             log.warning("ignoring checkpoint %s: other inputs or settings", self.path)
             return None
         return RunState(
-            epoch=body["epoch"],
-            step=body["step"],
-            stale=body["stale"],
-            finished=body["finished"],
-            elapsed_s=body["elapsed_s"],
-            history=body["history"],
-            best=body["best"],
-            best_model=body["best_model"],
-            model=body["model"],
-            optimizer=body["optimizer"],
-            numpy_rng=body["numpy_rng"],
-            torch_rng=body["torch_rng"],
+            **{name: body[name] for name in (*_CARRIED, *_LOADED)},
         )
 
     def remove(self) -> None:

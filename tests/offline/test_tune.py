@@ -21,7 +21,6 @@ def user(target: str) -> UserCandidates:
     ]
     return UserCandidates(
         target=target,
-        history=["i3"],
         scored=scored,
         features=ItemFeatures(catalog, {"i4": 50.0}),
         snapshot_ab={(0, 0), (0, 1)},

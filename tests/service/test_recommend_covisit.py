@@ -19,7 +19,7 @@ from offline.thinkahead.publish import SnapshotWriter
 from service.catalog import Catalog
 from service.core import RecommendQuery, Source
 from service.covisit import Neighbours
-from service.engine.base import ScoreRequest, TokenLogprobs
+from service.engine.base import ScoreRequest
 from service.fusion import FusionWeights
 from service.manifest import SnapshotManifest
 from service.model import ModelInfo, ServingConfig, load_model_info
@@ -37,13 +37,6 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     # served weights as `thinkahead tune-blend` would record them
     ServingConfig(weights=FusionWeights(covisit=4.0), covisit_candidates=5).write(model_dir)
     return catalog_dir, model_dir
-
-
-class SyncFake:
-    """The fake engine as the worker's batch engine."""
-
-    def score_batch(self, requests: list[ScoreRequest]) -> list[TokenLogprobs]:
-        return [FakeEngine()._one(r) for r in requests]
 
 
 def publish(
@@ -73,7 +66,7 @@ def publish(
         heads: tuple[Prefix, ...] = ()
         if model is not None:
             (heads,) = covisit_heads(
-                SyncFake(),
+                FakeEngine(),
                 model.token_ids,
                 catalog,
                 [codes],
