@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _generate() -> None:
-    from service.protos import generate
+    from service.api.protos import generate
 
     generate(ROOT)
 
@@ -23,6 +23,6 @@ class BuildWithProtos(build_py):
         super().run()
 
 
-# Before setup(): package discovery runs inside it and must already see service/_proto.
+# Before setup(): package discovery runs inside it and must already see service/api/_proto.
 _generate()
 setup(cmdclass={"build_py": BuildWithProtos})

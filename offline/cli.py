@@ -17,8 +17,8 @@ import typer
 
 from offline.catalog.covisit import DEFAULT_TOP_N
 from offline.errors import InputError
-from service.catalog import CatalogError
-from service.manifest import ManifestError
+from service.contracts.catalog import CatalogError
+from service.contracts.manifest import ManifestError
 
 USER_ERRORS: tuple[type[Exception], ...] = (InputError, CatalogError, ManifestError)
 INPUT_ERROR_EXIT = 2
@@ -320,8 +320,8 @@ def serve_cmd(
     ] = False,
 ) -> None:
     """Serve REST and gRPC recommendations (settings: flags, then THINKAHEAD_* env vars)."""
+    from service.app import run
     from service.config import Settings
-    from service.server import run
 
     overrides: dict[str, Any] = {"model_dir": model, "catalog_dir": catalog}
     if http_port is not None:
@@ -440,7 +440,7 @@ def history_load(
     """Replace users' ta:hist lists with their latest events from an interactions log."""
     from offline.data import read_interactions
     from offline.thinkahead.publish import SnapshotWriter, connect_sync
-    from service.snapshot import Keyspace
+    from service.contracts.snapshot import Keyspace
 
     seqs = read_interactions(interactions).truncated(holdout_last)
     writer = SnapshotWriter(connect_sync(redis, cluster=cluster), Keyspace(key_prefix), 0)

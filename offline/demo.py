@@ -198,9 +198,8 @@ def run_demo(work: Path, data: Path | None, users: int, minutes: float, keep_run
 def grpc_recommend(port: int, user: str) -> dict:  # type: ignore[type-arg]
     import grpc
     from google.protobuf.json_format import MessageToDict
-
-    from service._proto.thinkahead.v1 import recommender_pb2 as pb
-    from service._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
+    from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
+    from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id=user, k=5))

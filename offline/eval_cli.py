@@ -19,11 +19,11 @@ from offline.evaluate import (
     think_ahead_candidates,
 )
 from offline.tune import CANDIDATES_GRID, grid_search
-from service.catalog import Catalog
-from service.covisit import CovisitTable, Neighbours
-from service.fusion import FusionWeights
-from service.manifest import utc_now, write_json_atomic
-from service.model import ServingConfig, load_model_info, load_serving_config
+from service.contracts.catalog import Catalog
+from service.contracts.covisit import CovisitTable, Neighbours
+from service.contracts.fusion import FusionWeights
+from service.contracts.manifest import utc_now, write_json_atomic
+from service.contracts.model import ServingConfig, load_model_info, load_serving_config
 
 
 def rank_full_torch(

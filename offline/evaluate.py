@@ -4,7 +4,7 @@ Modes:
 - ``full``: trie-constrained beam search over all three tokens (width >= k);
 - ``think-ahead``: the architecture as served: top-M prefixes from a 2-token beam search over
   the history the worker saw (optionally ``stale_events`` events short), then the online step
-  scores whole items under the fresh history (``service.scoring``) in one engine round.
+  scores whole items under the fresh history (``service.contracts.scoring``) in one engine round.
 History items are excluded from the ranking in every mode (as the service does).
 """
 
@@ -24,21 +24,21 @@ from offline.baselines import CoVisitation
 from offline.data import Example, Sequences, leave_one_out, read_interactions
 from offline.metrics import ranking_metrics
 from offline.thinkahead.prefixes import compute_prefixes
-from service.beam import BeamSearch, run_searches
-from service.catalog import Catalog
-from service.constraint import Constraint
-from service.covisit import Neighbours, covisit_scores
-from service.engine.base import BatchEngine
-from service.fusion import FusionWeights, ItemFeatures, covisit_prefixes, rank_fused
-from service.model import ModelInfo, ServingConfig
-from service.scoring import (
+from service.contracts.beam import BeamSearch, run_searches
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.covisit import Neighbours, covisit_scores
+from service.contracts.fusion import FusionWeights, ItemFeatures, covisit_prefixes, rank_fused
+from service.contracts.model import ModelInfo, ServingConfig
+from service.contracts.scoring import (
     ScoredCode,
     candidate_prefixes,
     combine,
     plan_item_scoring,
     plan_think_ahead,
 )
-from service.tokens import Code
+from service.contracts.tokens import Code
+from service.engine.base import BatchEngine
 
 Mode = Literal["full", "think-ahead"]
 
@@ -142,7 +142,7 @@ def think_ahead_candidates(
 ) -> tuple[list[UserCandidates], dict[str, float]]:
     """The architecture as served, per user: top-M prefixes from a 2-token beam search over
     the history minus its last ``stale_events`` items (the worker), then the online step over
-    the fresh history (``service.scoring.plan_think_ahead``), with the co-visitation
+    the fresh history (``service.contracts.scoring.plan_think_ahead``), with the co-visitation
     neighbours of the fresh last items among the candidates.
 
     ``prune``: the served weights, bounding prefixes out of the top k exactly as the service

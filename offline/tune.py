@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from offline.evaluate import UserCandidates
-from service.fusion import FusionWeights
+from service.contracts.fusion import FusionWeights
 
 OFFLINE_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 COVISIT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from service.app import run
 from service.config import Settings
-from service.server import run
 
 
 def main(argv: list[str] | None = None) -> None:

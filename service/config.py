@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.contracts.fusion import FusionWeights
 from service.engine.vllm_engine import VllmOptions
-from service.fusion import FusionWeights
 
 MAX_LIST_ITEMS = 200  # hard cap of id lists in one request (the API schema documents it)
 
@@ -128,7 +128,7 @@ class TlsSettings(BaseModel):
             raise ValueError("tls.cert_file and tls.key_file go together")
         if self.client_ca_file is not None and self.cert_file is None:
             raise ValueError("tls.client_ca_file (mTLS) needs tls.cert_file and tls.key_file")
-        return self  # the files are checked when the server starts (service.server)
+        return self  # the files are checked when the server starts (service.app)
 
 
 class Settings(BaseSettings):

@@ -2,8 +2,8 @@
 
 Per request: one Redis round trip (C_u + history), one for the co-visitation neighbours of the
 fresh last items (often served from an in-process cache), one engine round scoring whole items
-under the fresh history, fused with the features that need no engine (``service.fusion``), all
-under a deadline. Anything missing, mismatched, slow or down becomes a flagged fallback: full
+under the fresh history, fused with the features that need no engine (``service.contracts.fusion``),
+all under a deadline. Anything missing, mismatched, slow or down becomes a flagged fallback: full
 decode when the budget allows, else co-visitation of the user's recent items, else popular
 items under the user's prefixes, else global popular.
 """
@@ -22,29 +22,29 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from service.beam import BeamSearch, run_searches_async
-from service.breaker import CircuitBreaker
-from service.catalog import Catalog
 from service.config import RecommendSettings
-from service.constraint import Constraint
-from service.covisit import EMPTY as EMPTY_NEIGHBOURS
-from service.covisit import (
+from service.contracts.beam import BeamSearch, run_searches_async
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.covisit import EMPTY as EMPTY_NEIGHBOURS
+from service.contracts.covisit import (
     CovisitError,
     NeighbourCache,
     Neighbours,
     covisit_scores,
     recent_items,
 )
+from service.contracts.fusion import FusionWeights, ItemFeatures, covisit_prefixes, rank_fused
+from service.contracts.model import ModelInfo
+from service.contracts.scoring import plan_think_ahead, rank_think_ahead
+from service.contracts.snapshot import CorruptValue, Prefix, UserPrefixes, history_digest
+from service.contracts.tokens import Code
 from service.engine.base import Engine, EngineError, ScoreRequest, TokenLogprobs
+from service.engine.breaker import CircuitBreaker
 from service.errors import InvalidRequest, Overloaded, RedisUnavailable
-from service.fusion import FusionWeights, ItemFeatures, covisit_prefixes, rank_fused
 from service.metrics import Metrics
-from service.model import ModelInfo
-from service.scoring import plan_think_ahead, rank_think_ahead
-from service.snapshot import CorruptValue, Prefix, UserPrefixes, history_digest
-from service.snapshot_watch import SnapshotWatcher
-from service.store import SnapshotStore, UserRead
-from service.tokens import Code
+from service.storage.snapshot_watch import SnapshotWatcher
+from service.storage.store import SnapshotStore, UserRead
 
 log = logging.getLogger(__name__)
 

@@ -7,22 +7,23 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from service import __version__
-from service.auth import Authenticator, KeyStore
-from service.breaker import BreakerState, CircuitBreaker
-from service.catalog import Catalog
+from service.api.auth import Authenticator, KeyStore
+from service.api.gate import Gate
+from service.api.ratelimit import RateLimiter
 from service.config import Settings
+from service.contracts.catalog import Catalog
+from service.contracts.model import ModelInfo, load_model_info, load_serving_config
+from service.contracts.snapshot import Keyspace
 from service.core import Recommender
 from service.engine.base import Engine, ScoreRequest
-from service.gate import Gate
+from service.engine.breaker import BreakerState, CircuitBreaker
 from service.metrics import Metrics
-from service.model import ModelInfo, load_model_info, load_serving_config
-from service.ratelimit import RateLimiter
-from service.snapshot import Keyspace
-from service.snapshot_watch import SnapshotWatcher
-from service.store import SnapshotStore, connect
+from service.storage.redis import connect
+from service.storage.snapshot_watch import SnapshotWatcher
+from service.storage.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ class Runtime:
     metrics: Metrics
     gate: Gate
     draining: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
     def catalog_and_model_ok(self) -> bool:
         """The loaded artifacts agree with each other and with what serves: a non-empty catalog,
@@ -177,8 +177,8 @@ async def _probe(core: Recommender) -> None:
 
 async def _warm_up(core: Recommender) -> bool:
     """One full decode so the first real request does not pay for lazy engine setup."""
-    from service.beam import BeamSearch, run_searches_async
-    from service.constraint import Constraint
+    from service.contracts.beam import BeamSearch, run_searches_async
+    from service.contracts.constraint import Constraint
 
     search = BeamSearch(
         core.model.token_ids.history([]), core.model.token_ids, Constraint(core.catalog), 4

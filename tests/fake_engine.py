@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.catalog import POPULARITY_FILE, catalog_version_of, write_codes
+from service.contracts.catalog import POPULARITY_FILE, catalog_version_of, write_codes
+from service.contracts.manifest import CatalogManifest, ModelManifest
+from service.contracts.tokens import SPECIAL_TOKENS, all_item_tokens
 from service.engine.base import EngineError, ScoreRequest, TokenLogprobs
-from service.manifest import CatalogManifest, ModelManifest
-from service.tokens import SPECIAL_TOKENS, all_item_tokens
 
 FAKE_MODEL_VERSION = "fake-model-v1"
 

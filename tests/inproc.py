@@ -4,7 +4,6 @@ middleware and the interceptor tested in seconds, without vLLM."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,14 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
-from service.auth import hash_key
+from service.api.auth import hash_key
+from service.app import serving
 from service.config import Settings
-from service.grpc_api import start_grpc, stop_grpc
-from service.rest import create_app
-from service.runtime import Runtime, open_runtime
-from service.server import uvicorn_config
+from service.runtime import Runtime
 from tests.fake_engine import FakeEngine
 from tests.helpers import free_port
 
@@ -60,6 +55,7 @@ class InProc:
     settings: Settings
     runtime: Runtime
     engine: FakeEngine
+    grpc_port: int
 
     @property
     def base_url(self) -> str:
@@ -68,7 +64,7 @@ class InProc:
 
     @property
     def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.runtime.extra['grpc_port']}"
+        return f"127.0.0.1:{self.grpc_port}"
 
 
 def make_settings(catalog_dir: Path, model_dir: Path, redis_url: str, **overrides: Any) -> Settings:
@@ -88,17 +84,5 @@ def make_settings(catalog_dir: Path, model_dir: Path, redis_url: str, **override
 
 @asynccontextmanager
 async def serve_in_process(settings: Settings, engine: FakeEngine) -> AsyncIterator[InProc]:
-    async with open_runtime(settings, engine) as rt:
-        grpc_server = await start_grpc(rt)
-        server = uvicorn.Server(uvicorn_config(settings, create_app(settings, rt)))
-        task = asyncio.create_task(server.serve())
-        try:
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
-            yield InProc(settings, rt, engine)
-        finally:
-            server.should_exit = True
-            await task
-            await stop_grpc(grpc_server, rt)
+    async with serving(settings, engine) as running:
+        yield InProc(settings, running.runtime, engine, running.grpc.port)

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.manifest import ModelManifest, utc_now, write_json_atomic
-from service.model import load_serving_config
+from service.contracts.manifest import ModelManifest, utc_now, write_json_atomic
+from service.contracts.model import load_serving_config
 
 # Beauty, 22,363 users / 12,101 items, leave-one-out, full ranking: R@10, N@10 as published
 # (the papers, and the benchmark tables of blondered/transformer_benchmark and phonism/genrec).

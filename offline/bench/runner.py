@@ -25,9 +25,9 @@ from offline.evaluate import (
 )
 from offline.localproc import start_redis, start_service
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
-from service.catalog import Catalog
-from service.manifest import utc_now
-from service.model import load_model_info, load_serving_config
+from service.contracts.catalog import Catalog
+from service.contracts.manifest import utc_now
+from service.contracts.model import load_model_info, load_serving_config
 
 
 def quality(

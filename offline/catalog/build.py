@@ -32,7 +32,7 @@ from offline.catalog.items import read_items
 from offline.catalog.kmeans import DEFAULT_ITERS, residual_quantize, resolve_collisions
 from offline.data import read_interactions
 from offline.errors import InputError
-from service.catalog import (
+from service.contracts.catalog import (
     CODES_FILE,
     POPULARITY_FILE,
     REPORT_FILE,
@@ -42,8 +42,8 @@ from service.catalog import (
     catalog_version_of,
     write_codes,
 )
-from service.covisit import CovisitTable
-from service.manifest import MANIFEST_FILE, CatalogManifest, file_hash, write_json_atomic
+from service.contracts.covisit import CovisitTable
+from service.contracts.manifest import MANIFEST_FILE, CatalogManifest, file_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 

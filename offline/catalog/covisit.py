@@ -1,4 +1,4 @@
-"""Build the co-visitation neighbour table (``service.covisit``) from users' sequences.
+"""Build the co-visitation neighbour table (``service.contracts.covisit``) from users' sequences.
 
 Successor counts with predecessors at ``predecessor_weight``, top ``top_n`` per item, counted
 with a sparse matrix so the cost is linear in interactions. Benchmarks pass ``holdout_last=2``
@@ -13,9 +13,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from offline.data import Sequences, read_interactions
-from service.catalog import Catalog
-from service.covisit import CovisitTable
-from service.manifest import file_hash, sha256_hex
+from service.contracts.catalog import Catalog
+from service.contracts.covisit import CovisitTable
+from service.contracts.manifest import file_hash, sha256_hex
 
 DEFAULT_TOP_N = 50
 DEFAULT_PREDECESSOR_WEIGHT = 0.5

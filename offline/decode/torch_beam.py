@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from service.beam import Beam
-from service.constraint import Constraint
-from service.tokens import LEVELS, Code, TokenIds
+from service.contracts.beam import Beam
+from service.contracts.constraint import Constraint
+from service.contracts.tokens import LEVELS, Code, TokenIds
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

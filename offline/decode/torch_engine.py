@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from offline.decode.torch_beam import _left_pad
+from service.contracts.tokens import TokenIds
 from service.engine.base import ScoreRequest, TokenLogprobs, pick
-from service.tokens import TokenIds
 
 
 def _split(prompt: tuple[int, ...], sid_begin: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -13,16 +13,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.beam import BeamSearch, run_searches
-from service.catalog import Catalog
-from service.constraint import Constraint
-from service.covisit import CovisitTable, Neighbours, covisit_scores
+from service.contracts.beam import BeamSearch, run_searches
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.covisit import CovisitTable, Neighbours, covisit_scores
+from service.contracts.fusion import covisit_prefixes
+from service.contracts.model import load_serving_config
+from service.contracts.scoring import CandidatePrefix, plan_item_scoring, prefix_heads
+from service.contracts.snapshot import Prefix
+from service.contracts.tokens import Code, TokenIds
 from service.engine.base import BatchEngine
-from service.fusion import covisit_prefixes
-from service.model import load_serving_config
-from service.scoring import CandidatePrefix, plan_item_scoring, prefix_heads
-from service.snapshot import Prefix
-from service.tokens import Code, TokenIds
 
 
 @dataclass(frozen=True)

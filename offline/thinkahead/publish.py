@@ -15,20 +15,19 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from service.covisit import Neighbours
-from service.manifest import SnapshotManifest
-from service.snapshot import Keyspace, UserPrefixes
+from service.contracts.covisit import Neighbours
+from service.contracts.manifest import SnapshotManifest
+from service.contracts.snapshot import Keyspace, UserPrefixes
+from service.storage.redis import redis_errors
 
 log = logging.getLogger(__name__)
 WRITE_CHUNK = 1000
@@ -48,7 +47,7 @@ def connect_sync(url: str, cluster: bool = False, retries: int = 5) -> Any:
     }
     if cluster:
         # The cluster client reads the slot map from the startup node when it is built.
-        with _redis_errors("cluster connect"):
+        with redis_errors("cluster connect", _unreachable):
             return RedisCluster.from_url(url, **common)
     return redis.Redis.from_url(url, **common)
 
@@ -60,16 +59,16 @@ class SnapshotWriter:
         self.ttl_s = ttl_s
 
     def ping(self) -> None:
-        with _redis_errors("ping"):
+        with redis_errors("ping", _unreachable):
             self.client.ping()
 
     def current(self) -> str | None:
-        with _redis_errors("read current"):
+        with redis_errors("read current", _unreachable):
             raw = self.client.get(self.keys.current)
         return None if raw is None else raw.decode()
 
     def pending(self) -> tuple[str, SnapshotManifest] | None:
-        with _redis_errors("read pending"):
+        with redis_errors("read pending", _unreachable):
             raw = self.client.get(self.keys.pending)
             if raw is None:
                 return None
@@ -83,14 +82,14 @@ class SnapshotWriter:
             return None
 
     def begin(self, manifest: SnapshotManifest) -> None:
-        with _redis_errors("begin snapshot"):
+        with redis_errors("begin snapshot", _unreachable):
             self.client.set(
                 self.keys.manifest(manifest.snapshot_id), _dump(manifest), ex=self.ttl_s
             )
             self.client.set(self.keys.pending, manifest.snapshot_id)
 
     def done_shards(self, snapshot_id: str) -> set[int]:
-        with _redis_errors("read progress"):
+        with redis_errors("read progress", _unreachable):
             return {int(x) for x in self.client.smembers(self.keys.done_shards(snapshot_id))}
 
     def write_shard(
@@ -98,7 +97,7 @@ class SnapshotWriter:
     ) -> None:
         """User values, then the shard's done mark; a crash before the mark redoes the shard
         (the values are idempotent overwrites)."""
-        with _redis_errors(f"write shard {shard}"):
+        with redis_errors(f"write shard {shard}", _unreachable):
             for start in range(0, len(values), WRITE_CHUNK):
                 pipe = self.client.pipeline(transaction=False)
                 for user, value in values[start : start + WRITE_CHUNK]:
@@ -135,7 +134,7 @@ class SnapshotWriter:
     def _pipelined(self, what: str, writes: Iterable[Callable[[Any], object]]) -> int:
         """Apply the writes through non-transactional pipelines of WRITE_CHUNK writes each."""
         n = 0
-        with _redis_errors(what):
+        with redis_errors(what, _unreachable):
             pipe = self.client.pipeline(transaction=False)
             for write in writes:
                 write(pipe)
@@ -149,7 +148,7 @@ class SnapshotWriter:
     def publish(self, manifest: SnapshotManifest) -> str | None:
         """Complete manifest, flip ``current``, retire the previous snapshot. Returns it."""
         sid = manifest.snapshot_id
-        with _redis_errors("publish"):
+        with redis_errors("publish", _unreachable):
             previous = self.current()
             self.client.set(self.keys.manifest(sid), _dump(manifest), ex=self.ttl_s)
             self.client.set(self.keys.current, sid)  # the atomic flip
@@ -160,7 +159,7 @@ class SnapshotWriter:
 
     def abandon(self, snapshot_id: str) -> None:
         """Retire a pending snapshot that will not be finished (cleaned at the next sweep)."""
-        with _redis_errors("abandon"):
+        with redis_errors("abandon", _unreachable):
             if self.current() != snapshot_id:
                 self.client.zadd(self.keys.retired, {snapshot_id: 0})
             self.client.delete(self.keys.pending)
@@ -168,7 +167,7 @@ class SnapshotWriter:
     def cleanup(self, grace_s: float) -> list[str]:
         """Delete snapshots retired more than ``grace_s`` ago (never the current one)."""
         removed = []
-        with _redis_errors("cleanup"):
+        with redis_errors("cleanup", _unreachable):
             current = self.current()
             cutoff = time.time() - grace_s
             for raw in self.client.zrangebyscore(self.keys.retired, 0, cutoff):
@@ -206,14 +205,8 @@ class SnapshotWriter:
         pipe.execute()
 
 
-@contextmanager
-def _redis_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (RedisError, RedisClusterException, OSError) as exc:
-        raise PublishError(
-            f"redis unreachable during {what} after bounded retries: {type(exc).__name__}: {exc}"
-        ) from exc
+def _unreachable(message: str) -> PublishError:
+    return PublishError(f"{message} (redis unreachable after bounded retries)")
 
 
 def _dump(manifest: SnapshotManifest) -> str:

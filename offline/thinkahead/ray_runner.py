@@ -24,9 +24,9 @@ from offline.thinkahead.worker import (
     local_engine_factory,
     process_shard,
 )
-from service.catalog import Catalog
-from service.model import load_model_info
-from service.snapshot import Keyspace
+from service.contracts.catalog import Catalog
+from service.contracts.model import load_model_info
+from service.contracts.snapshot import Keyspace
 
 
 class ShardWorker:

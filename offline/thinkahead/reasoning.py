@@ -14,10 +14,10 @@ from tokenizers import Tokenizer
 
 from offline.errors import InputError
 from offline.thinkahead.prefixes import ReasoningPaths
+from service.contracts.manifest import ReasoningTemplate
+from service.contracts.model import tokenizer_vocab
+from service.contracts.tokens import Code, TokenIds
 from service.engine.base import BatchEngine
-from service.manifest import ReasoningTemplate
-from service.model import tokenizer_vocab
-from service.tokens import Code, TokenIds
 
 
 class Reasoner:

@@ -23,13 +23,13 @@ from offline.errors import InputError
 from offline.thinkahead.prefixes import CovisitSource, compute_prefixes, covisit_heads
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
 from offline.thinkahead.reasoning import Reasoner
-from service.catalog import Catalog
-from service.covisit import COVISIT_FILE
+from service.contracts.catalog import Catalog
+from service.contracts.covisit import COVISIT_FILE
+from service.contracts.manifest import SnapshotManifest, file_hash, sha256_hex
+from service.contracts.model import ModelInfo, load_model_info
+from service.contracts.snapshot import Keyspace, UserPrefixes, history_digest
+from service.contracts.tokens import Code
 from service.engine.base import BatchEngine
-from service.manifest import SnapshotManifest, file_hash, sha256_hex
-from service.model import ModelInfo, load_model_info
-from service.snapshot import Keyspace, UserPrefixes, history_digest
-from service.tokens import Code
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from offline.errors import InputError
-from service.catalog import Catalog
-from service.manifest import ModelManifest, sha256_hex
-from service.tokens import SID_BEGIN, SID_END, all_item_tokens
+from service.contracts.catalog import Catalog
+from service.contracts.manifest import ModelManifest, sha256_hex
+from service.contracts.tokens import SID_BEGIN, SID_END, all_item_tokens
 
 
 def _init_rows(matrix: torch.Tensor, start: int, generator: torch.Generator) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from service.manifest import sha256_hex
+from service.contracts.manifest import sha256_hex
 
 log = logging.getLogger(__name__)
 CHECKPOINT_SCHEMA = 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.tokens import Code, TokenIds
+from service.contracts.tokens import Code, TokenIds
 
 IGNORE = -100
 TOKENS_PER_ITEM = 5

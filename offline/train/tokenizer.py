@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from service.tokens import BOS, EOS, PAD, SPECIAL_TOKENS, all_item_tokens
+from service.contracts.tokens import BOS, EOS, PAD, SPECIAL_TOKENS, all_item_tokens
 
 UNK = "<|unk|>"
 

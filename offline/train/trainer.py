@@ -40,10 +40,10 @@ from offline.train.dataset import Encoded, batches, encode, windows
 from offline.train.memory import fix_malloc_thresholds
 from offline.train.presets import PRESETS, padded_vocab
 from offline.train.tokenizer import save_tokenizer
-from service.catalog import Catalog
-from service.constraint import Constraint
-from service.manifest import ModelManifest, file_hash, sha256_hex
-from service.tokens import Code, TokenIds
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.manifest import ModelManifest, file_hash, sha256_hex
+from service.contracts.tokens import Code, TokenIds
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from offline.cli import app as cli_app
+from service.api.rest import create_app
 from service.config import RecommendSettings, RedisSettings, Settings
 from service.metrics import Metrics
-from service.rest import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -117,7 +117,7 @@ def registry_names() -> set[str]:
 
 
 def route_paths() -> set[str]:
-    app = create_app(Settings(model_dir=Path("m"), catalog_dir=Path("c")))
+    app = create_app(Settings(model_dir=Path("m"), catalog_dir=Path("c")), None)
     return {getattr(r, "path", "") for r in app.routes}
 
 
@@ -187,7 +187,7 @@ def thinkahead_invocations() -> Iterator[tuple[str, list[str]]]:
 def run_serve(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
     """``thinkahead serve ARGS`` with env, up to the point where the server would start."""
     captured: list[Settings] = []
-    monkeypatch.setattr("service.server.run", captured.append)
+    monkeypatch.setattr("service.app.run", captured.append)
     result = CliRunner().invoke(cli_app, args, env=env)
     assert result.exit_code == 0, result.output
     (settings,) = captured
@@ -637,7 +637,7 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest() -> None:
     ]
     for kept in ("pyproject.toml", "setup.py", "README.md", "proto", "service", "offline"):
         assert not dockerignored(kept, ignore), kept
-    for dropped in (".venv", "artifacts", ".git", "service/_proto", "x/__pycache__"):
+    for dropped in (".venv", "artifacts", ".git", "service/api/_proto", "x/__pycache__"):
         assert dockerignored(dropped, ignore), dropped
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.auth import hash_key, load_keys
+from service.api.auth import hash_key, load_keys
 from tests.deploy.test_deploy_manifests import (
     CONFIG_ENV,
     K8S,

@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
-from service.snapshot import Keyspace
+from service.contracts.snapshot import Keyspace
 from tests.helpers import (
     FALLBACK_SOURCES,
     RedisProcess,

@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from service.config import RedisSettings
-from service.snapshot import Keyspace
-from service.store import SnapshotStore, connect
+from service.contracts.snapshot import Keyspace
+from service.storage.redis import connect
+from service.storage.store import SnapshotStore
 from tests.helpers import RedisClusterProcess, RedisProcess, start_redis_cluster
 
 KEYS = Keyspace("ta")

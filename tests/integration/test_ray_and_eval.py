@@ -8,8 +8,8 @@ import pytest
 import redis
 
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
-from service.model import ServingConfig
-from service.snapshot import Keyspace, UserPrefixes
+from service.contracts.model import ServingConfig
+from service.contracts.snapshot import Keyspace, UserPrefixes
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vllm

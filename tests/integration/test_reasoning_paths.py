@@ -12,10 +12,10 @@ from offline.errors import InputError
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from offline.train.presets import PRESETS, padded_vocab
 from offline.train.tokenizer import save_tokenizer
-from service.catalog import Catalog
-from service.constraint import Constraint
-from service.manifest import ModelManifest, ReasoningTemplate
-from service.snapshot import Keyspace, UserPrefixes
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.manifest import ModelManifest, ReasoningTemplate
+from service.contracts.snapshot import Keyspace, UserPrefixes
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.vllm

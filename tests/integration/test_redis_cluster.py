@@ -2,7 +2,7 @@
 of local redis-server processes (``tests.helpers.start_redis_cluster``).
 
 Plain per-node clients check where keys really live; the code under test only ever sees the
-cluster client built by ``connect_sync(..., cluster=True)`` or ``service.store.connect``.
+cluster client built by ``connect_sync(..., cluster=True)`` or ``service.storage.store.connect``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from redis.cluster import RedisCluster
 from offline.thinkahead.publish import PublishError, SnapshotWriter, connect_sync
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.config import RedisSettings
+from service.contracts.manifest import SnapshotManifest
+from service.contracts.snapshot import Keyspace, Prefix, UserPrefixes, history_digest
 from service.errors import RedisUnavailable
-from service.manifest import SnapshotManifest
 from service.metrics import Metrics
-from service.snapshot import Keyspace, Prefix, UserPrefixes, history_digest
-from service.snapshot_watch import SnapshotWatcher
-from service.store import SnapshotStore, connect
+from service.storage.redis import connect
+from service.storage.snapshot_watch import SnapshotWatcher
+from service.storage.store import SnapshotStore
 from tests.helpers import RedisClusterProcess, free_port, start_redis_cluster
 
 KEYS = Keyspace("ta")

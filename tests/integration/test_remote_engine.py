@@ -12,12 +12,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from service.beam import BeamSearch, run_searches, run_searches_async
-from service.catalog import Catalog
-from service.constraint import Constraint
+from service.contracts.beam import BeamSearch, run_searches, run_searches_async
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.model import load_model_info
 from service.engine.base import ScoreRequest
 from service.engine.remote import RemoteVllmEngine
-from service.model import load_model_info
 from tests.helpers import free_port, vllm_serve_command
 
 pytestmark = pytest.mark.vllm

@@ -25,12 +25,12 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
+from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
 
-from service._proto.thinkahead.v1 import recommender_pb2 as pb
-from service._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
-from service.catalog import Catalog
-from service.manifest import SnapshotManifest
-from service.snapshot import Keyspace, Prefix, UserPrefixes
+from service.contracts.catalog import Catalog
+from service.contracts.manifest import SnapshotManifest
+from service.contracts.snapshot import Keyspace, Prefix, UserPrefixes
 from tests.fake_engine import FAKE_MODEL_VERSION, write_tiny_artifacts
 from tests.helpers import RedisProcess, free_port, start_redis, vllm_serve_command
 from tests.inproc import BACKEND_KEY, write_keys

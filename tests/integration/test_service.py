@@ -17,12 +17,12 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
+from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
 
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
-from service._proto.thinkahead.v1 import recommender_pb2 as pb
-from service._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
-from service.catalog import Catalog
-from service.snapshot import Keyspace, Prefix, UserPrefixes
+from service.contracts.catalog import Catalog
+from service.contracts.snapshot import Keyspace, Prefix, UserPrefixes
 from tests.helpers import FALLBACK_SOURCES, RedisProcess, ServiceProcess, start_redis, start_service
 
 pytestmark = pytest.mark.vllm

@@ -14,10 +14,10 @@ import redis
 
 from offline.thinkahead.publish import PublishError
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
-from service.catalog import Catalog
-from service.constraint import Constraint
-from service.model import load_model_info
-from service.snapshot import Keyspace, UserPrefixes
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.model import load_model_info
+from service.contracts.snapshot import Keyspace, UserPrefixes
 
 pytestmark = pytest.mark.vllm
 KEYS = Keyspace("ta")
@@ -56,7 +56,7 @@ def test_snapshot_holds_every_user_with_valid_ranked_prefixes(tiny_world, redis_
 
 
 def test_prefixes_match_a_direct_two_token_beam_search(tiny_world, redis_url, batch_engine):  # type: ignore[no-untyped-def]
-    from service.beam import BeamSearch, run_searches
+    from service.contracts.beam import BeamSearch, run_searches
 
     run, summary = run_job(tiny_world, redis_url, batch_engine, prefixes=4, beam=4)
     r = redis.Redis.from_url(redis_url)

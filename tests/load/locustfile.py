@@ -29,9 +29,8 @@ import grpc
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, between, events, task
 from locust.contrib.fasthttp import FastHttpUser
-
-from service._proto.thinkahead.v1 import recommender_pb2 as pb
-from service._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
+from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
+from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
 
 # grpcio blocks the OS thread in its own completion queue; under locust's gevent loop every
 # other user (the REST ones too) would wait behind each gRPC call. This makes grpc yield.

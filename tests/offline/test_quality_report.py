@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from offline.bench.quality import PUBLISHED, build_quality_report
-from service.fusion import FusionWeights
-from service.manifest import ModelManifest
-from service.model import ServingConfig
+from service.contracts.fusion import FusionWeights
+from service.contracts.manifest import ModelManifest
+from service.contracts.model import ServingConfig
 
 ROW = {"recall@5": 0.05, "recall@10": 0.08, "ndcg@5": 0.04, "ndcg@10": 0.05, "users": 3}
 

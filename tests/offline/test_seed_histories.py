@@ -6,7 +6,7 @@ import redis
 
 from offline.data import read_interactions
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
-from service.snapshot import Keyspace
+from service.contracts.snapshot import Keyspace
 
 
 def test_seed_history_honours_holdout_last(tiny_world, redis_url: str) -> None:  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.auth import (
+from service.api.auth import (
     OPEN,
     Authenticator,
     ExposureError,
@@ -21,9 +21,9 @@ from service.auth import (
     is_loopback,
     load_keys,
 )
-from service.breaker import BreakerState, CircuitBreaker
+from service.api.ratelimit import RateLimiter
+from service.engine.breaker import BreakerState, CircuitBreaker
 from service.errors import PermissionDenied, RateLimited, Unauthenticated
-from service.ratelimit import RateLimiter
 
 
 def keys_json(path: Path, entries: list[dict[str, object]]) -> Path:

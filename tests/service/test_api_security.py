@@ -17,13 +17,13 @@ import pytest
 import pytest_asyncio
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
+from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
 
-from service._proto.thinkahead.v1 import recommender_pb2 as pb
-from service._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
-from service.auth import hash_key
-from service.breaker import BreakerState
-from service.manifest import SnapshotManifest
-from service.snapshot import Keyspace
+from service.api.auth import hash_key
+from service.contracts.manifest import SnapshotManifest
+from service.contracts.snapshot import Keyspace
+from service.engine.breaker import BreakerState
 from tests.fake_engine import FakeEngine, write_tiny_artifacts
 from tests.helpers import RedisProcess
 from tests.inproc import (

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.catalog import Catalog
-from service.constraint import Constraint
-from service.manifest import CatalogManifest
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.manifest import CatalogManifest
 
 
 def tiny_catalog() -> Catalog:

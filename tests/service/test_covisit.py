@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from service.covisit import (
+from service.contracts.covisit import (
     CovisitError,
     NeighbourCache,
     Neighbours,

@@ -14,8 +14,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from service.manifest import SnapshotManifest
-from service.snapshot import Keyspace, Prefix, UserPrefixes
+from service.contracts.manifest import SnapshotManifest
+from service.contracts.snapshot import Keyspace, Prefix, UserPrefixes
 from tests.fake_engine import FAKE_MODEL_VERSION, FakeEngine, write_tiny_artifacts
 from tests.helpers import RedisProcess, start_redis
 from tests.inproc import InProc, make_settings, serve_in_process

@@ -16,15 +16,15 @@ import redis
 
 from offline.thinkahead.prefixes import CovisitSource, UserResult, covisit_heads
 from offline.thinkahead.publish import SnapshotWriter
-from service.catalog import Catalog
+from service.contracts.catalog import Catalog
+from service.contracts.covisit import Neighbours
+from service.contracts.fusion import FusionWeights
+from service.contracts.manifest import SnapshotManifest
+from service.contracts.model import ModelInfo, ServingConfig, load_model_info
+from service.contracts.snapshot import Keyspace, Prefix, UserPrefixes, history_digest
 from service.core import RecommendQuery, Source
-from service.covisit import Neighbours
 from service.engine.base import ScoreRequest
-from service.fusion import FusionWeights
-from service.manifest import SnapshotManifest
-from service.model import ModelInfo, ServingConfig, load_model_info
 from service.runtime import Runtime, open_runtime
-from service.snapshot import Keyspace, Prefix, UserPrefixes, history_digest
 from tests.fake_engine import FAKE_MODEL_VERSION, FakeEngine, write_tiny_artifacts
 from tests.inproc import make_settings
 

@@ -8,11 +8,11 @@ import math
 import numpy as np
 
 from offline.train.tokenizer import build_tokenizer
-from service.catalog import Catalog
-from service.constraint import Constraint
-from service.fusion import FusionWeights, ItemFeatures, rank_fused
-from service.manifest import CatalogManifest
-from service.scoring import (
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
+from service.contracts.manifest import CatalogManifest
+from service.contracts.scoring import (
     CandidatePrefix,
     Pruning,
     ScoringPlan,
@@ -20,8 +20,8 @@ from service.scoring import (
     combine,
     plan_item_scoring,
 )
-from service.snapshot import Prefix
-from service.tokens import TokenIds
+from service.contracts.snapshot import Prefix
+from service.contracts.tokens import TokenIds
 from tests.service.test_constraint import tiny_catalog
 
 IDS = TokenIds.from_vocab(build_tokenizer(4).get_vocab(), 4)

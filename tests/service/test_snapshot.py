@@ -3,7 +3,13 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from service.snapshot import CorruptValue, Keyspace, Prefix, UserPrefixes, validate_snapshot_id
+from service.contracts.snapshot import (
+    CorruptValue,
+    Keyspace,
+    Prefix,
+    UserPrefixes,
+    validate_snapshot_id,
+)
 
 
 def value(**kw) -> UserPrefixes:  # type: ignore[no-untyped-def]

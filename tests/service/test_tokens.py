@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from offline.train.tokenizer import build_tokenizer
-from service.tokens import (
+from service.contracts.tokens import (
     SID_BEGIN,
     SID_END,
     TokenIds,

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from offline.catalog.build import build_catalog
 from offline.cli import app
 from offline.errors import InputError
-from service.catalog import CODES_FILE, POPULARITY_FILE, REPORT_FILE, TRIE_FILE, Catalog
-from service.manifest import MANIFEST_FILE, CatalogManifest
+from service.contracts.catalog import CODES_FILE, POPULARITY_FILE, REPORT_FILE, TRIE_FILE, Catalog
+from service.contracts.manifest import MANIFEST_FILE, CatalogManifest
 
 K = 4  # 4^3 = 64 codes
 N = 60

@@ -8,9 +8,9 @@ import pytest
 from offline.baselines import CoVisitation
 from offline.catalog.covisit import build_covisit
 from offline.data import Sequences
-from service.catalog import Catalog
-from service.covisit import CovisitError, CovisitTable, covisit_scores, top_scored
-from service.manifest import CatalogManifest
+from service.contracts.catalog import Catalog
+from service.contracts.covisit import CovisitError, CovisitTable, covisit_scores, top_scored
+from service.contracts.manifest import CatalogManifest
 
 
 def catalog(n: int = 8) -> Catalog:

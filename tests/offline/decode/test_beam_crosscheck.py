@@ -8,10 +8,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from offline.decode.torch_beam import beam_search_batch
-from service.beam import BeamSearch, run_searches
-from service.catalog import Catalog
-from service.constraint import Constraint
-from service.model import load_model_info
+from service.contracts.beam import BeamSearch, run_searches
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.model import load_model_info
 
 pytestmark = pytest.mark.vllm
 

@@ -7,12 +7,12 @@ import pytest
 
 from offline.decode.torch_engine import TorchBatchEngine
 from offline.evaluate import rank_candidates, select_examples, think_ahead_candidates
-from service.catalog import Catalog
-from service.constraint import Constraint
-from service.covisit import CovisitTable
-from service.fusion import FusionWeights
-from service.model import load_model_info
-from service.scoring import candidate_prefixes, plan_item_scoring
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
+from service.contracts.covisit import CovisitTable
+from service.contracts.fusion import FusionWeights
+from service.contracts.model import load_model_info
+from service.contracts.scoring import candidate_prefixes, plan_item_scoring
 
 pytestmark = pytest.mark.vllm
 

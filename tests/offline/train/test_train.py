@@ -15,10 +15,10 @@ from offline.train.add_tokens import add_item_tokens
 from offline.train.dataset import IGNORE, encode, windows
 from offline.train.presets import PRESETS
 from offline.train.tokenizer import build_tokenizer
-from service.catalog import Catalog
-from service.manifest import ModelManifest, VersionMismatch
-from service.model import load_model_info
-from service.tokens import TokenIds, item_text
+from service.contracts.catalog import Catalog
+from service.contracts.manifest import ModelManifest, VersionMismatch
+from service.contracts.model import load_model_info
+from service.contracts.tokens import TokenIds, item_text
 
 
 def test_windows_cap_history_and_cover_every_target() -> None:
@@ -74,7 +74,7 @@ def test_model_for_another_catalog_is_refused(tiny_world, tmp_path: Path) -> Non
     codes[1] = ",".join([first[0], *second[1:]])
     codes[2] = ",".join([second[0], *first[1:]])
     (other / "codes.csv").write_text("\n".join(codes) + "\n")
-    from service.catalog import catalog_version_of, read_codes
+    from service.contracts.catalog import catalog_version_of, read_codes
 
     ids, arr = read_codes(other / "codes.csv")
     data["catalog_version"] = catalog_version_of(ids, arr, data["codebook_size"])

@@ -8,57 +8,21 @@ like the MULTI used on a single node): redis-py's (8.1) asyncio cluster pipeline
 ``transaction=True`` queues every command through ``asyncio.run`` in a helper thread that the
 event loop waits for, and when that is the client's first command it initializes the client on
 that throwaway loop, leaving pooled connections bound to a closed loop (later commands fail with
-"Event loop is closed"). The cluster client's own errors
-(``RedisClusterException``, e.g. no reachable startup node or an uncovered slot) are not
-``RedisError`` subclasses and are caught explicitly.
+"Event loop is closed"). Driver errors
+are turned into :class:`RedisUnavailable` by :func:`service.storage.redis.redis_errors`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
-from redis.retry import Retry
-
-from service.config import RedisSettings
+from service.contracts.manifest import SnapshotManifest
+from service.contracts.snapshot import Keyspace
 from service.errors import RedisUnavailable
-from service.manifest import SnapshotManifest
-from service.snapshot import Keyspace
-
-
-@asynccontextmanager
-async def redis_boundary(what: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except (RedisError, RedisClusterException, OSError) as exc:
-        raise RedisUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def connect(settings: RedisSettings) -> Any:
-    """An asyncio client (standalone or cluster) with short timeouts and no retries: the request
-    deadline, not the driver, decides how long to wait."""
-    common: dict[str, Any] = {
-        "socket_timeout": settings.socket_timeout_ms / 1000,
-        "socket_connect_timeout": settings.connect_timeout_ms / 1000,
-        "max_connections": settings.max_connections,
-        "decode_responses": False,
-    }
-    if settings.cluster:
-        # No retries here either (the default is 3 with backoff: seconds on a dead primary).
-        # MOVED/ASK redirects are followed regardless, and a connection error makes the client
-        # reload the slot map before its next command.
-        return RedisCluster.from_url(settings.url, retry=Retry(NoBackoff(), 0), **common)
-    return aioredis.Redis.from_url(
-        settings.url, retry=Retry(NoBackoff(), 0), health_check_interval=0, **common
-    )
-
+from service.storage.redis import RedisCluster, redis_errors
 
 # LPUSH (ARGV[2..], oldest to newest, so the newest ends first), LTRIM to ARGV[1], LLEN.
 _APPEND_CAPPED = """
@@ -110,7 +74,7 @@ class SnapshotStore:
         self.idempotency_window_s = idempotency_window_s
 
     async def read_user(self, snapshot_id: str | None, user_id: str) -> UserRead:
-        async with redis_boundary("read"):
+        with redis_errors("read"):
             pipe = self.client.pipeline(transaction=False)
             if snapshot_id is not None:
                 pipe.get(self.keys.user(snapshot_id, user_id))
@@ -124,7 +88,7 @@ class SnapshotStore:
     async def read_covisit(self, snapshot_id: str, item_ids: Sequence[str]) -> list[bytes | None]:
         """The co-visitation values of a few items (one pipeline; on a cluster the client
         splits it by node)."""
-        async with redis_boundary("co-visitation read"):
+        with redis_errors("co-visitation read"):
             pipe = self.client.pipeline(transaction=False)
             for item in item_ids:
                 pipe.get(self.keys.covisit(snapshot_id, item))
@@ -134,10 +98,10 @@ class SnapshotStore:
         """LPUSH oldest-to-newest so the newest ends first, then cap, atomically."""
         key = self.keys.history(user_id)
         if isinstance(self.client, RedisCluster):
-            async with redis_boundary("append"):
+            with redis_errors("append"):
                 length = await self.client.eval(_APPEND_CAPPED, 1, key, self.history_cap, *item_ids)
             return int(length)
-        async with redis_boundary("append"):
+        with redis_errors("append"):
             pipe = self.client.pipeline(transaction=True)
             pipe.lpush(key, *item_ids)
             pipe.ltrim(key, 0, self.history_cap - 1)
@@ -157,7 +121,7 @@ class SnapshotStore:
         when this call appended)."""
         keys = (self.keys.history(user_id), self.idempotency_key(user_id, key))
         window_ms = max(1, int(self.idempotency_window_s * 1000))
-        async with redis_boundary("append"):
+        with redis_errors("append"):
             prior, length = await self.client.eval(
                 _APPEND_ONCE, 2, *keys, self.history_cap, window_ms, digest, *item_ids
             )
@@ -165,7 +129,7 @@ class SnapshotStore:
         return int(length), (prior_digest or None)
 
     async def current_snapshot(self) -> tuple[str, SnapshotManifest | None] | None:
-        async with redis_boundary("snapshot lookup"):
+        with redis_errors("snapshot lookup"):
             raw = await self.client.get(self.keys.current)
             if raw is None:
                 return None
@@ -180,7 +144,7 @@ class SnapshotStore:
 
     async def ping(self) -> bool:
         try:
-            async with redis_boundary("ping"):
+            with redis_errors("ping"):
                 return bool(await self.client.ping())
         except RedisUnavailable:
             return False

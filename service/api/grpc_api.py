@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service._proto.thinkahead.v1 import recommender_pb2 as pb
-from service._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
+from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
+from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
+from service.api.gate import Gate, current_call
 from service.config import TlsSettings
 from service.core import Recommendation, RecommendQuery, Strategy
 from service.errors import INTERNAL_MESSAGE, InvalidRequest, Overloaded, ServiceError
-from service.gate import Gate, current_call
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,17 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
     )
 
 
-async def start_grpc(runtime: Runtime) -> grpc.aio.Server:
+@dataclass
+class GrpcServer:
+    """A started gRPC server, the port it bound (0 in the settings picks a free one) and the
+    health servicer the drain flips to NOT_SERVING."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+
+async def start_grpc(runtime: Runtime) -> GrpcServer:
     settings = runtime.settings
     # The message cap matches the REST body cap: a bigger request is refused by the transport
     # (RESOURCE_EXHAUSTED) before it is parsed.
@@ -204,18 +215,14 @@ async def start_grpc(runtime: Runtime) -> grpc.aio.Server:
     else:
         port = server.add_insecure_port(address)
     await server.start()
-    runtime.extra["grpc_port"] = port
-    runtime.extra["grpc_health"] = health_servicer
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("event=grpc_listening port=%d", port)
-    return server
+    return GrpcServer(server, port, health_servicer)
 
 
-async def stop_grpc(server: grpc.aio.Server, runtime: Runtime) -> None:
+async def stop_grpc(grpc_server: GrpcServer, drain_s: float) -> None:
     """Drain: NOT_SERVING first so balancers stop sending, then stop with a grace period."""
-    health_servicer = runtime.extra.get("grpc_health")
-    if isinstance(health_servicer, health.aio.HealthServicer):
-        await health_servicer.enter_graceful_shutdown()
-    await server.stop(runtime.settings.drain_s)
+    await grpc_server.health.enter_graceful_shutdown()
+    await grpc_server.server.stop(drain_s)
     log.info("event=grpc_drained")

@@ -16,11 +16,11 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from service.auth import Authenticator, Principal
+from service.api.auth import Authenticator, Principal
+from service.api.ratelimit import RateLimiter
 from service.core import Recommender
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.ratelimit import RateLimiter
 
 # API method -> the scope a key needs for it.
 SCOPE_OF = {"recommend": "recommend", "events": "events"}

@@ -1,16 +1,28 @@
-"""Runs one serving process: uvicorn (REST) and grpc.aio on one event loop."""
+"""The serving process: one runtime (catalog, model, engine, Redis), REST (uvicorn) and gRPC
+(grpc.aio) over it on one event loop, and the drain that stops both.
+
+:func:`serving` is the whole lifecycle as a context manager (tests drive it in-process);
+:func:`run` adds logging, the exposure checks and the event loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 
-from service.auth import ExposureError, check_exposure
+from service.api.auth import ExposureError, check_exposure
+from service.api.grpc_api import GrpcServer, start_grpc, stop_grpc
+from service.api.rest import create_app
 from service.config import Settings
-from service.rest import create_app
+from service.engine.base import Engine
+from service.runtime import Runtime, open_runtime
 
 log = logging.getLogger(__name__)
 
@@ -80,4 +92,44 @@ def run(settings: Settings) -> None:
         log.warning(
             "event=auth_off reason=no_keys_file hosts=%s,%s", settings.http_host, settings.grpc_host
         )
-    uvicorn.Server(uvicorn_config(settings, create_app(settings))).run()
+    # uvicorn's own loop choice (uvloop when installed), as `uvicorn.run` would make it.
+    loop_factory = uvicorn.Config(app=None, loop="auto").get_loop_factory()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings))
+
+
+@dataclass
+class Serving:
+    runtime: Runtime
+    http: uvicorn.Server
+    grpc: GrpcServer
+    http_task: asyncio.Task[None]
+
+
+@asynccontextmanager
+async def serving(settings: Settings, engine: Engine | None = None) -> AsyncIterator[Serving]:
+    """Open the runtime, start gRPC and uvicorn on this loop, yield once both listen; on exit
+    drain: readiness goes false, uvicorn finishes in-flight requests, gRPC goes NOT_SERVING and
+    stops with the same grace period, then the runtime closes."""
+    async with open_runtime(settings, engine) as rt:
+        grpc_server = await start_grpc(rt)
+        http = uvicorn.Server(uvicorn_config(settings, create_app(settings, rt)))
+        task = asyncio.create_task(http.serve())
+        try:
+            while not http.started:
+                if task.done():  # bind failure and the like: uvicorn returned or raised
+                    task.result()
+                    raise RuntimeError(f"uvicorn did not start on port {settings.http_port}")
+                await asyncio.sleep(0.02)
+            yield Serving(rt, http, grpc_server, task)
+        finally:
+            rt.draining = True
+            http.should_exit = True
+            await task
+            await stop_grpc(grpc_server, settings.drain_s)
+
+
+async def serve(settings: Settings) -> None:
+    """Until uvicorn's signal handlers see SIGTERM / SIGINT, which ends its task."""
+    async with serving(settings) as running:
+        await asyncio.shield(running.http_task)

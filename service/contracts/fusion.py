@@ -7,9 +7,9 @@ think-ahead``, ``thinkahead tune-blend`` and the bench.
                 + w_popularity * log(1 + interactions)        a popularity prior
 
 The weights are learned on the validation split only (``thinkahead tune-blend``) and recorded
-in the model directory's ``serving.json`` (:class:`service.model.ServingConfig`). Every term
-but the decoder's is known before the engine round, which is what lets the scoring plan bound
-prefixes out of the top k without asking the engine (``service.scoring``).
+in the model directory's ``serving.json`` (:class:`service.contracts.model.ServingConfig`). Every
+term but the decoder's is known before the engine round, which is what lets the scoring plan bound
+prefixes out of the top k without asking the engine (``service.contracts.scoring``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.catalog import Catalog
-from service.covisit import feature, top_scored
-from service.tokens import Code
+from service.contracts.catalog import Catalog
+from service.contracts.covisit import feature, top_scored
+from service.contracts.tokens import Code
 
 
 class FusionWeights(BaseModel):

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from service.catalog import Catalog
-from service.tokens import Code
+from service.contracts.catalog import Catalog
+from service.contracts.tokens import Code
 
 
 class Constraint:

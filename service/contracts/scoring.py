@@ -3,8 +3,8 @@
 An item's score is log P(a) + log P(b | a) + log P(c | a, b) under the fresh history, each
 log-prob renormalised over what the constraint allows at that step (exactly as constrained
 beam search scores it), fused with the offline prefix score and the request's other features
-(``service.fusion``) by weights learned on the validation split. Scoring only the last token
-cannot reorder prefixes that hold a single item: P(c | a, b) = 1 there.
+(``service.contracts.fusion``) by weights learned on the validation split. Scoring only the last
+token cannot reorder prefixes that hold a single item: P(c | a, b) = 1 there.
 
 All requests go to the engine at once, so the prefix cache serves the shared history:
 - one request for log P(a) of the candidates' distinct a's, and one per distinct a for
@@ -33,11 +33,11 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from service.constraint import Constraint
+from service.contracts.constraint import Constraint
+from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
+from service.contracts.snapshot import Prefix
+from service.contracts.tokens import Code, TokenIds
 from service.engine.base import ScoreRequest, TokenLogprobs
-from service.fusion import FusionWeights, ItemFeatures, rank_fused
-from service.snapshot import Prefix
-from service.tokens import Code, TokenIds
 
 # c's asked per prefix: all of them in catalogs like Beauty (<= 31 items per prefix at K = 256),
 # the best this many where a prefix holds more.

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from service.constraint import Constraint
+from service.contracts.constraint import Constraint
+from service.contracts.tokens import LEVELS, TokenIds
 from service.engine.base import ScoreRequest, TokenLogprobs
-from service.tokens import LEVELS, TokenIds
 
 
 @dataclass(frozen=True, slots=True)

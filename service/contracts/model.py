@@ -13,10 +13,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.catalog import Catalog
-from service.fusion import FusionWeights
-from service.manifest import ManifestError, ModelManifest, require_same_catalog, write_json_atomic
-from service.tokens import TokenIds
+from service.contracts.catalog import Catalog
+from service.contracts.fusion import FusionWeights
+from service.contracts.manifest import (
+    ManifestError,
+    ModelManifest,
+    require_same_catalog,
+    write_json_atomic,
+)
+from service.contracts.tokens import TokenIds
 
 
 class ModelError(ManifestError):

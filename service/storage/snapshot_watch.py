@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from service.contracts.manifest import SnapshotManifest
 from service.errors import RedisUnavailable
-from service.manifest import SnapshotManifest
 from service.metrics import Metrics
-from service.store import SnapshotStore
+from service.storage.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,15 @@
 """REST adapter: FastAPI routes translating JSON <-> the transport-free core.
 
-The lifespan owns the runtime (catalog, model, engine, Redis) and the gRPC server, so one
-process and one event loop serve both transports. Authentication, the body cap, rate limits,
+The app is built over a runtime that :mod:`service.app` opened (it also starts gRPC on the same
+event loop); this module only translates. Authentication, the body cap, rate limits,
 admission, timing and call metrics live in one ASGI middleware (:class:`ApiMiddleware`) over the
-runtime's :class:`~service.gate.Gate`, shared with the gRPC interceptor; the routes only
+runtime's :class:`~service.api.gate.Gate`, shared with the gRPC interceptor; the routes only
 translate.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
@@ -24,6 +22,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.api.gate import current_call
 from service.config import MAX_LIST_ITEMS, Settings
 from service.core import ID_PATTERN, ID_RULE, Recommendation, RecommendQuery, Strategy
 from service.errors import (
@@ -34,8 +33,7 @@ from service.errors import (
     ServiceError,
     Unauthenticated,
 )
-from service.gate import current_call
-from service.runtime import Runtime, open_runtime
+from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 TRANSPORT = "http"
@@ -240,33 +238,15 @@ def _field_of(loc: tuple[Any, ...]) -> str:
     return field or "body"
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
-    """The app; with ``runtime`` given (tests, embedding) the lifespan does not open one."""
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if runtime is not None:
-            app.state.rt = runtime
-            yield
-            return
-        from service.grpc_api import start_grpc, stop_grpc
-
-        async with open_runtime(settings) as rt:
-            app.state.rt = rt
-            grpc_server = await start_grpc(rt)
-            try:
-                yield
-            finally:
-                rt.draining = True
-                await stop_grpc(grpc_server, rt)
-
+def create_app(settings: Settings, runtime: Runtime | None) -> FastAPI:
+    """The REST app over ``runtime``; ``None`` builds the routes alone (schema, route listing)."""
     app = FastAPI(
         title="thinkahead",
         version=__version__,
         description="Think-Ahead generative recommendation: precomputed semantic-ID prefixes "
         "completed online by a constrained decoder, with flagged fallbacks.",
-        lifespan=lifespan,
     )
+    app.state.rt = runtime
 
     def rt(request: Request) -> Runtime:
         return request.app.state.rt  # type: ignore[no-any-return]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.manifest import CatalogManifest, ManifestError, sha256_hex
-from service.tokens import Code, item_token_strings
+from service.contracts.manifest import CatalogManifest, ManifestError, sha256_hex
+from service.contracts.tokens import Code, item_token_strings
 
 CODES_FILE = "codes.csv"
 TRIE_FILE = "trie.npz"
