@@ -17,6 +17,7 @@ import typer
 
 from offline.catalog.covisit import DEFAULT_TOP_N
 from offline.errors import InputError
+from service.contracts.answers import DEFAULT_ANSWER_ITEMS
 from service.contracts.catalog import CatalogError
 from service.contracts.manifest import ManifestError
 
@@ -274,9 +275,17 @@ def think_ahead_cmd(
     seed_history: Annotated[
         bool, typer.Option(help="also load users' histories into ta:hist (demo, benchmarks)")
     ] = False,
+    answer_items: Annotated[
+        int,
+        typer.Option(
+            help="items of each user's whole answer stored for an unchanged history "
+            "(served with no engine work); 0: prefixes only"
+        ),
+    ] = DEFAULT_ANSWER_ITEMS,
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
-    """Compute every user's candidate prefixes and publish them as a new Redis snapshot."""
+    """Compute every user's candidate prefixes (and whole answer) and publish them as a new
+    Redis snapshot."""
     from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun, local_engine_factory
 
     job = ThinkAheadJob(
@@ -291,6 +300,7 @@ def think_ahead_cmd(
         max_users=max_users,
         key_prefix=key_prefix,
         history_prefix=history_prefix,
+        answer_items=answer_items,
     )
     run = ThinkAheadRun(model, catalog, interactions, redis, job, cluster=cluster)
     if seed_history:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from service.config import RecommendSettings
+from service.contracts.answers import AnswerScoring, unpack_answer
 from service.contracts.beam import BeamSearch, run_searches_async
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
@@ -35,6 +36,7 @@ from service.contracts.covisit import (
     recent_items,
 )
 from service.contracts.fusion import FusionWeights, ItemFeatures, covisit_prefixes, rank_fused
+from service.contracts.manifest import SnapshotManifest
 from service.contracts.model import ModelInfo
 from service.contracts.scoring import plan_think_ahead, rank_think_ahead
 from service.contracts.snapshot import CorruptValue, Prefix, UserPrefixes, history_digest
@@ -157,6 +159,18 @@ class _Request:
     prompt: list[int]
     value: UserPrefixes | None = None
     covisit: dict[str, float] = field(default_factory=dict)
+    manifest: SnapshotManifest | None = None  # the active snapshot's
+
+    @property
+    def unchanged(self) -> bool:
+        """The request scores under exactly the history its snapshot value was computed from:
+        every offline score is the fresh one."""
+        return (
+            self.value is not None
+            and not self.q.recent_item_ids
+            and not self.q.exclude_item_ids
+            and self.value.history_digest == history_digest(self.history)
+        )
 
 
 class Recommender:
@@ -257,6 +271,7 @@ class Recommender:
             history=history,
             constraint=Constraint(self.catalog, excluded),
             prompt=self.model.token_ids.history(history),
+            manifest=active.manifest if usable and active is not None else None,
         )
         if snapshot_id is not None and fresh:
             ctx.covisit = await self._covisit(snapshot_id, fresh, excluded_ids, clock)
@@ -369,9 +384,42 @@ class Recommender:
     def weights(self) -> FusionWeights:
         return self.settings.fusion or FusionWeights()
 
+    def answer_scoring(self, manifest: SnapshotManifest) -> AnswerScoring:
+        """How this service scores an unchanged user under ``manifest``'s snapshot."""
+        return AnswerScoring(
+            weights=self.weights,
+            covisit_candidates=self.settings.covisit_candidates or 0,
+            prefixes=min(self.settings.max_prefixes, manifest.prefixes_per_user),
+            exclude_history=self.settings.exclude_history,
+        )
+
+    def _stored_answer(self, ctx: _Request) -> list[ScoredItem] | None:
+        """The snapshot's whole answer, when this request would be scored exactly as the
+        worker scored it: no engine round at all."""
+        value, manifest = ctx.value, ctx.manifest
+        if value is None or manifest is None or not value.answer or not ctx.unchanged:
+            return None
+        if not self.answer_scoring(manifest).serves(
+            manifest.answers_key, manifest.answer_items, ctx.q.k
+        ):
+            return None
+        try:
+            ranked = unpack_answer(value.answer)
+        except ValueError as exc:
+            self.metrics.corrupt_values.labels("snapshot_answer").inc()
+            log.warning("event=corrupt_value what=answer error=%s", exc)
+            return None
+        # the constraint is the one the worker used; checking it keeps a damaged value from
+        # ever serving an excluded or unknown item
+        return self._items([(c, s) for c, s in ranked if ctx.constraint.allows(c)], ctx.q.k)
+
     async def _think_ahead(self, ctx: _Request) -> tuple[Recommendation | None, str | None]:
         value = ctx.value
         assert value is not None
+        stored = self._stored_answer(ctx)
+        if stored:
+            self.metrics.precomputed_answers.inc()
+            return self._answer(ctx, stored, Source.THINK_AHEAD, None), None
         q = ctx.q
         weights = self.weights
         features = ItemFeatures(self.catalog, ctx.covisit)
@@ -384,11 +432,7 @@ class Recommender:
             q.k,
             weights,
             features,
-            unchanged=(
-                not q.recent_item_ids
-                and not q.exclude_item_ids
-                and value.history_digest == history_digest(ctx.history)
-            ),
+            unchanged=ctx.unchanged,
             covisit_heads=value.covisit_heads,
         )
         if not plan.prefixes:

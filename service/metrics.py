@@ -94,6 +94,12 @@ class Metrics:
             ["key_type"],
             registry=r,
         )
+        self.precomputed_answers = Counter(
+            f"{PREFIX}_precomputed_answers_total",
+            "Think-ahead answers served from the snapshot's stored ranking (unchanged history): "
+            "no engine round.",
+            registry=r,
+        )
         self.events = Counter(
             f"{PREFIX}_events_total",
             "Item events appended, by transport.",

@@ -13,16 +13,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.contracts.answers import AnswerScoring, pack_answer
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.covisit import CovisitTable, Neighbours, covisit_scores
-from service.contracts.fusion import covisit_prefixes
+from service.contracts.fusion import ItemFeatures, covisit_prefixes
 from service.contracts.model import load_serving_config
-from service.contracts.scoring import CandidatePrefix, plan_item_scoring, prefix_heads
+from service.contracts.scoring import (
+    CandidatePrefix,
+    ScoringPlan,
+    plan_item_scoring,
+    plan_think_ahead,
+    prefix_heads,
+    rank_think_ahead,
+)
 from service.contracts.snapshot import Prefix
 from service.contracts.tokens import Code, TokenIds
-from service.engine.base import BatchEngine
+from service.engine.base import BatchEngine, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,15 @@ class CovisitSource:
         return cls(table.as_mapping(), candidates, table.version)
 
 
+def history_covisit(
+    catalog: Catalog, history: Sequence[Code], source: CovisitSource
+) -> dict[str, float]:
+    """The co-visitation scores the service computes for this history when nothing was added
+    (history items excluded, as the service excludes them)."""
+    items = [item for code in history if (item := catalog.item_at(code)) is not None]
+    return covisit_scores(items, source.neighbours, set(items))
+
+
 def covisit_heads(
     engine: BatchEngine,
     ids: TokenIds,
@@ -121,8 +138,7 @@ def covisit_heads(
     users, so the service answers such a user without a/b requests."""
     plans = []
     for history, result in zip(histories, results, strict=True):
-        items = [item for code in history if (item := catalog.item_at(code)) is not None]
-        scores = covisit_scores(items, source.neighbours, set(items))
+        scores = history_covisit(catalog, history, source)
         kept = {(p.a, p.b) for p in result.prefixes}
         extra = [
             CandidatePrefix(a, b, 0.0)
@@ -141,10 +157,62 @@ def covisit_heads(
         )
     answers = engine.score_batch([r for plan in plans for r in plan.requests])
     out: list[tuple[Prefix, ...]] = []
-    offset = 0
-    for plan in plans:
-        part = answers[offset : offset + len(plan.requests)]
-        offset += len(plan.requests)
+    for plan, part in zip(plans, split_answers(plans, answers), strict=True):
         heads = prefix_heads(plan, part, ids)
         out.append(tuple(Prefix(a, b, h) for (a, b), h in heads.items()))
     return out
+
+
+def split_answers(
+    plans: Sequence[ScoringPlan], answers: Sequence[TokenLogprobs]
+) -> list[Sequence[TokenLogprobs]]:
+    """One batch's answers cut back into each plan's share, in plan order."""
+    out, offset = [], 0
+    for plan in plans:
+        out.append(answers[offset : offset + len(plan.requests)])
+        offset += len(plan.requests)
+    return out
+
+
+def think_ahead_answers(
+    engine: BatchEngine,
+    ids: TokenIds,
+    catalog: Catalog,
+    histories: Sequence[Sequence[Code]],
+    results: Sequence[UserResult],
+    heads: Sequence[Sequence[Prefix]],
+    source: CovisitSource | None,
+    scoring: AnswerScoring,
+    items: int,
+) -> list[bytes]:
+    """Each user's whole think-ahead answer for the unchanged history, top ``items``,
+    scored exactly as the service would (``plan_think_ahead`` / ``rank_think_ahead``), in one
+    engine batch for all users."""
+    plans, user_features = [], []
+    for history, result, extra in zip(histories, results, heads, strict=True):
+        scores = history_covisit(catalog, history, source) if source is not None else {}
+        features = ItemFeatures(catalog, scores)
+        plans.append(
+            plan_think_ahead(
+                ids.history(history),
+                result.prefixes[: scoring.prefixes],
+                covisit_prefixes(catalog, scores, scoring.covisit_candidates),
+                Constraint(catalog, history if scoring.exclude_history else ()),
+                ids,
+                items,
+                scoring.weights,
+                features,
+                unchanged=True,
+                covisit_heads=extra,
+            )
+        )
+        user_features.append(features)
+    answers = engine.score_batch([r for plan in plans for r in plan.requests])
+    packed = []
+    for plan, part, features in zip(
+        plans, split_answers(plans, answers), user_features, strict=True
+    ):
+        ranked = rank_think_ahead(plan, part, ids, features, scoring.weights)
+        kept = [(code, s) for code, s in ranked if math.isfinite(s)][:items]
+        packed.append(pack_answer(kept))
+    return packed

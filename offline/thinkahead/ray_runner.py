@@ -21,6 +21,7 @@ from offline.thinkahead.worker import (
     Summary,
     ThinkAheadJob,
     ThinkAheadRun,
+    answer_scoring,
     local_engine_factory,
     process_shard,
 )
@@ -40,6 +41,7 @@ class ShardWorker:
         self.job = ThinkAheadJob(**job)
         self.engine = local_engine_factory(Path(model_dir))()
         self.covisit = CovisitSource.load(Path(catalog_dir), self.catalog, Path(model_dir))
+        self.answers = answer_scoring(Path(model_dir), self.job)
         self.writer = SnapshotWriter(
             connect_sync(redis_url, cluster=cluster),
             Keyspace(self.job.key_prefix, self.job.history_prefix),
@@ -62,6 +64,7 @@ class ShardWorker:
             histories,
             lambda n: None,
             self.covisit,
+            self.answers,
         )
         self.writer.write_shard(snapshot_id, index, values)
         return len(users)

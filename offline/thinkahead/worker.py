@@ -20,13 +20,19 @@ from tqdm.auto import tqdm
 
 from offline.data import read_interactions
 from offline.errors import InputError
-from offline.thinkahead.prefixes import CovisitSource, compute_prefixes, covisit_heads
+from offline.thinkahead.prefixes import (
+    CovisitSource,
+    compute_prefixes,
+    covisit_heads,
+    think_ahead_answers,
+)
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
 from offline.thinkahead.reasoning import Reasoner
+from service.contracts.answers import DEFAULT_ANSWER_ITEMS, AnswerScoring
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import COVISIT_FILE
 from service.contracts.manifest import SnapshotManifest, file_hash, sha256_hex
-from service.contracts.model import ModelInfo, load_model_info
+from service.contracts.model import ModelInfo, load_model_info, load_serving_config
 from service.contracts.snapshot import Keyspace, UserPrefixes, history_digest
 from service.contracts.tokens import Code
 from service.engine.base import BatchEngine
@@ -46,6 +52,13 @@ class ThinkAheadJob(BaseModel):
     key_prefix: str = "ta"
     history_prefix: str | None = Field(default=None, description="None: key_prefix")
     max_users: int | None = Field(default=None, ge=1, description="first N users (benchmarks)")
+    answer_items: int = Field(
+        default=DEFAULT_ANSWER_ITEMS,
+        ge=0,
+        le=1000,
+        description="items of each user's whole answer stored for an unchanged history "
+        "(answered with no engine work); 0: prefixes only",
+    )
 
     @model_validator(mode="after")
     def _beam_covers_m(self) -> ThinkAheadJob:
@@ -100,12 +113,33 @@ def plan_users(path: Path, catalog: Catalog, max_history: int, holdout_last: int
     return UserPlan(users, histories, skipped, empty)
 
 
-def job_identity(model: ModelInfo, catalog: Catalog, data_hash: str, job: ThinkAheadJob) -> str:
+def job_identity(
+    model: ModelInfo,
+    catalog: Catalog,
+    data_hash: str,
+    job: ThinkAheadJob,
+    answers: AnswerScoring | None = None,
+) -> str:
     return sha256_hex(
         model.version.encode(),
         catalog.version.encode(),
         data_hash.encode(),
         job.model_dump_json(exclude={"grace_s"}).encode(),
+        (answers.key() if answers is not None else "").encode(),
+    )
+
+
+def answer_scoring(model_dir: Path, job: ThinkAheadJob) -> AnswerScoring | None:
+    """How the service scores an unchanged user with this model's serving.json and its
+    default settings; None when the job stores no answers."""
+    if job.answer_items == 0:
+        return None
+    serving = load_serving_config(model_dir)
+    return AnswerScoring(
+        weights=serving.weights,
+        covisit_candidates=serving.covisit_candidates,
+        prefixes=job.prefixes,
+        exclude_history=True,
     )
 
 
@@ -136,6 +170,7 @@ def process_shard(
     histories: Sequence[Sequence[Code]],
     on_batch: Callable[[int], None],
     covisit: CovisitSource | None = None,
+    answers: AnswerScoring | None = None,
 ) -> list[tuple[str, UserPrefixes]]:
     values: list[tuple[str, UserPrefixes]] = []
     reasoner = reasoner_for(model, job)
@@ -152,9 +187,24 @@ def process_shard(
             if covisit is not None
             else [() for _ in results]
         )
+        packed = (
+            think_ahead_answers(
+                engine,
+                model.token_ids,
+                catalog,
+                batch_hist,
+                results,
+                heads,
+                covisit,
+                answers,
+                job.answer_items,
+            )
+            if answers is not None
+            else [b"" for _ in results]
+        )
         now = time.time()
-        for user, hist, result, extra in zip(
-            users[start:], batch_hist, results, heads, strict=False
+        for user, hist, result, extra, answer in zip(
+            users[start:], batch_hist, results, heads, packed, strict=False
         ):
             values.append(
                 (
@@ -167,6 +217,7 @@ def process_shard(
                         history_digest=history_digest(hist),
                         reasoning=result.reasoning,
                         covisit_heads=extra,
+                        answer=answer,
                     ),
                 )
             )
@@ -194,6 +245,7 @@ class ThinkAheadRun:
         self.job = job
         self.plan = plan_users(interactions, self.catalog, self.model.max_history, job.holdout_last)
         self.covisit = CovisitSource.load(self.catalog_dir, self.catalog, self.model_dir)
+        self.answers = answer_scoring(self.model_dir, job)
         if job.max_users is not None:
             self.plan.users = self.plan.users[: job.max_users]
             self.plan.histories = self.plan.histories[: job.max_users]
@@ -202,7 +254,9 @@ class ThinkAheadRun:
             Keyspace(job.key_prefix, job.history_prefix),
             job.ttl_s,
         )
-        self.identity = job_identity(self.model, self.catalog, file_hash(interactions), job)
+        self.identity = job_identity(
+            self.model, self.catalog, file_hash(interactions), job, self.answers
+        )
         self.shards = [
             (
                 i,
@@ -236,6 +290,8 @@ class ThinkAheadRun:
             paths=self.job.paths,
             beam=self.job.beam,
             aggregation="log-mean-prob over paths",
+            answers_key=self.answers.key() if self.answers is not None else None,
+            answer_items=self.job.answer_items if self.answers is not None else 0,
             parameters={
                 "identity": self.identity,
                 "status": "building",
@@ -312,6 +368,7 @@ class ThinkAheadRun:
                     histories,
                     bar.update,
                     self.covisit,
+                    self.answers,
                 )
                 self.writer.write_shard(manifest.snapshot_id, index, values)
         bar.close()

@@ -104,6 +104,8 @@ class UserPrefixes:
     # log P(a, b | that history) of the co-visitation candidates' prefixes that are not among
     # ``prefixes``: an unchanged user's whole candidate set is then scored without a/b steps
     covisit_heads: tuple[Prefix, ...] = ()
+    # the whole ranked answer for that history (``service.contracts.answers``), packed
+    answer: bytes = b""
 
     def encode(self) -> bytes:
         body = {
@@ -118,6 +120,8 @@ class UserPrefixes:
             body["r"] = self.reasoning
         if self.covisit_heads:
             body["x"] = _flat(self.covisit_heads)
+        if self.answer:
+            body["a"] = self.answer
         return msgpack.packb(body, use_bin_type=True)
 
     @classmethod
@@ -132,6 +136,9 @@ class UserPrefixes:
             prefixes = _unflat(body["p"])
             covisit_heads = _unflat(body.get("x", []))
             reasoning = body.get("r")
+            answer = body.get("a", b"")
+            if not isinstance(answer, bytes):
+                raise CorruptValue("answer is not bytes")
             return cls(
                 model_version=str(body["m"]),
                 catalog_version=str(body["c"]),
@@ -140,6 +147,7 @@ class UserPrefixes:
                 history_digest=str(body.get("h", "")),
                 reasoning=None if reasoning is None else str(reasoning),
                 covisit_heads=covisit_heads,
+                answer=answer,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, CorruptValue):

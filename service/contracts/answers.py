@@ -1,0 +1,63 @@
+"""Whole answers computed ahead for users whose history does not change.
+
+When the history a request scores under is exactly the one the snapshot was computed from, every
+term of the fused score is known offline: the worker runs the service's own think-ahead scoring
+(same candidates, pruning, engine requests and fusion) with k = ``items`` and stores the ranked
+items in the user's snapshot value. The service then answers such a request from that one Redis
+read, with no engine round, provided it would score the same way: the :class:`AnswerScoring`
+key recorded in the snapshot manifest must equal the one built from its own settings.
+
+Only exact reuse is allowed: recent items, exclusions (they renormalise the constrained
+log-probs) or another scoring configuration send the request down the engine path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from service.contracts.fusion import FusionWeights
+from service.contracts.manifest import sha256_hex
+from service.contracts.tokens import Code
+
+DEFAULT_ANSWER_ITEMS = 50
+# (a, b, c) as uint16 and the fused score as float32: 10 bytes per item in the snapshot value.
+ANSWER_DTYPE = np.dtype([("a", "<u2"), ("b", "<u2"), ("c", "<u2"), ("score", "<f4")])
+
+
+@dataclass(frozen=True)
+class AnswerScoring:
+    """Everything that decides an unchanged user's ranking besides the model, the catalog and
+    the snapshot itself (which carries its own co-visitation table)."""
+
+    weights: FusionWeights
+    covisit_candidates: int
+    prefixes: int  # M snapshot prefixes used online
+    exclude_history: bool
+
+    def key(self) -> str:
+        body = asdict(self) | {"weights": self.weights.model_dump(mode="json")}
+        return sha256_hex(json.dumps(body, sort_keys=True).encode())
+
+    def serves(self, stored_key: str | None, stored_items: int, k: int) -> bool:
+        """Whether answers stored under ``stored_key``, ranked to ``stored_items``, hold this
+        scoring's top ``k``: pruning for the top N keeps every candidate the top k needs."""
+        return stored_key == self.key() and k <= stored_items
+
+
+def pack_answer(ranked: Sequence[tuple[Code, float]]) -> bytes:
+    rows = np.array([(a, b, c, s) for (a, b, c), s in ranked], dtype=ANSWER_DTYPE)
+    return rows.tobytes()
+
+
+def unpack_answer(raw: bytes) -> list[tuple[Code, float]]:
+    """Raises ValueError on a blob that is not whole rows."""
+    if len(raw) % ANSWER_DTYPE.itemsize:
+        raise ValueError(
+            f"answer of {len(raw)} bytes is not whole {ANSWER_DTYPE.itemsize}-byte rows"
+        )
+    rows = np.frombuffer(raw, dtype=ANSWER_DTYPE)
+    return [((int(a), int(b), int(c)), float(s)) for a, b, c, s in rows.tolist()]

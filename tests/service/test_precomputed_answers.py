@@ -1,0 +1,154 @@
+"""Whole answers stored by the worker: an unchanged user is answered from Redis alone, exactly
+as the engine path would answer, and anything that changes the scoring goes to the engine.
+The real worker (``ThinkAheadRun``) and the core over a real redis-server, with a fake engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import redis
+
+from offline.catalog.covisit import build_covisit_file
+from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
+from service.contracts.answers import AnswerScoring, pack_answer, unpack_answer
+from service.contracts.fusion import FusionWeights
+from service.contracts.model import ServingConfig
+from service.contracts.snapshot import Keyspace, UserPrefixes
+from service.core import Recommendation, RecommendQuery, Source
+from service.runtime import Runtime, open_runtime
+from tests.fake_engine import FakeEngine, write_tiny_artifacts
+from tests.inproc import make_settings
+
+HISTORIES = {
+    "u1": ["3", "4", "5"],
+    "u2": ["1", "2"],
+    "u3": ["10", "1", "11", "12"],
+    "u4": ["7"],
+}
+STORED = 6  # answer items per user
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("answers")
+    catalog_dir, model_dir = write_tiny_artifacts(root)
+    interactions = root / "interactions.csv"
+    rows = [f"{u},{i},{t}" for u, items in HISTORIES.items() for t, i in enumerate(items)]
+    # other users make the co-visitation table richer than the histories above
+    rows += [f"x{n},{i},{t}" for n in range(20) for t, i in enumerate((n % 9 + 1, 1, 7, n + 20))]
+    interactions.write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    build_covisit_file(catalog_dir, interactions)
+    ServingConfig(
+        weights=FusionWeights(offline=1.0, covisit=4.0, popularity=0.5), covisit_candidates=5
+    ).write(model_dir)
+    return catalog_dir, model_dir, interactions
+
+
+def think_ahead(artifacts: tuple[Path, Path, Path], redis_url: str, answer_items: int) -> str:
+    catalog_dir, model_dir, interactions = artifacts
+    job = ThinkAheadJob(prefixes=4, beam=4, answer_items=answer_items, grace_s=0)
+    run = ThinkAheadRun(model_dir, catalog_dir, interactions, redis_url, job)
+    run.seed_histories(interactions)
+    return run.run(FakeEngine, progress=False).snapshot_id
+
+
+@asynccontextmanager
+async def serving(
+    artifacts: tuple[Path, Path, Path], redis_url: str, answer_items: int
+) -> AsyncIterator[tuple[Runtime, FakeEngine]]:
+    snapshot_id = think_ahead(artifacts, redis_url, answer_items)
+    catalog_dir, model_dir, _ = artifacts
+    engine = FakeEngine()
+    async with open_runtime(make_settings(catalog_dir, model_dir, redis_url), engine) as rt:
+        await rt.watcher.refresh()
+        assert rt.watcher.active is not None and rt.watcher.active.snapshot_id == snapshot_id
+        engine.calls = 0  # the start-up warm-up's rounds are not the requests'
+        yield rt, engine
+
+
+def ranking(rec: Recommendation) -> list[tuple[str, float]]:
+    return [(i.item_id, i.score) for i in rec.items]
+
+
+async def test_unchanged_users_are_answered_from_redis_exactly_as_the_engine_would(
+    artifacts: tuple[Path, Path, Path], redis_url: str
+) -> None:
+    stored: dict[str, Recommendation] = {}
+    async with serving(artifacts, redis_url, STORED) as (rt, engine):
+        manifest = rt.watcher.active.manifest  # type: ignore[union-attr]
+        assert manifest is not None and manifest.answer_items == STORED
+        assert manifest.answers_key == rt.core.answer_scoring(manifest).key()
+        for user in HISTORIES:
+            stored[user] = await rt.core.recommend(RecommendQuery(user, k=STORED))
+        assert engine.calls == 0  # not one engine round
+        served = rt.metrics.precomputed_answers._value.get()  # type: ignore[attr-defined]
+        assert served == len(HISTORIES)
+    async with serving(artifacts, redis_url, 0) as (rt, engine):
+        for user, answer in stored.items():
+            computed = await rt.core.recommend(RecommendQuery(user, k=STORED))
+            assert answer.source is computed.source is Source.THINK_AHEAD
+            assert answer.degraded_reason is None and answer.backfilled == computed.backfilled
+            assert [i for i, _ in ranking(answer)] == [i for i, _ in ranking(computed)]
+            assert [s for _, s in ranking(answer)] == pytest.approx(
+                [s for _, s in ranking(computed)], abs=1e-5  # stored as float32
+            )
+            assert not {i.item_id for i in answer.items} & set(HISTORIES[user])
+        assert engine.calls > 0
+
+
+async def test_anything_that_changes_the_scoring_goes_to_the_engine(
+    artifacts: tuple[Path, Path, Path], redis_url: str
+) -> None:
+    async with serving(artifacts, redis_url, STORED) as (rt, engine):
+        queries = [
+            RecommendQuery("u3", k=3, recent_item_ids=("7",)),  # a fresh event
+            RecommendQuery("u3", k=3, exclude_item_ids=("2",)),  # renormalises the steps
+            RecommendQuery("u3", k=STORED + 1),  # beyond the stored ranking
+        ]
+        for n, query in enumerate(queries, start=1):
+            rec = await rt.core.recommend(query)
+            assert rec.source is Source.THINK_AHEAD
+            assert engine.calls == n, query
+        # served with other weights than the worker scored with: the stored key no longer fits
+        rt.core.settings = rt.core.settings.model_copy(update={"fusion": FusionWeights()})
+        await rt.core.recommend(RecommendQuery("u3", k=3))
+        assert engine.calls == len(queries) + 1
+
+
+async def test_a_damaged_answer_is_ignored_and_counted(
+    artifacts: tuple[Path, Path, Path], redis_url: str
+) -> None:
+    async with serving(artifacts, redis_url, STORED) as (rt, engine):
+        sid = rt.watcher.active.snapshot_id  # type: ignore[union-attr]
+        client = redis.Redis.from_url(redis_url)
+        key = Keyspace().user(sid, "u2")
+        value = UserPrefixes.decode(client.get(key))  # type: ignore[arg-type]
+        good = await rt.core.recommend(RecommendQuery("u2", k=3))
+        damaged = value.__class__(**{**value.__dict__, "answer": value.answer[:-3]})
+        client.set(key, damaged.encode(), keepttl=True)
+        rec = await rt.core.recommend(RecommendQuery("u2", k=3))
+        assert engine.calls == 1 and rec.source is Source.THINK_AHEAD
+        assert [i.item_id for i in rec.items] == [i.item_id for i in good.items]
+        assert rt.metrics.corrupt_values.labels("snapshot_answer")._value.get() == 1  # type: ignore[attr-defined]
+
+
+def test_answers_round_trip_and_scoring_keys_tell_configurations_apart() -> None:
+    ranked = [((1, 2, 3), -0.5), ((0, 65535, 7), -12.25)]
+    assert unpack_answer(pack_answer(ranked)) == ranked
+    assert len(pack_answer(ranked)) == 20
+    with pytest.raises(ValueError, match="whole"):
+        unpack_answer(pack_answer(ranked)[:-1])
+    base = AnswerScoring(FusionWeights(offline=2.0), 10, 32, True)
+    assert base.serves(base.key(), stored_items=50, k=50)
+    assert not base.serves(base.key(), stored_items=50, k=51)
+    assert not base.serves(None, stored_items=50, k=1)
+    for other in (
+        AnswerScoring(FusionWeights(offline=2.5), 10, 32, True),
+        AnswerScoring(FusionWeights(offline=2.0), 11, 32, True),
+        AnswerScoring(FusionWeights(offline=2.0), 10, 16, True),
+        AnswerScoring(FusionWeights(offline=2.0), 10, 32, False),
+    ):
+        assert other.key() != base.key()
