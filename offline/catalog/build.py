@@ -1,16 +1,13 @@
 """Build a catalog artifact: items -> vectors -> balanced RQ-Kmeans codes -> unique codes.
 
 Writes ``codes.csv``, ``trie.npz``, ``popularity.npy``, ``manifest.json`` and ``report.json``
-into a temporary directory beside ``out_dir`` and renames it into place, so a reader never sees
-half a catalog and a failed build leaves nothing behind.
+through :func:`offline.fsutil.atomic_directory`: a reader never sees half a catalog and a failed
+build leaves the previous one in place.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +29,7 @@ from offline.catalog.items import read_items
 from offline.catalog.kmeans import DEFAULT_ITERS, residual_quantize, resolve_collisions
 from offline.data import read_interactions
 from offline.errors import InputError
+from offline.fsutil import atomic_directory
 from service.contracts.catalog import (
     CODES_FILE,
     POPULARITY_FILE,
@@ -282,12 +280,7 @@ def _write_atomically(
     t_start: float,
     covisit: CovisitTable | None = None,
 ) -> None:
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.tmp-"))
-    old: Path | None = None
-    moved_aside = False
-    try:
+    with atomic_directory(out_dir) as tmp:
         write_codes(tmp / CODES_FILE, item_ids, codes)
         with (tmp / TRIE_FILE).open("wb") as f:
             np.savez(f, **build_trie(codes, manifest.codebook_size))
@@ -300,20 +293,3 @@ def _write_atomically(
         seconds["total"] = time.perf_counter() - t_start
         report["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
         write_json_atomic(tmp / REPORT_FILE, report)
-        os.chmod(tmp, 0o755)  # mkdtemp (and write_json_atomic's mkstemp) create owner-only
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, old)  # onto an empty directory: allowed by POSIX rename
-            moved_aside = True
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if moved_aside and old is not None:
-            os.rename(old, out_dir)  # put the previous catalog back
-        elif old is not None:
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -9,14 +9,13 @@ on item sequences can start from a sane point. A manifest ties the result to the
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from offline.errors import InputError
+from offline.fsutil import atomic_directory
 from service.contracts.catalog import Catalog
 from service.contracts.manifest import ModelManifest, sha256_hex
 from service.contracts.tokens import SID_BEGIN, SID_END, all_item_tokens
@@ -48,8 +47,7 @@ def add_item_tokens(base_model: Path, catalog_dir: Path, out: Path, seed: int = 
         out_emb = model.get_output_embeddings()
         if out_emb is not None and out_emb.weight is not model.get_input_embeddings().weight:
             _init_rows(out_emb.weight, start, generator)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent.resolve()))
-    try:
+    with atomic_directory(out) as work:
         model.save_pretrained(str(work))
         tokenizer.save_pretrained(str(work))
         weights = sorted(work.glob("*.safetensors"))
@@ -67,10 +65,4 @@ def add_item_tokens(base_model: Path, catalog_dir: Path, out: Path, seed: int = 
             },
         )
         manifest.write(work)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    return manifest

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from transformers import LlamaForCausalLM
 from offline.data import Example, leave_one_out, read_interactions
 from offline.decode.torch_beam import beam_search_batch
 from offline.errors import InputError
+from offline.fsutil import atomic_directory
 from offline.metrics import ranking_metrics
 from offline.train.checkpoint import (
     Checkpoint,
@@ -233,8 +232,7 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     started = time.monotonic()
     out_dir = Path(out_dir)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent.resolve()))
-    try:
+    with atomic_directory(out_dir) as work:
         data = prepare(catalog_dir, interactions, cfg, work)
         preset = PRESETS[cfg.preset]
         vocab = padded_vocab(max(data.ids.index_of) + 1)
@@ -356,12 +354,8 @@ def train(
             },
         )
         manifest.write(work)
-        _replace_dir(work, out_dir)
-        ckpt.remove()
-        return manifest
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    ckpt.remove()  # the model is in place: the run is over
+    return manifest
 
 
 def _validation_sample(valid: list[Example], n: int, seed: int) -> list[Example]:
@@ -369,13 +363,3 @@ def _validation_sample(valid: list[Example], n: int, seed: int) -> list[Example]
         return list(valid)
     rng = np.random.default_rng(seed + 1)
     return [valid[i] for i in sorted(rng.choice(len(valid), size=n, replace=False))]
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{time.time_ns()}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)

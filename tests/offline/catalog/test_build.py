@@ -163,6 +163,7 @@ def test_failed_write_keeps_the_previous_catalog_and_no_temp_dir(
     tmp_path: Path, items_csv: Path, vectors_npy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import offline.catalog.build as build_mod
+    from offline import fsutil
 
     out = tmp_path / "out"
     first = build_catalog(items_csv, out, codebook_size=K, embeddings=vectors_npy)
@@ -174,14 +175,14 @@ def test_failed_write_keeps_the_previous_catalog_and_no_temp_dir(
     with pytest.raises(OSError, match="disk full"):
         build_catalog(items_csv, out, codebook_size=8, embeddings=vectors_npy)
     monkeypatch.undo()
-    real_rename = build_mod.os.rename
+    real_rename = fsutil.os.rename
 
     def rename_fails_for_new(src: object, dst: object) -> None:
         if Path(str(src)).name.startswith(".out.tmp-"):
             raise OSError("rename failed")
         real_rename(src, dst)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(build_mod.os, "rename", rename_fails_for_new)
+    monkeypatch.setattr(fsutil.os, "rename", rename_fails_for_new)
     with pytest.raises(OSError, match="rename failed"):
         build_catalog(items_csv, out, codebook_size=8, embeddings=vectors_npy)
     monkeypatch.undo()
