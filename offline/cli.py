@@ -1,7 +1,11 @@
-"""The ``thinkahead`` command line: a thin mapping of flags onto the offline functions.
+"""The ``thinkahead`` command line: a thin mapping of flags onto the offline functions and the
+service. A flag that fills in a field of ``TrainConfig``, ``ThinkAheadJob`` or the service's
+``Settings`` takes its default from that field instead of repeating it.
 
-Sub-apps, one per stage (``catalog`` now; ``train``, ``eval``, ``think-ahead``, ``serve`` are
-added the same way). Input errors print ``error: <message>`` to stderr and exit with code 2.
+Pipeline stages, in order: ``catalog build``, ``train``, ``model add-item-tokens`` (an existing
+LLM instead), ``tune-blend``, ``think-ahead``, ``serve``; beside them ``covisit build``,
+``history load``, ``eval``, ``quality-report``, ``bench`` and ``demo`` (the whole pipeline on a
+sample). Input errors print ``error: <message>`` to stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -132,6 +136,24 @@ def _train_default(name: str) -> Any:
     return TrainConfig.model_fields[name].default
 
 
+def _job_default(name: str) -> Any:
+    from offline.thinkahead.worker import ThinkAheadJob
+
+    return ThinkAheadJob.model_fields[name].default
+
+
+def _redis_default(name: str) -> Any:
+    from service.config import RedisSettings
+
+    return RedisSettings.model_fields[name].default
+
+
+def _recommend_default(name: str) -> Any:
+    from service.config import RecommendSettings
+
+    return RecommendSettings.model_fields[name].default
+
+
 @app.command("train")
 @user_errors
 def train_cmd(
@@ -211,8 +233,12 @@ def eval_cmd(
     out: Annotated[Path, typer.Option(help="report JSON to write")],
     split: Annotated[str, typer.Option(help="test or valid")] = "test",
     mode: Annotated[str, typer.Option(help="full or think-ahead")] = "full",
-    beam: Annotated[int, typer.Option(help="beam width (>= 10)")] = 20,
-    prefixes: Annotated[int, typer.Option(help="think-ahead: M prefixes")] = 32,
+    beam: Annotated[int, typer.Option(help="beam width (>= 10)")] = _recommend_default(
+        "full_decode_beam"
+    ),
+    prefixes: Annotated[int, typer.Option(help="think-ahead: M prefixes")] = _recommend_default(
+        "max_prefixes"
+    ),
     covisit_candidates: Annotated[
         int | None,
         typer.Option(help="think-ahead: co-visitation candidates (default: serving.json)"),
@@ -252,19 +278,27 @@ def think_ahead_cmd(
     model: Annotated[Path, typer.Option(help="model directory")],
     catalog: Annotated[Path, typer.Option(help="catalog directory")],
     interactions: Annotated[Path, typer.Option(help="interactions CSV (users' histories)")],
-    redis: Annotated[str, typer.Option(help="redis URL")] = "redis://127.0.0.1:6379/0",
-    paths: Annotated[int, typer.Option(help="G reasoning paths (1 without a template)")] = 1,
-    prefixes: Annotated[int, typer.Option(help="M prefixes kept per user")] = 32,
+    redis: Annotated[str, typer.Option(help="redis URL")] = _redis_default("url"),
+    paths: Annotated[
+        int, typer.Option(help="G reasoning paths (1 without a template)")
+    ] = _job_default("paths"),
+    prefixes: Annotated[int, typer.Option(help="M prefixes kept per user")] = _job_default(
+        "prefixes"
+    ),
     beam: Annotated[int | None, typer.Option(help="beam width (default: M)")] = None,
-    ttl: Annotated[int, typer.Option(help="seconds a user value lives")] = 3 * 86400,
-    grace: Annotated[float, typer.Option(help="seconds replaced snapshots are kept")] = 3600,
-    shard_size: Annotated[int, typer.Option()] = 2048,
-    batch_users: Annotated[int, typer.Option()] = 256,
-    holdout_last: Annotated[int, typer.Option(help="ignore each user's last N events")] = 0,
+    ttl: Annotated[int, typer.Option(help="seconds a user value lives")] = _job_default("ttl_s"),
+    grace: Annotated[
+        float, typer.Option(help="seconds replaced snapshots are kept")
+    ] = _job_default("grace_s"),
+    shard_size: Annotated[int, typer.Option()] = _job_default("shard_size"),
+    batch_users: Annotated[int, typer.Option()] = _job_default("batch_users"),
+    holdout_last: Annotated[
+        int, typer.Option(help="ignore each user's last N events")
+    ] = _job_default("holdout_last"),
     max_users: Annotated[
         int | None, typer.Option(help="only the first N users (canary and smoke runs)")
     ] = None,
-    key_prefix: Annotated[str, typer.Option()] = "ta",
+    key_prefix: Annotated[str, typer.Option()] = _job_default("key_prefix"),
     history_prefix: Annotated[
         str | None, typer.Option(help="prefix of the history lists (default: key prefix)")
     ] = None,
@@ -391,7 +425,9 @@ def tune_blend_cmd(
     model: Annotated[Path, typer.Option(help="model directory (serving.json is written there)")],
     catalog: Annotated[Path, typer.Option(help="catalog directory (with its covisit.npz)")],
     interactions: Annotated[Path, typer.Option(help="interactions CSV")],
-    prefixes: Annotated[int, typer.Option(help="M prefixes, as served")] = 32,
+    prefixes: Annotated[int, typer.Option(help="M prefixes, as served")] = _recommend_default(
+        "max_prefixes"
+    ),
     limit: Annotated[int | None, typer.Option(help="validation users sampled")] = 5000,
     engine: Annotated[str, typer.Option(help="vllm or torch (same requests)")] = "vllm",
     progress: Annotated[bool, typer.Option()] = True,
@@ -441,10 +477,12 @@ app.add_typer(history_app, name="history")
 def history_load(
     catalog: Annotated[Path, typer.Option(help="catalog directory")],
     interactions: Annotated[Path, typer.Option(help="interactions CSV")],
-    redis: Annotated[str, typer.Option(help="redis URL")] = "redis://127.0.0.1:6379/0",
+    redis: Annotated[str, typer.Option(help="redis URL")] = _redis_default("url"),
     holdout_last: Annotated[int, typer.Option(help="drop each user's last N events")] = 0,
-    cap: Annotated[int, typer.Option(help="items kept per user")] = 50,
-    key_prefix: Annotated[str, typer.Option(help="prefix of the history lists")] = "ta",
+    cap: Annotated[int, typer.Option(help="items kept per user")] = _redis_default("history_cap"),
+    key_prefix: Annotated[str, typer.Option(help="prefix of the history lists")] = _redis_default(
+        "prefix"
+    ),
     cluster: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Replace users' ta:hist lists with their latest events from an interactions log."""

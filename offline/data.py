@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offline.errors import InputError
+from service.contracts.manifest import MAX_HISTORY
 
 INTERACTION_COLUMNS = ("user_id", "item_id")
 
@@ -106,7 +107,7 @@ class Split:
     train_and_valid: Sequences  # each sequence minus its test item (refits)
 
 
-def leave_one_out(seqs: Sequences, max_history: int = 50) -> Split:
+def leave_one_out(seqs: Sequences, max_history: int = MAX_HISTORY) -> Split:
     train_items: list[list[str]] = []
     refit_items: list[list[str]] = []
     valid: list[Example] = []

@@ -18,6 +18,7 @@ from offline.evaluate import (
     select_examples,
     think_ahead_candidates,
 )
+from offline.metrics import TOP_K
 from offline.tune import CANDIDATES_GRID, grid_search
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import CovisitTable, Neighbours
@@ -70,7 +71,7 @@ def run_eval(
     engine: str = "vllm",
     limit: int | None = None,
     covisit_candidates: int | None = None,
-    k: int = 10,
+    k: int = TOP_K,
     progress: bool = True,
 ) -> dict[str, Any]:
     if split not in ("test", "valid"):
@@ -138,7 +139,7 @@ def tune_blend(
     prefixes: int = 32,
     beam: int = 32,
     limit: int | None = 5000,
-    k: int = 10,
+    k: int = TOP_K,
     engine: str = "vllm",
     progress: bool = True,
 ) -> dict[str, Any]:

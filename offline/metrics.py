@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+TOP_K = 10  # the list length every report ranks to (Recall@10 / NDCG@10: the papers' headline)
+
 
 def ranking_metrics(
-    ranked: Sequence[Sequence[str]], targets: Sequence[str], ks: Sequence[int] = (5, 10)
+    ranked: Sequence[Sequence[str]], targets: Sequence[str], ks: Sequence[int] = (5, TOP_K)
 ) -> dict[str, float]:
     if len(ranked) != len(targets):
         raise ValueError("one ranked list per target")

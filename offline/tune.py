@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from offline.evaluate import UserCandidates
+from offline.metrics import TOP_K
 from service.contracts.fusion import FusionWeights
 
 OFFLINE_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
@@ -65,7 +66,7 @@ class CandidateMatrix:
                 if s.code == target_code:
                     self.target[u] = j
 
-    def metrics(self, weights: FusionWeights, covisit_candidates: int, k: int = 10) -> Trial:
+    def metrics(self, weights: FusionWeights, covisit_candidates: int, k: int = TOP_K) -> Trial:
         score = (
             self.decoder
             + weights.offline * self.offline
@@ -84,7 +85,7 @@ class CandidateMatrix:
 
 
 def grid_search(
-    users: Sequence[UserCandidates], k: int = 10, tolerance: float = 0.01
+    users: Sequence[UserCandidates], k: int = TOP_K, tolerance: float = 0.01
 ) -> list[Trial]:
     """Every grid point, the chosen one first: the fewest co-visitation candidates (each costs
     engine work online) among the settings within ``tolerance`` (relative) of the best NDCG@k;

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.contracts.fusion import FusionWeights
+from service.contracts.manifest import MAX_HISTORY
 from service.engine.vllm_engine import VllmOptions
 
 MAX_LIST_ITEMS = 200  # hard cap of id lists in one request (the API schema documents it)
@@ -27,7 +28,7 @@ class RedisSettings(BaseModel):
     socket_timeout_ms: int = Field(default=100, ge=1)
     connect_timeout_ms: int = Field(default=100, ge=1)
     max_connections: int = Field(default=128, ge=1)
-    history_cap: int = Field(default=50, ge=1, le=1000)
+    history_cap: int = Field(default=MAX_HISTORY, ge=1, le=1000)
     snapshot_poll_s: float = Field(default=1.0, gt=0)
     max_snapshot_age_s: float = Field(default=3 * 86400, gt=0)
     idempotency_window_s: float = Field(

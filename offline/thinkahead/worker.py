@@ -31,7 +31,7 @@ from offline.thinkahead.reasoning import Reasoner
 from service.contracts.answers import DEFAULT_ANSWER_ITEMS, AnswerScoring
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import COVISIT_FILE
-from service.contracts.manifest import SnapshotManifest, file_hash, sha256_hex
+from service.contracts.manifest import MAX_HISTORY, SnapshotManifest, file_hash, sha256_hex
 from service.contracts.model import ModelInfo, load_model_info, load_serving_config
 from service.contracts.snapshot import Keyspace, UserPrefixes, history_digest
 from service.contracts.tokens import Code
@@ -266,7 +266,7 @@ class ThinkAheadRun:
             for i, s in enumerate(range(0, len(self.plan.users), job.shard_size))
         ]
 
-    def seed_histories(self, interactions: Path, cap: int = 50) -> int:
+    def seed_histories(self, interactions: Path, cap: int = MAX_HISTORY) -> int:
         """Load users' recent histories into ``ta:hist`` (what the online prompt reads): the
         same events the snapshot was computed from (``holdout_last`` of the job applies), so
         a seeded user's history digest matches their snapshot value."""

@@ -26,7 +26,7 @@ from offline.data import Example, leave_one_out, read_interactions
 from offline.decode.torch_beam import beam_search_batch
 from offline.errors import InputError
 from offline.fsutil import atomic_directory
-from offline.metrics import ranking_metrics
+from offline.metrics import TOP_K, ranking_metrics
 from offline.train.checkpoint import (
     Checkpoint,
     RunState,
@@ -41,7 +41,7 @@ from offline.train.presets import PRESETS, padded_vocab
 from offline.train.tokenizer import save_tokenizer
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
-from service.contracts.manifest import ModelManifest, file_hash, sha256_hex
+from service.contracts.manifest import MAX_HISTORY, ModelManifest, file_hash, sha256_hex
 from service.contracts.tokens import Code, TokenIds
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class TrainConfig(BaseModel):
     embed_dropout: float = Field(default=0.1, ge=0, lt=1)
     item_dropout: float = Field(default=0.1, ge=0, lt=1, description="augmentation, per epoch")
     bf16: bool | None = Field(default=None, description="bf16 autocast; None: where native")
-    max_history: int = Field(default=50, ge=1)
+    max_history: int = Field(default=MAX_HISTORY, ge=1)
     val_users: int = Field(default=3000, ge=0, description="validation sample for early stopping")
     val_beam: int = Field(default=20, ge=10)
     patience: int = Field(default=3, ge=1)
@@ -179,7 +179,7 @@ def rank_examples(
     ids: TokenIds,
     examples: list[Example],
     beam: int,
-    k: int = 10,
+    k: int = TOP_K,
     token_budget: int = 200_000,
     progress: bool = False,
 ) -> list[list[str]]:

@@ -14,6 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_FILE = "manifest.json"
+# Items of history a model reads (the most recent; the benchmarks' protocol) and, by default,
+# the length of the users' history lists the service keeps in Redis.
+MAX_HISTORY = 50
 
 
 class ManifestError(ValueError):
@@ -94,7 +97,7 @@ class ModelManifest(_Manifest):
     codebook_size: int
     preset: str = "custom"
     data_hash: str | None = None
-    max_history: int = 50
+    max_history: int = MAX_HISTORY
     reasoning: ReasoningTemplate | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     parameters: dict[str, Any] = Field(default_factory=dict)
