@@ -475,7 +475,6 @@ app.add_typer(history_app, name="history")
 @history_app.command("load")
 @user_errors
 def history_load(
-    catalog: Annotated[Path, typer.Option(help="catalog directory")],
     interactions: Annotated[Path, typer.Option(help="interactions CSV")],
     redis: Annotated[str, typer.Option(help="redis URL")] = _redis_default("url"),
     holdout_last: Annotated[int, typer.Option(help="drop each user's last N events")] = 0,

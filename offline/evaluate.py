@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -39,8 +39,6 @@ from service.contracts.scoring import (
 )
 from service.contracts.tokens import Code
 from service.engine.base import BatchEngine
-
-Mode = Literal["full", "think-ahead"]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import numpy as np
 from offline.errors import InputError
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM_DIM = 384
 DEFAULT_BATCH_SIZE = 128
 PRECISIONS = ("auto", "float32", "bfloat16")
 

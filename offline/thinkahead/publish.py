@@ -72,8 +72,12 @@ class SnapshotWriter:
             raw = self.client.get(self.keys.pending)
             if raw is None:
                 return None
-            sid = raw.decode()
-            manifest_raw = self.client.get(self.keys.manifest(sid))
+            sid = raw.decode(errors="replace")
+            try:
+                manifest_key = self.keys.manifest(sid)
+            except ValueError:
+                return None  # not a snapshot id of ours: a new snapshot replaces it
+            manifest_raw = self.client.get(manifest_key)
         if manifest_raw is None:
             return None
         try:
@@ -171,12 +175,16 @@ class SnapshotWriter:
             current = self.current()
             cutoff = time.time() - grace_s
             for raw in self.client.zrangebyscore(self.keys.retired, 0, cutoff):
-                sid = raw.decode()
-                if sid == current:
-                    self.client.zrem(self.keys.retired, sid)
+                sid = raw.decode(errors="replace")
+                try:
+                    pattern = self.keys.user_pattern(sid)
+                except ValueError:
+                    pattern = None  # not an id of ours: no keys were written under it
+                if sid == current or pattern is None:
+                    self.client.zrem(self.keys.retired, raw)
                     continue
                 batch = []
-                for key in self._scan(self.keys.user_pattern(sid)):
+                for key in self._scan(pattern):
                     batch.append(key)
                     if len(batch) >= WRITE_CHUNK:
                         self._unlink(batch)

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTO_DIR = ROOT / "proto"
 OUT_PACKAGE = "service/api/_proto"
 
 

@@ -36,10 +36,6 @@ def catalog_version_of(item_ids: Sequence[str], codes: np.ndarray, codebook_size
     return sha256_hex(f"K={codebook_size}\n".encode(), lines.encode())
 
 
-def pack_prefix(a: int, b: int, k: int) -> int:
-    return a * k + b
-
-
 def build_trie(codes: np.ndarray, k: int) -> dict[str, np.ndarray]:
     """CSR layout of the trie: for each distinct (a, b), its c's (sorted) and their item rows."""
     prefix = codes[:, 0].astype(np.int64) * k + codes[:, 1]

@@ -13,11 +13,13 @@ Keys (prefix configurable, default ``ta``)::
 
 The user id sits in a Redis Cluster hash tag (``{...}``) in both per-user keys, so a user's
 prefixes and history live in one slot and one pipeline reads both in one round trip, on a single
-node or a cluster. Snapshot ids never contain braces.
+node or a cluster. Snapshot ids never contain braces: :class:`Keyspace` builds no key from an id
+that fails :func:`validate_snapshot_id`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -59,27 +61,31 @@ class Keyspace:
     def retired(self) -> str:
         return f"{self.prefix}:snap:retired"
 
+    # Every snapshot-scoped key is built here, from a checked id: a brace would move the key's
+    # hash tag (another cluster slot), a glob character would widen cleanup's SCAN pattern.
     def manifest(self, snapshot_id: str) -> str:
-        return f"{self.prefix}:snap:{snapshot_id}:manifest"
+        return f"{self.prefix}:snap:{validate_snapshot_id(snapshot_id)}:manifest"
 
     def done_shards(self, snapshot_id: str) -> str:
-        return f"{self.prefix}:snap:{snapshot_id}:done"
+        return f"{self.prefix}:snap:{validate_snapshot_id(snapshot_id)}:done"
 
     def user(self, snapshot_id: str, user_id: str) -> str:
-        return f"{self.prefix}:snap:{snapshot_id}:u:{{{user_id}}}"
+        return f"{self.prefix}:snap:{validate_snapshot_id(snapshot_id)}:u:{{{user_id}}}"
 
     def covisit(self, snapshot_id: str, item_id: str) -> str:
-        return f"{self.prefix}:snap:{snapshot_id}:cv:{{{item_id}}}"
+        return f"{self.prefix}:snap:{validate_snapshot_id(snapshot_id)}:cv:{{{item_id}}}"
 
     def user_pattern(self, snapshot_id: str) -> str:
-        return f"{self.prefix}:snap:{snapshot_id}:*"
+        return f"{self.prefix}:snap:{validate_snapshot_id(snapshot_id)}:*"
 
     def history(self, user_id: str) -> str:
         return f"{self.history_prefix or self.prefix}:hist:{{{user_id}}}"
 
 
+@functools.lru_cache(maxsize=64)  # a handful of ids, checked on every key of every request
 def validate_snapshot_id(snapshot_id: str) -> str:
-    if not _SNAPSHOT_ID.match(snapshot_id):
+    """The id itself; ValueError unless it is 1-64 of ``[A-Za-z0-9_.-]``."""
+    if not _SNAPSHOT_ID.fullmatch(snapshot_id):
         raise ValueError(f"snapshot id {snapshot_id!r} must match {_SNAPSHOT_ID.pattern}")
     return snapshot_id
 

@@ -15,6 +15,7 @@ are turned into :class:`RedisUnavailable` by :func:`service.storage.redis.redis_
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ from service.contracts.manifest import SnapshotManifest
 from service.contracts.snapshot import Keyspace
 from service.errors import RedisUnavailable
 from service.storage.redis import RedisCluster, redis_errors
+
+log = logging.getLogger(__name__)
 
 # LPUSH (ARGV[2..], oldest to newest, so the newest ends first), LTRIM to ARGV[1], LLEN.
 _APPEND_CAPPED = """
@@ -134,7 +137,12 @@ class SnapshotStore:
             if raw is None:
                 return None
             snapshot_id = raw.decode("utf-8", "replace")
-            manifest_raw = await self.client.get(self.keys.manifest(snapshot_id))
+            try:
+                manifest_key = self.keys.manifest(snapshot_id)
+            except ValueError:
+                log.warning("event=bad_snapshot_id current=%r", snapshot_id[:80])
+                return None  # not a snapshot of ours: as if there were none
+            manifest_raw = await self.client.get(manifest_key)
         if manifest_raw is None:
             return snapshot_id, None
         try:

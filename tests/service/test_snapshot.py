@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+import redis
 
+from offline.thinkahead.publish import SnapshotWriter
+from service.config import RedisSettings
 from service.contracts.snapshot import (
     CorruptValue,
     Keyspace,
@@ -10,6 +13,8 @@ from service.contracts.snapshot import (
     UserPrefixes,
     validate_snapshot_id,
 )
+from service.storage.redis import connect
+from service.storage.store import SnapshotStore
 
 
 def value(**kw) -> UserPrefixes:  # type: ignore[no-untyped-def]
@@ -65,10 +70,57 @@ def test_user_keys_share_a_cluster_slot() -> None:
     assert keys.manifest("s1") == "ta:snap:s1:manifest"
 
 
-@pytest.mark.parametrize("bad", ["", "a{b}", "x" * 65, "with space"])
+BAD_IDS = ["", "a{b}", "}", "x" * 65, "with space", "s1*", "s1\n", "s[12]"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
 def test_snapshot_ids_never_carry_hash_tags(bad: str) -> None:
     with pytest.raises(ValueError):
         validate_snapshot_id(bad)
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_no_snapshot_key_is_built_from_a_bad_id(bad: str) -> None:
+    keys = Keyspace("ta")
+    for build in (
+        lambda: keys.manifest(bad),
+        lambda: keys.done_shards(bad),
+        lambda: keys.user(bad, "u1"),
+        lambda: keys.covisit(bad, "i1"),
+        lambda: keys.user_pattern(bad),
+    ):
+        with pytest.raises(ValueError, match="snapshot id"):
+            build()
+    assert keys.user("20250101T000000-ab12cd34", "u1") == "ta:snap:20250101T000000-ab12cd34:u:{u1}"
+
+
+async def test_a_foreign_current_id_reads_as_no_snapshot(redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    r.set(Keyspace().current, "evil{slot}")
+    store = SnapshotStore(connect(RedisSettings(url=redis_url)), Keyspace(), 50)
+    try:
+        assert await store.current_snapshot() is None
+        r.set(Keyspace().current, "s1")
+        assert await store.current_snapshot() == ("s1", None)  # no manifest yet
+    finally:
+        await store.close()
+        r.close()
+
+
+def test_the_publisher_replaces_a_foreign_pending_id_and_sweeps_foreign_retired_ids(
+    redis_url: str,
+) -> None:
+    r = redis.Redis.from_url(redis_url)
+    keys = Keyspace()
+    writer = SnapshotWriter(r, keys, ttl_s=600)
+    r.set(keys.pending, "x*")
+    assert writer.pending() is None  # so the worker begins a snapshot of its own
+    r.zadd(keys.retired, {"a{b}": 0, "*": 0})
+    r.set("ta:snap:kept:u:{u1}", b"another snapshot's value")
+    assert writer.cleanup(grace_s=0) == []
+    assert r.zcard(keys.retired) == 0
+    assert r.get("ta:snap:kept:u:{u1}") is not None  # "*" did not widen the sweep
+    r.close()
 
 
 def test_history_prefix_is_independent_of_the_snapshot_prefix() -> None:
