@@ -1,5 +1,7 @@
-"""``python -m service`` / ``thinkahead-serve``: the serving process alone (settings from
-``THINKAHEAD_*`` environment variables), for images that carry no offline code.
+"""``python -m service`` / ``thinkahead-serve``: the serving process with every setting from
+``THINKAHEAD_*`` environment variables (``thinkahead serve`` maps flags onto the same settings).
+Like all of ``service/``, it imports nothing from ``offline/``; the shipped images carry both
+and run ``thinkahead serve``.
 
 ``--insecure`` allows serving without API keys on a non-loopback address."""
 

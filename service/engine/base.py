@@ -39,11 +39,12 @@ class ScoreRequest:
 
 
 def logprobs_to_ask(request: ScoreRequest) -> int:
-    """Top-N size to ask the engine for. Wanted tokens are asked as the top len(allowed), which
-    over a renormalised allowed set is every allowed token, instead of ``logprob_token_ids``:
-    in vLLM 0.32 a batch that mixes ``logprob_token_ids`` requests with ``logprobs=N`` ones
-    returns only the sampled token for the latter (seen on CPU, in-process and behind the
-    OpenAI server), and requests of different users share batches."""
+    """The ``logprobs=N`` to send: ``top_n``, or for wanted tokens the whole allowed set (the
+    log-probs are renormalised over it, so its top len(allowed) is every allowed token; then
+    :func:`pick` keeps the wanted ones). Neither engine uses vLLM's ``logprob_token_ids``: in
+    vLLM 0.32 a batch that mixes such requests with ``logprobs=N`` ones answers the latter with
+    the sampled token only, and requests of different users share batches. An allowed set is
+    one level's codes, so the engine's max logprobs must be at least K (256 by default)."""
     return len(request.allowed) if request.want is not None else request.n_logprobs
 
 

@@ -1,8 +1,10 @@
 """A remote ``vllm serve`` deployment behind its OpenAI completions API.
 
-Token-id prompts, ``allowed_token_ids``, ``logprobs`` / ``logprob_token_ids`` and
-``return_tokens_as_token_ids``: the same processed log-probs as in-process, provided the server
-runs with ``--logprobs-mode processed_logprobs --enable-prefix-caching --max-logprobs 256``.
+One completions call per score request: the token-id prompt, ``max_tokens=1``,
+``allowed_token_ids``, ``logprobs`` (from :func:`~service.engine.base.logprobs_to_ask`) and
+``return_tokens_as_token_ids``, all sent at once so the server batches them. The log-probs
+are the same processed ones as in-process, provided the server runs with ``--logprobs-mode
+processed_logprobs --enable-prefix-caching --max-logprobs 256``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ def completion_body(model: str, request: ScoreRequest) -> dict[str, Any]:
         "max_tokens": 1,
         "temperature": 0.0,
         "allowed_token_ids": list(request.allowed),
+        "logprobs": logprobs_to_ask(request),
         "return_tokens_as_token_ids": True,
     }
-    body["logprobs"] = logprobs_to_ask(request)
     return body
 
 
