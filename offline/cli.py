@@ -533,6 +533,9 @@ def bench_cmd(
     seconds: Annotated[float, typer.Option(help="measured seconds per load point")] = 20.0,
     skip_quality: Annotated[bool, typer.Option(help="speed only")] = False,
     locust_seconds: Annotated[float, typer.Option(help="locust mix run (0 = skip)")] = 30.0,
+    floor_users: Annotated[
+        int, typer.Option(help="users timed for the plain-PyTorch floor row (0 = skip)")
+    ] = 200,
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
     """Think-ahead vs full decode: quality on the test split, speed through the service."""
@@ -553,6 +556,7 @@ def bench_cmd(
         skip_quality=skip_quality,
         progress=progress,
         locust_seconds=locust_seconds,
+        floor_users=floor_users,
     )
     typer.echo((out / "report.md").read_text())
     typer.echo(f"seconds: {report['seconds']}")

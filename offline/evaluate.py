@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from offline.baselines import CoVisitation
 from offline.data import Example, Sequences, leave_one_out, read_interactions
 from offline.metrics import ranking_metrics
-from offline.thinkahead.prefixes import compute_prefixes
+from offline.thinkahead.prefixes import compute_prefixes, split_answers
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
@@ -190,10 +190,7 @@ def think_ahead_candidates(
             plans.append(plan)
             out.append(UserCandidates(e.target, [], features, set(ranked_ab), covisit_ab))
         answers = engine.score_batch([r for p in plans for r in p.requests])
-        offset = 0
-        for plan, user in zip(plans, out[start:], strict=True):
-            part = answers[offset : offset + len(plan.requests)]
-            offset += len(plan.requests)
+        for plan, part, user in zip(plans, split_answers(plans, answers), out[start:], strict=True):
             user.scored = combine(plan, part, ids)
     n = max(len(examples), 1)
     coverage: dict[str, float] = {f"M={m}": round(c / n, 5) for m, c in sorted(covered.items())}

@@ -147,6 +147,23 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             "![latency vs throughput](latency_throughput.png)",
             "",
         ]
+        if speed.get("floor"):
+            lines += [
+                "### Floor: the same scoring in-process with plain PyTorch",
+                "",
+                "One user at a time, the service's own planning and ranking, one batched "
+                "`TorchBatchEngine` call per engine round (`offline/bench/floor.py`): what this "
+                "machine does without an engine round trip. A measurement, not a serving path.",
+                "",
+                "| scenario | users | p50 ms | p99 ms | engine requests per recommend |",
+                "| --- | --- | --- | --- | --- |",
+                *[
+                    f"| {r['scenario']} | {r['users']} | {r['p50_ms']} | {r['p99_ms']} | "
+                    f"{r['requests_per_recommend']} |"
+                    for r in speed["floor"]
+                ],
+                "",
+            ]
         if speed.get("locust"):
             loc = speed["locust"]
             lines += [

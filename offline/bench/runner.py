@@ -28,6 +28,7 @@ from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.contracts.catalog import Catalog
 from service.contracts.manifest import utc_now
 from service.contracts.model import load_model_info, load_serving_config
+from service.contracts.snapshot import Keyspace, UserPrefixes
 
 
 def quality(
@@ -84,9 +85,11 @@ def speed(
     engine: Any,
     progress: bool,
     locust_seconds: float = 0,
+    floor_users: int = 200,
 ) -> dict[str, Any]:
     """Snapshot for ``users`` users from their test-time history (everything but the last
-    event), histories seeded the same way, then load through the running service."""
+    event), histories seeded the same way, then load through the running service, then the
+    floor (the same scoring in-process with plain PyTorch) once the service is down."""
     redis_proc = start_redis(work / "redis")
     url = redis_proc.url
     service = None
@@ -134,7 +137,15 @@ def speed(
             locust = run_locust(
                 base, grpc_port, work, locust_seconds, run.plan.users, catalog.item_ids
             )
+        service.stop(timeout=120)
+        service = None
+        floor = None
+        if floor_users > 0:
+            floor = measure_floor(
+                model_dir, run, client, snapshot.snapshot_id, fresh_item, prefixes, floor_users
+            )
         return {
+            "floor": floor,
             "locust": locust,
             "snapshot": snapshot.as_dict(),
             "seconds_per_point": seconds,
@@ -146,6 +157,35 @@ def speed(
         if service is not None:
             service.stop(timeout=120)
         redis_proc.stop()
+
+
+def measure_floor(
+    model_dir: Path,
+    run: ThinkAheadRun,
+    client: Any,
+    snapshot_id: str,
+    fresh_item: str,
+    prefixes: int,
+    users: int,
+) -> list[dict[str, Any]]:
+    from offline.bench.floor import floor_rows
+    from offline.decode.torch_engine import TorchBatchEngine
+
+    keys = Keyspace(run.job.key_prefix, run.job.history_prefix)
+    chosen = list(zip(run.plan.users, run.plan.histories, strict=True))[:users]
+    raws = client.mget([keys.user(snapshot_id, u) for u, _ in chosen])
+    values = [(h, UserPrefixes.decode(raw)) for (_, h), raw in zip(chosen, raws, strict=True)]
+    engine = TorchBatchEngine(model_dir, run.model.token_ids)
+    return floor_rows(
+        engine,
+        run.model,
+        run.catalog,
+        load_serving_config(model_dir),
+        run.covisit,
+        values,
+        fresh_item,
+        prefixes,
+    )
 
 
 def run_bench(
@@ -163,6 +203,7 @@ def run_bench(
     skip_quality: bool = False,
     progress: bool = True,
     locust_seconds: float = 0,
+    floor_users: int = 200,
 ) -> dict[str, Any]:
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
@@ -193,6 +234,7 @@ def run_bench(
         engine,
         progress,
         locust_seconds,
+        floor_users,
     )
     report["seconds"] = round(time.monotonic() - t0, 1)
     write_report(report, out)

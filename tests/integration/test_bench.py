@@ -65,9 +65,23 @@ def test_bench_writes_a_complete_report(tiny_world, tmp_path) -> None:  # type: 
     by = {(p["scenario"], p["concurrency"]): p for p in points}
     assert set(by[("think-ahead", 1)]["sources"]) == {"think_ahead"}
     assert set(by[("full decode", 1)]["sources"]) == {"full_decode"}
+    # unchanged histories are answered from the worker's stored answers: no engine round
+    assert by[("think-ahead", 1)]["decode_p50_ms"] == 0
+    assert by[("think-ahead + 1 new event", 1)]["decode_p50_ms"] > 0
+    floor = {r["scenario"]: r for r in report["speed"]["floor"]}
+    assert set(floor) == {
+        "think-ahead, engine path (no stored answer)",
+        "think-ahead + 1 new event",
+        "full decode",
+    }
+    assert floor["full decode"]["requests_per_recommend"] > 0
+    assert floor["think-ahead + 1 new event"]["requests_per_recommend"] > 0
+    written = report["speed"]["snapshot"]["written"]
+    assert all(r["users"] == written and r["p50_ms"] > 0 for r in floor.values())
     assert report["speed"]["redis_bytes_per_user"] > 0
     assert report["speed"]["locust"]["rows"]
     assert (out / "latency_throughput.png").stat().st_size > 1000
     assert (out / "locust_stats.csv").exists()
     text = (out / "report.md").read_text()
     assert "## Quality" in text and "## Speed through the service" in text
+    assert "### Floor" in text
