@@ -250,6 +250,14 @@ def eval_cmd(
         ),
     ] = "vllm",
     limit: Annotated[int | None, typer.Option(help="evaluate a random sample of users")] = None,
+    stale_events: Annotated[
+        int,
+        typer.Option(help="think-ahead: the snapshot misses each user's last N events"),
+    ] = 0,
+    reuse_snapshot_b: Annotated[
+        bool,
+        typer.Option(help="think-ahead: after fresh events reuse log P(b | a) (as served)"),
+    ] = _recommend_default("reuse_snapshot_b"),
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
     """Recall@5/10 and NDCG@5/10, full ranking over the catalog, beside co-visitation."""
@@ -268,6 +276,8 @@ def eval_cmd(
         engine=engine,
         limit=limit,
         progress=progress,
+        stale_events=stale_events,
+        reuse_snapshot_b=reuse_snapshot_b,
     )
     typer.echo(json.dumps(report["rows"], indent=2))
 

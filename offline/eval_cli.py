@@ -73,6 +73,8 @@ def run_eval(
     covisit_candidates: int | None = None,
     k: int = TOP_K,
     progress: bool = True,
+    stale_events: int = 0,
+    reuse_snapshot_b: bool = True,
 ) -> dict[str, Any]:
     if split not in ("test", "valid"):
         raise InputError(None, f"--split must be test or valid, got {split!r}")
@@ -105,11 +107,19 @@ def run_eval(
                 beam,
                 serving,
                 load_covisit(catalog_dir, catalog),
+                stale_events=stale_events,
                 progress=progress,
+                reuse_snapshot_b=reuse_snapshot_b,
             )
+    stale = (
+        f", snapshot {stale_events} event(s) behind"
+        + (", log P(b | a) reused" if reuse_snapshot_b else ", all steps fresh")
+        if stale_events
+        else ""
+    )
     label = (
         f"served answer (think-ahead M={prefixes} + {serving.covisit_candidates} "
-        "co-visitation candidates, fused score)"
+        f"co-visitation candidates, fused score{stale})"
         if mode == "think-ahead"
         else f"decoder ({mode}, {engine}, beam {beam})"
     )

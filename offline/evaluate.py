@@ -137,6 +137,7 @@ def think_ahead_candidates(
     stale_events: int = 0,
     batch_users: int = 128,
     progress: bool = True,
+    reuse_snapshot_b: bool = True,
 ) -> tuple[list[UserCandidates], dict[str, float]]:
     """The architecture as served, per user: top-M prefixes from a 2-token beam search over
     the history minus its last ``stale_events`` items (the worker), then the online step over
@@ -144,7 +145,8 @@ def think_ahead_candidates(
     neighbours of the fresh last items among the candidates.
 
     ``prune``: the served weights, bounding prefixes out of the top k exactly as the service
-    does; None scores every candidate (to learn the weights)."""
+    does; None scores every candidate (to learn the weights). ``reuse_snapshot_b``: as the
+    service's setting, when the history moved past the snapshot's."""
     covered = {m: 0 for m in (8, 16, 32, prefixes) if m <= prefixes}
     with_covisit = 0
     out: list[UserCandidates] = []
@@ -167,10 +169,13 @@ def think_ahead_candidates(
             covisit_ab = covisit_prefixes(catalog, scores, covisit_candidates)
             with_covisit += target is not None and target[:2] in {*ranked_ab, *covisit_ab}
             prompt, constraint = ids.history(history), Constraint(catalog, history)
+            first = result.first_tokens if reuse_snapshot_b else ()
             if prune is None:  # every candidate scored, no bound: to learn the weights
                 plan = plan_item_scoring(
                     prompt,
-                    candidate_prefixes(result.prefixes, covisit_ab, stale_events == 0),
+                    candidate_prefixes(
+                        result.prefixes, covisit_ab, stale_events == 0, first_tokens=first
+                    ),
                     constraint,
                     ids,
                     top_c=k,
@@ -186,6 +191,7 @@ def think_ahead_candidates(
                     prune,
                     features,
                     unchanged=stale_events == 0,
+                    first_tokens=first,
                 )
             plans.append(plan)
             out.append(UserCandidates(e.target, [], features, set(ranked_ab), covisit_ab))
@@ -226,6 +232,7 @@ def rank_think_ahead(
     stale_events: int = 0,
     batch_users: int = 128,
     progress: bool = True,
+    reuse_snapshot_b: bool = True,
 ) -> Ranked:
     """The served ranking (fused score, served weights and pruning) for every example."""
     t0 = time.monotonic()
@@ -243,6 +250,7 @@ def rank_think_ahead(
         stale_events=stale_events,
         batch_users=batch_users,
         progress=progress,
+        reuse_snapshot_b=reuse_snapshot_b,
     )
     ranked, invalid = rank_candidates(catalog, users, serving.weights, k)
     return Ranked(ranked, invalid, time.monotonic() - t0, coverage)

@@ -87,6 +87,11 @@ class RecommendSettings(BaseModel):
         ge=0,
         description="items whose co-visitation neighbours are cached in-process (per snapshot)",
     )
+    reuse_snapshot_b: bool = Field(
+        default=True,
+        description="after fresh events, reuse log P(b | a) from the snapshot: one engine "
+        "request for the first tokens instead of one per distinct first token",
+    )
     full_decode_beam: int = Field(default=20, ge=1)
     max_list_items: int = Field(default=MAX_LIST_ITEMS, ge=1, le=MAX_LIST_ITEMS)
     max_in_flight: int = Field(default=64, ge=1)

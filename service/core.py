@@ -434,6 +434,7 @@ class Recommender:
             features,
             unchanged=ctx.unchanged,
             covisit_heads=value.covisit_heads,
+            first_tokens=value.first_tokens if self.settings.reuse_snapshot_b else (),
         )
         if not plan.prefixes:
             return None, "prefixes_excluded"

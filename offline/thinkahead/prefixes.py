@@ -45,21 +45,37 @@ class ReasoningPaths:
 class UserResult:
     prefixes: list[Prefix]
     reasoning: str | None
+    # log P(a | history) of the prefixes' first tokens (merged over paths like the prefixes)
+    first_tokens: tuple[tuple[int, float], ...] = ()
+
+
+def _log_mean_prob(scores: Sequence[float], g: int) -> float:
+    """log of the mean probability over g paths; a path that missed contributes 0."""
+    top = max(scores)
+    return top + math.log(sum(math.exp(s - top) for s in scores)) - math.log(g)
 
 
 def merge_paths(per_path: Sequence[Sequence[Prefix]], keep: int) -> list[Prefix]:
-    g = len(per_path)
     pooled: dict[tuple[int, int], list[float]] = {}
     for beams in per_path:
         for p in beams:
             pooled.setdefault((p.a, p.b), []).append(p.score)
-    merged = []
-    for (a, b), scores in pooled.items():
-        top = max(scores)
-        lse = top + math.log(sum(math.exp(s - top) for s in scores))
-        merged.append(Prefix(a, b, lse - math.log(g)))
+    merged = [
+        Prefix(a, b, _log_mean_prob(scores, len(per_path))) for (a, b), scores in pooled.items()
+    ]
     merged.sort(key=lambda p: (-p.score, p.a, p.b))
     return merged[:keep]
+
+
+def merge_first_tokens(
+    per_path: Sequence[Mapping[int, float]], wanted: set[int]
+) -> tuple[tuple[int, float], ...]:
+    pooled: dict[int, list[float]] = {}
+    for first in per_path:
+        for a, score in first.items():
+            if a in wanted:
+                pooled.setdefault(a, []).append(score)
+    return tuple(sorted((a, _log_mean_prob(s, len(per_path))) for a, s in pooled.items()))
 
 
 def compute_prefixes(
@@ -87,14 +103,18 @@ def compute_prefixes(
             owners.append(u)
     run_searches(searches, engine.score_batch)
     per_user: list[list[list[Prefix]]] = [[] for _ in histories]
+    firsts: list[list[dict[int, float]]] = [[] for _ in histories]
     for owner, search in zip(owners, searches, strict=True):
         per_user[owner].append([Prefix(b.code[0], b.code[1], b.score) for b in search.beams])
+        firsts[owner].append(search.first)
     results = []
     for u, per_path in enumerate(per_user):
         reasoning = None
         if paths is not None and paths.texts[u]:
             reasoning = paths.texts[u][0]
-        results.append(UserResult(merge_paths(per_path, keep), reasoning))
+        prefixes = merge_paths(per_path, keep)
+        first = merge_first_tokens(firsts[u], {p.a for p in prefixes})
+        results.append(UserResult(prefixes, reasoning, first))
     return results
 
 

@@ -218,6 +218,7 @@ def process_shard(
                         reasoning=result.reasoning,
                         covisit_heads=extra,
                         answer=answer,
+                        first_tokens=result.first_tokens,
                     ),
                 )
             )

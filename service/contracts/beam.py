@@ -42,6 +42,9 @@ class BeamSearch:
         self.depth = depth
         self.beams: list[Beam] = [Beam((), 0.0)]
         self._pending: list[Beam] = []
+        # log P(a) of every first token the engine returned (not only the kept beams): the
+        # think-ahead worker stores them so a fresh history can reuse log P(b | a)
+        self.first: dict[int, float] = {}
 
     @property
     def level(self) -> int:
@@ -87,6 +90,8 @@ class BeamSearch:
                 if index is None:
                     continue
                 candidates.append(Beam((*beam.code, index), beam.score + logprob))
+        if self._pending and not self._pending[0].code:
+            self.first = {b.code[0]: b.score for b in candidates}
         candidates.sort(key=lambda b: (-b.score, b.code))
         self.beams = candidates[: self.width]
         self._pending = []

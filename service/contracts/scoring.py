@@ -50,6 +50,8 @@ class CandidatePrefix:
     b: int
     offline: float  # the snapshot's prefix score, or the fill for a prefix the snapshot lacks
     head: float | None = None  # log P(a, b) under the fresh history, when known already
+    # log P(b | a) reused from the snapshot when the head is not known: only the a step runs
+    tail: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,25 @@ def candidate_prefixes(
     extra: Iterable[tuple[int, int]] = (),
     reuse_prefix_scores: bool = False,
     extra_heads: Sequence[Prefix] = (),
+    first_tokens: Sequence[tuple[int, float]] = (),
 ) -> list[CandidatePrefix]:
     """The snapshot's prefixes, then the extra (co-visitation) prefixes it lacks.
 
     ``reuse_prefix_scores``: the history is the one the snapshot was computed from, so its
     prefix scores, and the ``extra_heads`` the worker computed for co-visitation prefixes, are
-    log P(a, b) under the fresh history."""
+    log P(a, b) under the fresh history. Otherwise, ``first_tokens`` (the snapshot's
+    log P(a) under its history) let a snapshot prefix reuse log P(b | a) = score - log P(a):
+    the fresh history then costs one a step instead of a b step per first token (an
+    approximation: new events move P(b | a) far less than P(a); measured in the README)."""
+    first = dict(first_tokens) if not reuse_prefix_scores else {}
     out = [
-        CandidatePrefix(p.a, p.b, p.score, p.score if reuse_prefix_scores else None)
+        CandidatePrefix(
+            p.a,
+            p.b,
+            p.score,
+            p.score if reuse_prefix_scores else None,
+            min(p.score - first[p.a], 0.0) if p.a in first else None,
+        )
         for p in snapshot
     ]
     seen = {(p.a, p.b) for p in snapshot}
@@ -136,9 +149,9 @@ def plan_item_scoring(
                 want=tuple(ids.level_ids("a", distinct_a)),
             )
         )
-        for a in distinct_a:
+        for a in sorted({p.a for p in unknown if p.tail is None}):
             b_values = constraint.b_values(a)
-            wanted = sorted({p.b for p in unknown if p.a == a})
+            wanted = sorted({p.b for p in unknown if p.a == a and p.tail is None})
             if len(b_values) == 1:
                 plan.single_b.add((a, wanted[0]))
                 continue
@@ -177,7 +190,9 @@ def bounded_prefixes(
     for p in prefixes:
         c_values = constraint.c_values(p.a, p.b)
         bonuses = [prune.bonus((p.a, p.b, int(c))) for c in c_values]
-        base = prune.offline_weight * p.offline + (p.head if p.head is not None else 0.0)
+        # an unknown head is at most log P(b | a) when that is reused (log P(a) <= 0), else 0
+        known = p.head if p.head is not None else p.tail
+        base = prune.offline_weight * p.offline + (known if known is not None else 0.0)
         upper.append(base + max(bonuses))
         lower.append(
             base - math.log(len(c_values)) + min(bonuses) if p.head is not None else -math.inf
@@ -207,7 +222,8 @@ def prefix_heads(
     return {
         (p.a, p.b): p.head
         if p.head is not None
-        else log_a.get(p.a, -math.inf) + log_b.get((p.a, p.b), -math.inf)
+        else log_a.get(p.a, -math.inf)
+        + (p.tail if p.tail is not None else log_b.get((p.a, p.b), -math.inf))
         for p in plan.prefixes
     }
 
@@ -242,12 +258,13 @@ def plan_think_ahead(
     features: ItemFeatures,
     unchanged: bool,
     covisit_heads: Sequence[Prefix] = (),
+    first_tokens: Sequence[tuple[int, float]] = (),
 ) -> ScoringPlan:
     """The online step's engine requests, exactly as the service sends them (the service, the
     eval and the bench all call this)."""
     return plan_item_scoring(
         prompt,
-        candidate_prefixes(snapshot, covisit_ab, unchanged, covisit_heads),
+        candidate_prefixes(snapshot, covisit_ab, unchanged, covisit_heads, first_tokens),
         constraint,
         ids,
         top_c=k,

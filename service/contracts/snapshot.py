@@ -112,6 +112,9 @@ class UserPrefixes:
     covisit_heads: tuple[Prefix, ...] = ()
     # the whole ranked answer for that history (``service.contracts.answers``), packed
     answer: bytes = b""
+    # log P(a | that history) of the prefixes' first tokens: after a fresh event the service
+    # reuses log P(b | a) = prefix score - log P(a) instead of asking the engine for b steps
+    first_tokens: tuple[tuple[int, float], ...] = ()
 
     def encode(self) -> bytes:
         body = {
@@ -128,6 +131,8 @@ class UserPrefixes:
             body["x"] = _flat(self.covisit_heads)
         if self.answer:
             body["a"] = self.answer
+        if self.first_tokens:
+            body["f"] = [v for a, s in self.first_tokens for v in (a, float(s))]
         return msgpack.packb(body, use_bin_type=True)
 
     @classmethod
@@ -145,6 +150,9 @@ class UserPrefixes:
             answer = body.get("a", b"")
             if not isinstance(answer, bytes):
                 raise CorruptValue("answer is not bytes")
+            first = body.get("f", [])
+            if not isinstance(first, list) or len(first) % 2:
+                raise CorruptValue("first-token list length is not a multiple of 2")
             return cls(
                 model_version=str(body["m"]),
                 catalog_version=str(body["c"]),
@@ -154,6 +162,9 @@ class UserPrefixes:
                 reasoning=None if reasoning is None else str(reasoning),
                 covisit_heads=covisit_heads,
                 answer=answer,
+                first_tokens=tuple(
+                    (int(first[i]), float(first[i + 1])) for i in range(0, len(first), 2)
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, CorruptValue):

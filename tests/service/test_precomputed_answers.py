@@ -18,6 +18,7 @@ from service.contracts.fusion import FusionWeights
 from service.contracts.model import ServingConfig
 from service.contracts.snapshot import Keyspace, UserPrefixes
 from service.core import Recommendation, RecommendQuery, Source
+from service.engine.base import ScoreRequest
 from service.runtime import Runtime, open_runtime
 from tests.fake_engine import FakeEngine, write_tiny_artifacts
 from tests.inproc import make_settings
@@ -152,3 +153,41 @@ def test_answers_round_trip_and_scoring_keys_tell_configurations_apart() -> None
         AnswerScoring(FusionWeights(offline=2.0), 10, 32, False),
     ):
         assert other.key() != base.key()
+
+
+async def test_a_fresh_event_costs_one_a_step_instead_of_a_b_step_per_first_token(
+    artifacts: tuple[Path, Path, Path], redis_url: str
+) -> None:
+    """The fake engine's log P(b | a) does not depend on the history, so reusing the
+    snapshot's is exact here: same ranking, fewer requests."""
+    answers = {}
+    async with serving(artifacts, redis_url, STORED) as (rt, engine):
+        sent: list[ScoreRequest] = []
+        real = engine.score
+
+        async def spy(requests: list[ScoreRequest]) -> list[dict[int, float]]:
+            sent.extend(requests)
+            return await real(requests)
+
+        engine.score = spy  # type: ignore[method-assign]
+        ids = rt.model.token_ids
+        a_tokens = {int(t) for t in ids.a}
+        value = UserPrefixes.decode(
+            redis.Redis.from_url(redis_url).get(  # type: ignore[arg-type]
+                Keyspace().user(rt.watcher.active.snapshot_id, "u3")  # type: ignore[union-attr]
+            )
+        )
+        assert {a for a, _ in value.first_tokens} == {p.a for p in value.prefixes}
+        for reuse in (True, False):
+            rt.core.settings = rt.core.settings.model_copy(update={"reuse_snapshot_b": reuse})
+            sent.clear()
+            rec = await rt.core.recommend(RecommendQuery("u3", k=5, recent_item_ids=("9",)))
+            assert rec.source is Source.THINK_AHEAD
+            b_steps = [r for r in sent if r.prompt[-1] in a_tokens]
+            answers[reuse] = (ranking(rec), b_steps, len(sent))
+    ranked, b_steps, requests = answers[True]
+    snapshot_a = {int(ids.a[p.a]) for p in value.prefixes}
+    assert not [r for r in b_steps if r.prompt[-1] in snapshot_a]  # none for snapshot a's
+    assert answers[False][1] and requests < answers[False][2]
+    assert [i for i, _ in ranked] == [i for i, _ in answers[False][0]]
+    assert [s for _, s in ranked] == pytest.approx([s for _, s in answers[False][0]], abs=1e-9)

@@ -22,7 +22,7 @@ from service.contracts.scoring import (
 )
 from service.contracts.snapshot import Prefix
 from service.contracts.tokens import TokenIds
-from tests.service.test_constraint import tiny_catalog
+from tests.helpers import tiny_catalog
 
 IDS = TokenIds.from_vocab(build_tokenizer(4).get_vocab(), 4)
 PROMPT = IDS.history([(1, 0, 0)])
@@ -116,6 +116,31 @@ def test_item_score_sums_levels_and_fuses_the_other_terms() -> None:
     assert math.isclose(lifted[0][1], math.log(0.8 * 0.3) + math.log1p(20.0))
 
 
+def test_a_fresh_history_reuses_b_given_a_from_the_snapshot() -> None:
+    first = [(0, -0.05), (1, -0.2)]  # the snapshot's log P(a) under its own history
+    candidates = candidate_prefixes(PREFIXES, first_tokens=first)
+    assert [(c.head, c.tail) for c in candidates] == [
+        (None, -0.1 + 0.05),
+        (None, -0.2 + 0.05),
+        (None, -0.3 + 0.2),
+    ]
+    plan = plan_item_scoring(PROMPT, candidates, Constraint(tiny_catalog()), IDS, top_c=5)
+    # the a step under the fresh history and the two multi-item c steps: no b step at all
+    assert not plan.b_slots and plan.a_slots == [(0, [0, 1])] and len(plan.requests) == 3
+    results = [
+        {int(IDS.a[0]): math.log(0.6), int(IDS.a[1]): math.log(0.4)},
+        {int(IDS.c[0]): math.log(0.25), int(IDS.c[1]): math.log(0.75)},
+        {int(IDS.c[0]): math.log(0.5), int(IDS.c[2]): math.log(0.5)},
+    ]
+    scored = {s.code: s.decoder for s in combine(plan, results, IDS)}
+    assert math.isclose(scored[(0, 0, 1)], math.log(0.6) - 0.05 + math.log(0.75))
+    assert math.isclose(scored[(0, 1, 0)], math.log(0.6) - 0.15)
+    assert math.isclose(scored[(1, 0, 2)], math.log(0.4) - 0.1 + math.log(0.5))
+    # an unchanged history needs neither: the prefix scores are the heads
+    unchanged = candidate_prefixes(PREFIXES, reuse_prefix_scores=True, first_tokens=first)
+    assert all(c.tail is None and c.head == c.offline for c in unchanged)
+
+
 def random_catalog(rng: np.random.Generator, k: int = 8, items: int = 120) -> Catalog:
     """Codes spread so that prefixes hold one to several items, as on Beauty."""
     codes: set[tuple[int, int, int]] = set()
@@ -170,7 +195,14 @@ def test_bounded_prefixes_keep_the_exact_top_k_of_the_fused_score() -> None:
         chosen = rng.choice(len(ab), size=min(20, len(ab)), replace=False)
         snapshot = [Prefix(*ab[i], float(-rng.exponential(3.0))) for i in chosen[:16]]
         extra = [ab[i] for i in chosen[16:]]  # co-visitation prefixes: heads unknown
-        candidates = candidate_prefixes(snapshot, extra, reuse_prefix_scores=True)
+        # odd trials: a fresh history with log P(b | a) reused (tails known, heads not)
+        fresh_history = trial % 2 == 1
+        first = [
+            (a, max(p.score for p in snapshot if p.a == a) / 2) for a in {p.a for p in snapshot}
+        ]
+        candidates = candidate_prefixes(
+            snapshot, extra, reuse_prefix_scores=not fresh_history, first_tokens=first
+        )
         k = int(rng.integers(1, 11))
         weights = FusionWeights(
             offline=float(rng.choice([0.0, 0.25, 1.0])),
