@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,14 @@ class ServiceProcess:
         return int(self.process.returncode)
 
 
+def pinned_to(cpus: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` pinning a child process (and what it starts) to ``cpus``."""
+    if cpus is None:
+        return None
+    chosen = set(cpus)
+    return lambda: os.sched_setaffinity(0, chosen)
+
+
 def start_service(
     model_dir: Path,
     catalog_dir: Path,
@@ -131,8 +140,10 @@ def start_service(
     extra_args: tuple[str, ...] = (),
     timeout: float = 300,
     wait_for: str = "/livez",
+    cpus: set[int] | None = None,
 ) -> ServiceProcess:
-    """``thinkahead serve`` as a real process; returns once ``wait_for`` answers 200."""
+    """``thinkahead serve`` as a real process; returns once ``wait_for`` answers 200.
+    ``cpus``: pin it (and every process it starts) to these CPUs."""
 
     http_port, grpc_port = free_port(), free_port()
     args = [
@@ -155,7 +166,9 @@ def start_service(
     full_env = {**os.environ, **(env or {})}
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # AsyncLLM runs its engine core apart
     log = log_path.open("wb")
-    proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        args, env=full_env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pinned_to(cpus)
+    )
     service = ServiceProcess(proc, http_port, grpc_port, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

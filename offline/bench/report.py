@@ -132,7 +132,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             f"closed-loop clients, {speed['seconds_per_point']} s per point after a warm-up; "
             f"snapshot of {snap['written']} users (think-ahead worker: {snap['users_per_s']} "
             f"users/s; Redis {speed.get('redis_bytes_per_user', '?')} bytes per user). Times in "
-            "ms; server overhead = server time − decode time.",
+            "ms; server overhead = server time − decode time. CPU pinning: "
+            f"{speed.get('cpu_pinning', 'not recorded')}.",
             "",
             *_speed_table(speed),
             "",

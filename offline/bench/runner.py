@@ -9,6 +9,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from offline.evaluate import (
     report_row,
     select_examples,
 )
-from offline.localproc import start_redis, start_service
+from offline.localproc import pinned_to, start_redis, start_service
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.contracts.catalog import Catalog
 from service.contracts.manifest import utc_now
@@ -73,6 +76,43 @@ def quality(
     return {"users": len(examples), "serving": serving.model_dump(mode="json"), "rows": rows}
 
 
+@dataclass(frozen=True)
+class CpuSplit:
+    """Where the service and the load generators run: apart when the machine has the cores
+    (a generator sharing the service's cores measures its own contention), else together."""
+
+    service: set[int] | None
+    load: set[int] | None
+    note: str
+
+    @classmethod
+    def of_this_machine(cls) -> CpuSplit:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 4:
+            return cls(
+                None,
+                None,
+                f"not pinned: {len(cpus)} CPUs; giving the load generators one of them would "
+                "take a large share from the service, so both share all CPUs",
+            )
+        load = set(cpus[-max(1, len(cpus) // 4) :])
+        service = set(cpus) - load
+        return cls(service, load, f"service on CPUs {sorted(service)}, load on {sorted(load)}")
+
+    @contextmanager
+    def generating_load(self) -> Iterator[None]:
+        """This process on the load CPUs for the duration (the in-process generator)."""
+        if self.load is None:
+            yield
+            return
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, self.load)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)
+
+
 def speed(
     model_dir: Path,
     catalog_dir: Path,
@@ -106,6 +146,7 @@ def speed(
             "THINKAHEAD_RECOMMEND__DEFAULT_BUDGET_MS": "2000",
             "THINKAHEAD_RECOMMEND__MAX_PREFIXES": str(prefixes),
         }
+        cpus = CpuSplit.of_this_machine()
         service = start_service(
             model_dir,
             catalog_dir,
@@ -114,6 +155,7 @@ def speed(
             env=env,
             wait_for="/readyz",
             timeout=600,
+            cpus=cpus.service,
         )
         base, grpc_port = service.base_url, service.grpc_port
         catalog = run.catalog
@@ -130,12 +172,19 @@ def speed(
         results = []
         plan = [(s, c) for c in concurrency for s in scenarios]
         for scenario, c in tqdm(plan, desc="load", disable=not progress):
-            result = asyncio.run(run_load(base, scenario, scenarios[scenario], c, seconds))
+            with cpus.generating_load():
+                result = asyncio.run(run_load(base, scenario, scenarios[scenario], c, seconds))
             results.append(result.summary())
         locust = None
         if locust_seconds > 0:
             locust = run_locust(
-                base, grpc_port, work, locust_seconds, run.plan.users, catalog.item_ids
+                base,
+                grpc_port,
+                work,
+                locust_seconds,
+                run.plan.users,
+                catalog.item_ids,
+                cpus=cpus.load,
             )
         service.stop(timeout=120)
         service = None
@@ -151,6 +200,7 @@ def speed(
             "seconds_per_point": seconds,
             "points": results,
             "service_settings": env,
+            "cpu_pinning": cpus.note,
             "redis_bytes_per_user": round(per_user),
         }
     finally:
@@ -249,6 +299,7 @@ def run_locust(
     users: list[str],
     items: list[str],
     clients: int = 16,
+    cpus: set[int] | None = None,
 ) -> dict[str, Any]:
     """tests/load/locustfile.py headless against the bench's service; its CSV into the report."""
     import csv
@@ -271,6 +322,7 @@ def run_locust(
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=pinned_to(cpus),
     )
     with (work / "locust_stats.csv").open() as f:
         rows = list(csv.DictReader(f))
