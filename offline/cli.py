@@ -131,7 +131,7 @@ def catalog_build(
 
 
 def _train_default(name: str) -> Any:
-    from offline.train.trainer import TrainConfig
+    from offline.train.config import TrainConfig
 
     return TrainConfig.model_fields[name].default
 

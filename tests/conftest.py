@@ -1,5 +1,6 @@
 """Session fixtures: a real redis-server on a free loopback port, a tiny catalog and decoder
-trained here on synthetic sequences, and a vLLM engine (CPU build) over that decoder."""
+trained here on synthetic sequences, and a vLLM engine (CPU build) over that decoder; and the
+rule that makes ``-m "not slow"`` the fast layer."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_ITEMS = 300
 TINY_USERS = 400
 TINY_K = 16
+
+# Fixtures whose set-up takes tens of seconds: training the tiny decoder, starting vLLM.
+SLOW_FIXTURES = frozenset({"tiny_world", "batch_engine"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``-m "not slow"`` is the fast layer: every test that needs vLLM or the trained tiny
+    model is also ``slow``, whatever its module says."""
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("vllm") is not None or needs & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ from offline.localproc import (
     start_redis,
 )
 from offline.localproc import start_service as _start_service
+from service.contracts.catalog import Catalog
+from service.contracts.manifest import CatalogManifest
 
 # the fallback tier: co-visitation of recent items, else popular under prefixes, else popular
 FALLBACK_SOURCES = ("fallback_covisitation", "fallback_prefix_popular", "fallback_global_popular")
@@ -32,6 +34,16 @@ def start_service(*args, env: dict[str, str] | None = None, **kwargs) -> Service
     return _start_service(
         *args, env={"THINKAHEAD_REDIS__SNAPSHOT_POLL_S": "0.2", **(env or {})}, **kwargs
     )
+
+
+def tiny_catalog() -> Catalog:
+    """Five items over K=4, in memory: (0,0,0) (0,0,1) (0,1,0) (1,0,0) (1,0,2)."""
+    codes = np.array([(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 0, 2)], dtype=np.int32)
+    ids = [f"i{i}" for i in range(len(codes))]
+    manifest = CatalogManifest(
+        catalog_version="v", codebook_size=4, num_items=5, embedding_model="test"
+    )
+    return Catalog(manifest, ids, codes, np.array([5.0, 1, 3, 2, 4]))
 
 
 def random_catalog_csv(path: Path, n: int, seed: int = 0) -> None:

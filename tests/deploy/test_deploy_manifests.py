@@ -25,14 +25,25 @@ from offline.cli import app as cli_app
 from service.api.rest import create_app
 from service.config import RecommendSettings, RedisSettings, Settings
 from service.metrics import Metrics
+from tests.deploy.manifests import (
+    COMPOSE,
+    CONFIG_ENV,
+    DEPLOY,
+    K8S,
+    ROOT,
+    compose,
+    compose_env,
+    k8s_kind,
+    k8s_objects,
+    load_docs,
+    pod_spec,
+    read_env_file,
+    serving_deployment,
+    workloads,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
-COMPOSE = ROOT / "docker-compose.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "thinkahead.json"
-CONFIG_ENV = K8S / "thinkahead.env"
 DOCKERFILES = sorted(DEPLOY.glob("Dockerfile.*"))
 YAML_FILES = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"), COMPOSE])
 
@@ -47,58 +58,6 @@ VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 def rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
-
-
-def load_docs(path: Path) -> list[Any]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-
-
-def k8s_objects() -> list[dict[str, Any]]:
-    objs = []
-    for path in sorted([*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")]):
-        objs += [d for d in load_docs(path) if isinstance(d, dict) and "metadata" in d]
-    return objs
-
-
-def k8s_kind(kind: str) -> list[dict[str, Any]]:
-    return [o for o in k8s_objects() if o["kind"] == kind]
-
-
-def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
-    spec = obj["spec"]
-    if obj["kind"] == "CronJob":
-        spec = spec["jobTemplate"]["spec"]
-    return spec["template"]["spec"]  # type: ignore[no-any-return]
-
-
-def workloads() -> list[dict[str, Any]]:
-    return [o for o in k8s_objects() if o["kind"] in ("Deployment", "CronJob", "Job")]
-
-
-def serving_deployment() -> dict[str, Any]:
-    (dep,) = [d for d in k8s_kind("Deployment") if d["metadata"]["name"] == "thinkahead"]
-    return dep
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            env[key.strip()] = value.strip()
-    return env
-
-
-def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())  # type: ignore[no-any-return]
-
-
-def compose_env(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {str(k): str(v) for k, v in env.items()}
 
 
 def registry_names() -> set[str]:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from service.api.auth import hash_key, load_keys
-from tests.deploy.test_deploy_manifests import (
+from tests.deploy.manifests import (
     CONFIG_ENV,
     K8S,
     ROOT,

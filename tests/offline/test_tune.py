@@ -6,7 +6,7 @@ from offline.evaluate import UserCandidates
 from offline.tune import CandidateMatrix, grid_search
 from service.contracts.fusion import FusionWeights, ItemFeatures
 from service.contracts.scoring import ScoredCode
-from tests.service.test_constraint import tiny_catalog
+from tests.helpers import tiny_catalog
 
 # tiny catalog: i0 (0,0,0) i1 (0,0,1) i2 (0,1,0) i3 (1,0,0) i4 (1,0,2)
 

@@ -1,19 +1,7 @@
 from __future__ import annotations
 
-import numpy as np
-
-from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
-from service.contracts.manifest import CatalogManifest
-
-
-def tiny_catalog() -> Catalog:
-    codes = np.array([(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 0, 2)], dtype=np.int32)
-    ids = [f"i{i}" for i in range(len(codes))]
-    manifest = CatalogManifest(
-        catalog_version="v", codebook_size=4, num_items=5, embedding_model="test"
-    )
-    return Catalog(manifest, ids, codes, np.array([5.0, 1, 3, 2, 4]))
+from tests.helpers import tiny_catalog
 
 
 def test_no_exclusions_is_the_catalog_trie() -> None:

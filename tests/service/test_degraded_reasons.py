@@ -1,6 +1,6 @@
-"""Every ``degraded_reason`` the API documents, produced over real HTTP (in-process app, fake
-engine, a redis-server of this module's own so it can be killed): each answer is a full,
-flagged list of catalog items, never an error."""
+"""Every ``degraded_reason`` the API documents, and the source that answers it, produced over
+real HTTP (in-process app, fake engine, a redis-server of this module's own so it can be slowed
+and killed): each answer is a full, flagged list of catalog items, never an error."""
 
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ MAX_AGE_S = 600
 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    proc = start_redis(tmp_path_factory.mktemp("reasons-redis"))
+    # DEBUG SLEEP makes Redis slow on demand
+    proc = start_redis(
+        tmp_path_factory.mktemp("reasons-redis"), extra_args=("--enable-debug-command", "yes")
+    )
     yield proc
     proc.stop()
 
@@ -86,50 +89,82 @@ async def ask(http: httpx.AsyncClient, svc: InProc, user: str, **body: object) -
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_every_degraded_reason(
+async def test_every_degraded_reason_and_source(
     svc: InProc, http: httpx.AsyncClient, own_redis: RedisProcess
 ) -> None:
-    seen: dict[str, str] = {}
-    seen["no_snapshot"] = (await ask(http, svc, "fresh"))["degraded_reason"]
+    """(degraded_reason, source) of each case; co-visitation answers, which need a table,
+    are in test_recommend_covisit."""
+    seen: dict[str, tuple[str | None, str]] = {}
+
+    async def note(case: str, user: str, **body: object) -> None:
+        answer = await ask(http, svc, user, **body)
+        seen[case] = (answer["degraded_reason"], answer["source"])
+
+    await note("no_snapshot", "fresh")
     await publish(svc, own_redis)
-    ok = await ask(http, svc, "fresh", recent_item_ids=["1"])
-    assert ok["source"] == "think_ahead" and ok["degraded"] is False
+    await note("ok", "fresh", recent_item_ids=["1"])
     for user in ("stale", "foreign", "corrupt"):
-        seen[user] = (await ask(http, svc, user))["degraded_reason"]
-    seen["cold"] = (await ask(http, svc, "never-seen"))["degraded_reason"]
+        await note(user, user)
+    await note("cold", "never-seen")
     # Every item under the user's only prefix excluded: nothing left to score there.
     cat = svc.runtime.catalog
     a, b = sorted(cat.c_under_ab)[0]
     under = [cat.item_ids[int(r)] for r in cat.rows_under_ab[(a, b)]]
-    seen["narrow"] = (await ask(http, svc, "narrow", exclude_item_ids=under))["degraded_reason"]
+    await note("narrow", "narrow", exclude_item_ids=under)
     svc.engine.delay_s = 0.5
     try:
-        slow = await ask(http, svc, "fresh", recent_item_ids=["2"], budget_ms=50)
-        seen["slow"] = slow["degraded_reason"]
-        assert slow["timings"]["total_ms"] < 450
+        t0 = time.perf_counter()
+        await note("slow_engine", "fresh", recent_item_ids=["2"], budget_ms=50)
+        assert time.perf_counter() - t0 < 0.45
     finally:
         svc.engine.delay_s = 0.0
+    blocker = asyncio.create_task(
+        asyncio.to_thread(own_redis.client().execute_command, "DEBUG", "SLEEP", "0.4")
+    )
+    await asyncio.sleep(0.05)  # Redis is now busy for 0.35 s more
+    await note("slow_redis", "fresh", budget_ms=50)
+    await blocker
     svc.engine.down = True
     try:
-        seen["engine"] = (await ask(http, svc, "fresh", recent_item_ids=["3"]))["degraded_reason"]
+        await note("engine", "fresh", recent_item_ids=["3"])
     finally:
         svc.engine.down = False
+    await publish_for_another_model(svc, own_redis)
+    await note("snapshot_mismatch", "fresh")
     own_redis.stop(kill=True)
     try:
-        seen["redis"] = (await ask(http, svc, "fresh"))["degraded_reason"]
+        await note("redis", "fresh")
     finally:
         own_redis.restart()
     assert seen == {
-        "no_snapshot": "no_snapshot",
-        "stale": "stale_snapshot",
-        "foreign": "version_mismatch",
-        "corrupt": "corrupt_value",
-        "cold": "no_prefixes",
-        "narrow": "prefixes_excluded",
-        "slow": "budget_exceeded",
-        "engine": "engine_unavailable",
-        "redis": "redis_unavailable",
+        "no_snapshot": ("no_snapshot", "full_decode"),
+        "ok": (None, "think_ahead"),
+        "stale": ("stale_snapshot", "full_decode"),
+        "foreign": ("version_mismatch", "full_decode"),
+        "corrupt": ("corrupt_value", "full_decode"),
+        "cold": ("no_prefixes", "full_decode"),
+        "narrow": ("prefixes_excluded", "full_decode"),
+        # the engine missed the budget: its prefixes' popular items, no second engine call
+        "slow_engine": ("budget_exceeded", "fallback_prefix_popular"),
+        # Redis missed it: nothing is known of the user, globally popular items
+        "slow_redis": ("budget_exceeded", "fallback_global_popular"),
+        "engine": ("engine_unavailable", "fallback_prefix_popular"),
+        "snapshot_mismatch": ("version_mismatch", "full_decode"),
+        "redis": ("redis_unavailable", "full_decode"),
     }
+
+
+async def publish_for_another_model(svc: InProc, own_redis: RedisProcess) -> None:
+    r = own_redis.client()
+    other = SnapshotManifest(
+        snapshot_id="s-other-model",
+        model_version="another-model",
+        catalog_version=svc.runtime.catalog.version,
+    )
+    r.set(KEYS.manifest(other.snapshot_id), json.dumps(other.model_dump()))
+    r.set(KEYS.current, other.snapshot_id)
+    r.close()
+    await asyncio.sleep(0.3)  # > snapshot_poll_s
 
 
 def test_reasons_match_the_documented_list() -> None:
