@@ -578,16 +578,23 @@ def demo_cmd(
         "artifacts/demo"
     ),
     data: Annotated[
-        Path | None, typer.Option(help="benchmark directory (items.csv, interactions.csv)")
+        Path | None,
+        typer.Option(
+            help="benchmark directory (items.csv[.gz], interactions.csv[.gz]); default: "
+            "../shared/data/beauty beside the checkout, else the copy in data/beauty"
+        ),
     ] = None,
     users: Annotated[int, typer.Option(help="users sampled from the benchmark")] = 3000,
     minutes: Annotated[float, typer.Option(help="training time budget")] = 3.0,
     keep_running: Annotated[bool, typer.Option(help="keep serving after the tour")] = False,
+    synthetic: Annotated[
+        bool, typer.Option(help="a generated catalog and users instead of Amazon Beauty")
+    ] = False,
 ) -> None:
     """The whole pipeline on a sample: catalog, model, think-ahead, service answering."""
     from offline.demo import run_demo
 
-    run_demo(work, data, users, minutes, keep_running)
+    run_demo(work, data, users, minutes, keep_running, synthetic_data=synthetic)
 
 
 if __name__ == "__main__":

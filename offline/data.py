@@ -4,6 +4,7 @@ split of SASRec / TIGER / OneRec-Think (test = last item, validation = second to
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,11 +17,16 @@ INTERACTION_COLUMNS = ("user_id", "item_id")
 
 
 def read_csv_text(path: Path) -> str:
-    """The file's text, with undecodable bytes reported by line number."""
+    """The file's text (``*.gz``: decompressed), with undecodable bytes reported by line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
     raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise InputError(path, f"not a readable gzip file ({exc})") from exc
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -1,27 +1,111 @@
 """``thinkahead demo``: the whole product on one machine, end to end, in a few minutes.
 
-A sample of real users (Amazon Beauty, when ``../shared/data/beauty`` is there; otherwise a
-generated catalog) -> catalog build -> a short decoder training -> think-ahead snapshot in a
-local redis-server -> ``thinkahead serve`` answering real REST and gRPC requests.
+A sample of real users (Amazon Beauty: ``../shared/data/beauty`` when it is beside the checkout,
+else the copy shipped in ``data/beauty``; ``--synthetic`` generates a catalog instead) -> catalog
+build -> a short decoder training -> think-ahead snapshot in a local redis-server -> ``thinkahead
+serve`` answering real REST and gRPC requests.
+
+The terminal shows only the demo's own progress and results; everything else the process and
+its children write (vLLM's and uvicorn's logs, library warnings, native prints) goes to one log
+file named at the start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 import httpx
 import numpy as np
 import typer
 
-from offline.localproc import start_redis, start_service
+from offline.data import iter_csv_rows
+from offline.errors import InputError
+from offline.localproc import ServiceProcess, start_redis, start_service
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "beauty"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "beauty"
+SHIPPED_DATA = ROOT / "data" / "beauty"
+LOG_NAME = "demo.log"
 
 
-def say(text: str) -> None:
-    typer.secho(f"\n== {text}", bold=True)
+class Screen:
+    """Our lines on the terminal; the process's stdout and stderr (file descriptors 1 and 2,
+    so native code and child processes too) in the log while the demo runs."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.console: TextIO = sys.stdout
+        self._saved: tuple[int, int] | None = None
+
+    def __enter__(self) -> Screen:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("")  # this run's log only; everyone appends from here on
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.console = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+        self._saved = (os.dup(1), os.dup(2))
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        assert self._saved is not None
+        for fd, saved in zip((1, 2), self._saved, strict=True):
+            os.dup2(saved, fd)
+            os.close(saved)
+        if kind is not None and kind is not KeyboardInterrupt:
+            self.echo(f"\nthe demo failed; the log may say why: {self.log_path}")
+        self.console.close()
+
+    @contextlib.contextmanager
+    def progress(self) -> Iterator[None]:
+        """Progress bars of our own jobs (catalog embedding, training) on the terminal."""
+        with contextlib.redirect_stdout(self.console), contextlib.redirect_stderr(self.console):
+            yield
+
+    def echo(self, text: str = "") -> None:
+        typer.echo(text, file=self.console)
+
+    def say(self, text: str) -> None:
+        typer.secho(f"\n== {text}", bold=True, file=self.console)
+
+    def show(self, titles: dict[str, str], body: dict[str, Any]) -> None:
+        flag = f" (degraded: {body['degraded_reason']})" if body["degraded"] else ""
+        timings = body["timings"]
+        self.echo(
+            f"   source={body['source']}{flag} total={timings['total_ms']:.1f} ms "
+            f"(redis {timings['redis_ms']:.1f}, decode {timings['decode_ms']:.1f})"
+        )
+        for item in body["items"]:
+            sid = item["semantic_id"]
+            self.echo(
+                f"   {item['score']:8.3f}  <{sid['a']},{sid['b']},{sid['c']}>  "
+                f"{titles.get(item['item_id'], item['item_id'])[:70]}"
+            )
+
+
+def default_data() -> Path:
+    """The benchmark beside the checkout, else the copy shipped with it."""
+    return SHARED_DATA if SHARED_DATA.is_dir() else SHIPPED_DATA
+
+
+def csv_in(directory: Path, stem: str) -> Path:
+    """``stem.csv`` or ``stem.csv.gz`` in ``directory``."""
+    for name in (f"{stem}.csv", f"{stem}.csv.gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise InputError(directory, f"has neither {stem}.csv nor {stem}.csv.gz")
 
 
 def sample_beauty(data: Path, out: Path, users: int) -> tuple[Path, Path, dict[str, str]]:
@@ -29,12 +113,11 @@ def sample_beauty(data: Path, out: Path, users: int) -> tuple[Path, Path, dict[s
     data set: a demo-sized sample generated into the work directory)."""
     keep: set[str] = set()
     rows = []
-    with (data / "interactions.csv").open() as f:
-        for row in csv.DictReader(f):
-            if row["user_id"] not in keep and len(keep) >= users:
-                continue
-            keep.add(row["user_id"])
-            rows.append(row)
+    for _, row in iter_csv_rows(csv_in(data, "interactions"), ("user_id", "item_id")):
+        if row["user_id"] not in keep and len(keep) >= users:
+            continue
+        keep.add(row["user_id"])
+        rows.append(row)
     items = {r["item_id"] for r in rows}
     titles: dict[str, str] = {}
     inter, item_csv = out / "interactions.csv", out / "items.csv"
@@ -42,11 +125,10 @@ def sample_beauty(data: Path, out: Path, users: int) -> tuple[Path, Path, dict[s
         w = csv.DictWriter(f, ["user_id", "item_id", "timestamp"])
         w.writeheader()
         w.writerows({k: r[k] for k in ("user_id", "item_id", "timestamp")} for r in rows)
-    with (data / "items.csv").open() as f, item_csv.open("w", newline="") as g:
-        reader = csv.DictReader(f)
+    with item_csv.open("w", newline="") as g:
         w = csv.DictWriter(g, ["item_id", "title", "categories"])
         w.writeheader()
-        for r in reader:
+        for _, r in iter_csv_rows(csv_in(data, "items"), ("item_id", "title", "categories")):
             if r["item_id"] in items:
                 w.writerow(
                     {"item_id": r["item_id"], "title": r["title"], "categories": r["categories"]}
@@ -82,112 +164,105 @@ def synthetic(out: Path, n_items: int = 2000, n_users: int = 3000) -> tuple[Path
     return item_csv, inter, titles
 
 
-def show(titles: dict[str, str], body: dict) -> None:  # type: ignore[type-arg]
-    flag = f" (degraded: {body['degraded_reason']})" if body["degraded"] else ""
-    typer.echo(
-        f"   source={body['source']}{flag} total={body['timings']['total_ms']:.1f} ms "
-        f"(redis {body['timings']['redis_ms']:.1f}, decode {body['timings']['decode_ms']:.1f})"
+def run_demo(
+    work: Path,
+    data: Path | None,
+    users: int,
+    minutes: float,
+    keep_running: bool,
+    synthetic_data: bool = False,
+) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    data = None if synthetic_data else (data or default_data())
+    screen = Screen(work / LOG_NAME)
+    typer.secho(
+        f"thinkahead demo: progress and answers here; vLLM, uvicorn and library logs in "
+        f"{screen.log_path}",
+        bold=True,
     )
-    for item in body["items"]:
-        sid = item["semantic_id"]
-        typer.echo(
-            f"   {item['score']:8.3f}  <{sid['a']},{sid['b']},{sid['c']}>  "
-            f"{titles.get(item['item_id'], item['item_id'])[:70]}"
-        )
+    with screen:
+        _tour(screen, work, data, users, minutes, keep_running)
 
 
-def run_demo(work: Path, data: Path | None, users: int, minutes: float, keep_running: bool) -> None:
+def _tour(
+    screen: Screen, work: Path, data: Path | None, users: int, minutes: float, keep_running: bool
+) -> None:
+    import logging
+
+    logging.captureWarnings(True)  # library warnings: to the log, like the rest
+    if data is not None:
+        screen.say(f"1/5 sample of {users} real users from {data}")
+        items, inter, titles = sample_beauty(data, work, users)
+    else:
+        screen.say("1/5 a generated catalog (--synthetic)")
+        items, inter, titles = synthetic(work)
     from offline.catalog.build import build_catalog
     from offline.data import read_interactions
     from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
     from offline.train.trainer import TrainConfig, train
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
-    work.mkdir(parents=True, exist_ok=True)
-    data = data if data is not None else (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
-    if data is not None:
-        say(f"1/5 sample of {users} real users from {data}")
-        items, inter, titles = sample_beauty(data, work, users)
-    else:
-        say("1/5 no benchmark data beside the project: generating a synthetic catalog")
-        items, inter, titles = synthetic(work)
-    say("2/5 catalog: MiniLM + CF embeddings -> balanced residual k-means semantic IDs")
-    report = build_catalog(
-        items, work / "catalog", codebook_size=64, interactions=inter, holdout_last=2
-    )
-    typer.echo(
+    screen.say("2/5 catalog: MiniLM + CF embeddings -> balanced residual k-means semantic IDs")
+    with screen.progress():
+        report = build_catalog(
+            items, work / "catalog", codebook_size=64, interactions=inter, holdout_last=2
+        )
+    screen.echo(
         f"   {report['items']} items, collisions {report['collisions_before']} -> "
         f"{report['collisions_after']}, {report['seconds']['total']:.0f}s"
     )
-    say(f"3/5 decoder: Llama-style, item tokens in its vocabulary, ~{minutes:g} min of training")
-    manifest = train(
-        work / "catalog",
-        inter,
-        work / "model",
-        TrainConfig(preset="small", epochs=50, max_minutes=minutes, val_users=500),
-    )
-    typer.echo(
+    screen.say(f"3/5 decoder: a small Llama with the item tokens, ~{minutes:g} min of training")
+    with screen.progress():
+        manifest = train(
+            work / "catalog",
+            inter,
+            work / "model",
+            TrainConfig(preset="small", epochs=50, max_minutes=minutes, val_users=500),
+        )
+    screen.echo(
         f"   model {manifest.model_version}, val R@10 "
         f"{manifest.metrics['validation']['recall@10']:.3f}"
     )
-    say("4/5 think-ahead: 2-token prefix beam search for every user -> Redis snapshot")
+    screen.say("4/5 think-ahead: 2-token prefix beam search for every user -> Redis snapshot")
     redis_proc = start_redis(work / "redis")
-    url = redis_proc.url
     service = None
     try:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         run = ThinkAheadRun(
-            work / "model", work / "catalog", inter, url, ThinkAheadJob(prefixes=16, beam=16)
+            work / "model",
+            work / "catalog",
+            inter,
+            redis_proc.url,
+            ThinkAheadJob(prefixes=16, beam=16),
         )
         run.seed_histories(inter)
         summary = run.run(
-            lambda: VllmBatchEngine(work / "model", VllmOptions(multiprocessing=False))
+            lambda: VllmBatchEngine(work / "model", VllmOptions(multiprocessing=False)),
+            progress=False,
         )
-        typer.echo(
+        screen.echo(
             f"   snapshot {summary.snapshot_id}: {summary.written} users, "
             f"{summary.users_per_s} users/s"
         )
-        say("5/5 service: REST + gRPC, vLLM in-process, answering real requests")
+        screen.say("5/5 service: REST + gRPC, vLLM in-process, answering real requests")
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         service = start_service(
             work / "model",
             work / "catalog",
-            url,
-            work / "service.log",
+            redis_proc.url,
+            screen.log_path,
             env=env,
             wait_for="/readyz",
             timeout=600,
+            append=True,
         )
-        base = service.base_url
-        http = httpx.Client(base_url=base, timeout=60)
         user = run.plan.users[0]
         seqs = read_interactions(inter)
         history = seqs.items[seqs.users.index(user)]  # the first planned user's own history
-        typer.echo(f"   user {user} recently bought:")
-        for item in history[-3:]:
-            typer.echo(f"     - {titles.get(item, item)[:70]}")
-        typer.echo(f"\n   POST {base}/v1/recommend {{user_id: {user}, k: 5}}")
-        show(titles, http.post("/v1/recommend", json={"user_id": user, "k": 5}).json())
         fresh = [i for i in titles if i not in history][:2]
-        typer.echo(f"\n   POST /v1/events: the user just bought {[titles[i][:40] for i in fresh]}")
-        http.post("/v1/events", json={"user_id": user, "item_ids": fresh})
-        show(titles, http.post("/v1/recommend", json={"user_id": user, "k": 5}).json())
-        typer.echo("\n   a user the worker never saw (cold start):")
-        show(titles, http.post("/v1/recommend", json={"user_id": "new-visitor", "k": 5}).json())
-        typer.echo("\n   gRPC thinkahead.v1.Recommender/Recommend:")
-        show(titles, grpc_recommend(service.grpc_port, user))
-        metrics = [
-            line
-            for line in http.get("/metrics").text.splitlines()
-            if line.startswith("thinkahead_requests_total")
-        ]
-        typer.echo("\n   " + "\n   ".join(metrics))
+        _requests(screen, service, titles, user, history, fresh)
+        _next_steps(screen, service, work, user, fresh, keep_running)
         if keep_running:
-            typer.secho(
-                f"\nserving on {base} (docs: {base}/docs) and gRPC "
-                f"{service.grpc_target}; Ctrl-C to stop",
-                bold=True,
-            )
             service.process.wait()
     finally:
         if service is not None:
@@ -195,9 +270,82 @@ def run_demo(work: Path, data: Path | None, users: int, minutes: float, keep_run
         redis_proc.stop()
 
 
-def grpc_recommend(port: int, user: str) -> dict:  # type: ignore[type-arg]
+def _requests(
+    screen: Screen,
+    service: ServiceProcess,
+    titles: dict[str, str],
+    user: str,
+    history: list[str],
+    fresh: list[str],
+) -> None:
+    base = service.base_url
+    with httpx.Client(base_url=base, timeout=60) as http:
+        screen.echo(f"   user {user} recently bought:")
+        for item in history[-3:]:
+            screen.echo(f"     - {titles.get(item, item)[:70]}")
+        screen.echo(f"\n   POST {base}/v1/recommend {{user_id: {user}, k: 5}}")
+        screen.show(titles, http.post("/v1/recommend", json={"user_id": user, "k": 5}).json())
+        screen.echo(f"\n   POST /v1/events: the user just bought {[titles[i][:40] for i in fresh]}")
+        http.post("/v1/events", json={"user_id": user, "item_ids": fresh})
+        screen.show(titles, http.post("/v1/recommend", json={"user_id": user, "k": 5}).json())
+        screen.echo("\n   a user the worker never saw (cold start):")
+        cold = http.post("/v1/recommend", json={"user_id": "new-visitor", "k": 5})
+        screen.show(titles, cold.json())
+        screen.echo("\n   gRPC thinkahead.v1.Recommender/Recommend:")
+        screen.show(titles, grpc_recommend(service.grpc_port, user))
+        metrics = [
+            line
+            for line in http.get("/metrics").text.splitlines()
+            if line.startswith("thinkahead_requests_total")
+        ]
+        screen.echo("\n   " + "\n   ".join(metrics))
+
+
+def _next_steps(
+    screen: Screen,
+    service: ServiceProcess,
+    work: Path,
+    user: str,
+    fresh: list[str],
+    keep_running: bool,
+) -> None:
+    recommend = json.dumps({"user_id": user, "k": 5})
+    events = json.dumps({"user_id": user, "item_ids": fresh})
+    json_type = "-H 'content-type: application/json'"
+    if keep_running:
+        screen.say("Try it: the service stays up until Ctrl-C")
+    else:
+        screen.say("What to try next")
+        screen.echo(
+            "   keep the service up after the tour: scripts/demo.sh --keep-running\n"
+            "   (it prints these with its own ports)"
+        )
+    screen.echo(
+        f"   HTTP={service.base_url} GRPC={service.grpc_target}\n"
+        f"   curl -s $HTTP/v1/recommend {json_type} -d '{recommend}'\n"
+        f"   curl -s $HTTP/v1/events {json_type} -d '{events}'\n"
+        f"   grpcurl -plaintext -d '{recommend}' $GRPC thinkahead.v1.Recommender/Recommend"
+        "   # reflection is on\n"
+        "   curl -s $HTTP/metrics | grep ^thinkahead_      # Prometheus metrics\n"
+        "   $HTTP/docs in a browser: the OpenAPI page\n"
+        f"   the same model in containers (deploy/README.md): deploy/compose-secrets.sh && "
+        f"THINKAHEAD_ARTIFACTS={_for_compose(work)} THINKAHEAD_DATA={_for_compose(work)} "
+        "docker compose up -d --build"
+    )
+
+
+def _for_compose(path: Path) -> str:
+    """``path`` as compose resolves it (relative to the checkout, where its file is)."""
+    try:
+        return f"./{path.resolve().relative_to(ROOT)}"
+    except ValueError:
+        return str(path.resolve())
+
+
+def grpc_recommend(port: int, user: str) -> dict[str, Any]:
     import grpc
     from google.protobuf.json_format import MessageToDict
+
     from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
     from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
 

@@ -141,9 +141,11 @@ def start_service(
     timeout: float = 300,
     wait_for: str = "/livez",
     cpus: set[int] | None = None,
+    append: bool = False,
 ) -> ServiceProcess:
     """``thinkahead serve`` as a real process; returns once ``wait_for`` answers 200.
-    ``cpus``: pin it (and every process it starts) to these CPUs."""
+    ``cpus``: pin it (and every process it starts) to these CPUs. Its output goes to
+    ``log_path``, added at the end with ``append`` (a log shared with its caller)."""
 
     http_port, grpc_port = free_port(), free_port()
     args = [
@@ -165,7 +167,7 @@ def start_service(
     ]
     full_env = {**os.environ, **(env or {})}
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # AsyncLLM runs its engine core apart
-    log = log_path.open("wb")
+    log = log_path.open("ab" if append else "wb")
     proc = subprocess.Popen(
         args, env=full_env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pinned_to(cpus)
     )
