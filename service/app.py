@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +70,23 @@ def check_settings(settings: Settings) -> None:
     )
 
 
+class HttpServer(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM / SIGINT it caught is not re-raised the moment
+    its ``serve()`` returns (that would end the process before gRPC drains and the runtime
+    closes): it is kept in ``caught`` for :func:`run` to re-raise once everything has stopped."""
+
+    caught: tuple[int, ...] = ()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.caught = tuple(self._captured_signals)
+                self._captured_signals.clear()
+
+
 def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -95,13 +114,15 @@ def run(settings: Settings) -> None:
     # uvicorn's own loop choice (uvloop when installed), as `uvicorn.run` would make it.
     loop_factory = uvicorn.Config(app=None, loop="auto").get_loop_factory()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(settings))
+        caught = runner.run(serve(settings))
+    for signum in reversed(caught):  # what uvicorn.run does, after the whole drain
+        signal.raise_signal(signum)
 
 
 @dataclass
 class Serving:
     runtime: Runtime
-    http: uvicorn.Server
+    http: HttpServer
     grpc: GrpcServer
     http_task: asyncio.Task[None]
 
@@ -113,7 +134,7 @@ async def serving(settings: Settings, engine: Engine | None = None) -> AsyncIter
     stops with the same grace period, then the runtime closes."""
     async with open_runtime(settings, engine) as rt:
         grpc_server = await start_grpc(rt)
-        http = uvicorn.Server(uvicorn_config(settings, create_app(settings, rt)))
+        http = HttpServer(uvicorn_config(settings, create_app(settings, rt)))
         task = asyncio.create_task(http.serve())
         try:
             while not http.started:
@@ -129,7 +150,9 @@ async def serving(settings: Settings, engine: Engine | None = None) -> AsyncIter
             await stop_grpc(grpc_server, settings.drain_s)
 
 
-async def serve(settings: Settings) -> None:
-    """Until uvicorn's signal handlers see SIGTERM / SIGINT, which ends its task."""
+async def serve(settings: Settings) -> tuple[int, ...]:
+    """Until uvicorn's signal handlers see SIGTERM / SIGINT, which ends its task; returns the
+    signals caught, once both servers have drained and the runtime has closed."""
     async with serving(settings) as running:
         await asyncio.shield(running.http_task)
+    return running.http.caught
