@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -120,6 +122,10 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # vLLM's engine core is a child process that outlives a killed parent and spins on
+        # its socket: whatever is left of the service's session goes with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         return int(self.process.returncode)
 
 
@@ -169,7 +175,12 @@ def start_service(
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # AsyncLLM runs its engine core apart
     log = log_path.open("ab" if append else "wb")
     proc = subprocess.Popen(
-        args, env=full_env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pinned_to(cpus)
+        args,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=pinned_to(cpus),
+        start_new_session=True,  # its own process group: stop() reaps the engine core too
     )
     service = ServiceProcess(proc, http_port, grpc_port, log_path)
     deadline = time.monotonic() + timeout
