@@ -196,12 +196,15 @@ def _tour(
     else:
         screen.say("1/5 a generated catalog (--synthetic)")
         items, inter, titles = synthetic(work)
+    from transformers.utils import logging as hf_logging
+
     from offline.catalog.build import build_catalog
     from offline.data import read_interactions
     from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
     from offline.train.trainer import TrainConfig, train
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
+    hf_logging.disable_progress_bar()  # transformers' loading / saving bars are not our steps
     screen.say("2/5 catalog: MiniLM + CF embeddings -> balanced residual k-means semantic IDs")
     with screen.progress():
         report = build_catalog(
