@@ -474,6 +474,8 @@ class Recommender:
                 items = await self._full_decode(ctx)
                 if items:
                     return self._answer(ctx, items, Source.FULL_DECODE, reason)
+                # the trie search never dead-ends: nothing decoded means nothing is allowed
+                reason = reason or "all_excluded"
             except TimeoutError:
                 reason = reason or "budget_exceeded"
             except EngineError as exc:

@@ -27,6 +27,7 @@ from offline.evaluate import (
     select_examples,
 )
 from offline.localproc import pinned_to, start_redis, start_service
+from offline.metrics import TOP_K
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.contracts.catalog import Catalog
 from service.contracts.manifest import utc_now
@@ -68,7 +69,7 @@ def quality(
         )
         name = f"think-ahead (M={prefixes}, " + ("fresh)" if not stale else f"stale by {stale})")
         rows[name] = report_row(ranked, examples)
-    rows.update(baseline_rows(data, examples, "test", 10))
+    rows.update(baseline_rows(data, examples, "test", TOP_K))
     full_r10 = rows[next(iter(rows))]["recall@10"]
     for name, row in rows.items():
         if name.startswith("think-ahead"):

@@ -129,6 +129,20 @@ async def test_every_degraded_reason_and_source(
         await note("engine", "fresh", recent_item_ids=["3"])
     finally:
         svc.engine.down = False
+    # Everything excluded (history + exclusions cover the catalog): an empty answer that says so
+    everything = list(svc.runtime.catalog.item_ids)
+    reply = await http.post(
+        "/v1/recommend",
+        json={
+            "user_id": "fresh",
+            "k": 5,
+            "strategy": "full_decode",
+            "exclude_item_ids": everything,
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    empty = reply.json()
+    assert empty["items"] == [] and empty["degraded_reason"] == "all_excluded"
     await publish_for_another_model(svc, own_redis)
     await note("snapshot_mismatch", "fresh")
     own_redis.stop(kill=True)
@@ -172,5 +186,6 @@ def test_reasons_match_the_documented_list() -> None:
     for reason in (
         "no_snapshot", "no_prefixes", "version_mismatch", "stale_snapshot", "corrupt_value",
         "prefixes_excluded", "budget_exceeded", "redis_unavailable", "engine_unavailable",
+        "all_excluded",
     ):  # fmt: skip
         assert f"`{reason}`" in readme, reason

@@ -94,7 +94,8 @@ async def test_unchanged_users_are_answered_from_redis_exactly_as_the_engine_wou
             assert answer.degraded_reason is None and answer.backfilled == computed.backfilled
             assert [i for i, _ in ranking(answer)] == [i for i, _ in ranking(computed)]
             assert [s for _, s in ranking(answer)] == pytest.approx(
-                [s for _, s in ranking(computed)], abs=1e-5  # stored as float32
+                [s for _, s in ranking(computed)],
+                abs=1e-5,  # stored as float32
             )
             assert not {i.item_id for i in answer.items} & set(HISTORIES[user])
         assert engine.calls > 0
