@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from offline.decode.torch_engine import TorchBatchEngine
+from offline.metrics import TOP_K
 from offline.thinkahead.prefixes import CovisitSource
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
@@ -39,10 +40,12 @@ def floor_rows(
     users: Sequence[tuple[list[Code], UserPrefixes]],
     fresh_item: str,
     prefixes: int,
-    k: int = 10,
+    k: int = TOP_K,
     full_decode_beam: int = 20,
+    reuse_snapshot_b: bool = True,
 ) -> list[dict[str, Any]]:
-    """p50 / p99 ms and engine requests per recommend for the bench's three scenarios."""
+    """p50 / p99 ms and engine requests per recommend for the bench's three scenarios, planned
+    as the service plans them with its default settings."""
     ids = model.token_ids
     neighbours = covisit.neighbours if covisit is not None else {}
 
@@ -62,6 +65,7 @@ def floor_rows(
             features,
             unchanged=not recent,
             covisit_heads=value.covisit_heads,
+            first_tokens=value.first_tokens if reuse_snapshot_b else (),
         )
         results = engine.score_batch(plan.requests) if plan.requests else []
         rank_think_ahead(plan, results, ids, features, serving.weights)

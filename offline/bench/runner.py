@@ -29,6 +29,7 @@ from offline.evaluate import (
 from offline.localproc import pinned_to, start_redis, start_service
 from offline.metrics import TOP_K
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
+from service.config import RecommendSettings
 from service.contracts.catalog import Catalog
 from service.contracts.manifest import utc_now
 from service.contracts.model import load_model_info, load_serving_config
@@ -227,6 +228,7 @@ def measure_floor(
     raws = client.mget([keys.user(snapshot_id, u) for u, _ in chosen])
     values = [(h, UserPrefixes.decode(raw)) for (_, h), raw in zip(chosen, raws, strict=True)]
     engine = TorchBatchEngine(model_dir, run.model.token_ids)
+    served = RecommendSettings()
     return floor_rows(
         engine,
         run.model,
@@ -236,6 +238,8 @@ def measure_floor(
         values,
         fresh_item,
         prefixes,
+        full_decode_beam=served.full_decode_beam,
+        reuse_snapshot_b=served.reuse_snapshot_b,
     )
 
 
