@@ -30,10 +30,14 @@ __all__ = ["RedisProcess", "ServiceProcess", "free_port", "redis_server_binary",
 
 
 def start_service(*args, env: dict[str, str] | None = None, **kwargs) -> ServiceProcess:  # type: ignore[no-untyped-def]
-    """The service with a fast snapshot poll, so flips show within a test's patience."""
-    return _start_service(
-        *args, env={"THINKAHEAD_REDIS__SNAPSHOT_POLL_S": "0.2", **(env or {})}, **kwargs
-    )
+    """The service with a fast snapshot poll, so flips show within a test's patience, and the
+    largest default budget: which source answers must not hang on how loaded the test machine is
+    (a full decode on a busy CI box took over the 250 ms default). Budget tests pass their own."""
+    defaults = {
+        "THINKAHEAD_REDIS__SNAPSHOT_POLL_S": "0.2",
+        "THINKAHEAD_RECOMMEND__DEFAULT_BUDGET_MS": "2000",
+    }
+    return _start_service(*args, env={**defaults, **(env or {})}, **kwargs)
 
 
 def tiny_catalog() -> Catalog:

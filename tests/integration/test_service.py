@@ -236,7 +236,7 @@ def test_unknown_event_items_are_reported_not_stored(stack: Stack) -> None:
 
 def test_cold_user_gets_a_flagged_full_decode(stack: Stack) -> None:
     body = stack.recommend(user_id="never-seen-user", k=10).json()
-    assert body["source"] == "full_decode"
+    assert body["source"] == "full_decode", body
     assert body["degraded"] is True and body["degraded_reason"] == "no_prefixes"
     assert len(body["items"]) == 10
     assert all(stack.catalog.code_of(i["item_id"]) for i in body["items"])
@@ -245,7 +245,7 @@ def test_cold_user_gets_a_flagged_full_decode(stack: Stack) -> None:
 def test_full_decode_strategy_on_request(stack: Stack) -> None:
     user, history = stack.user_with_prefixes(5)
     body = stack.recommend(user_id=user, k=7, strategy="full_decode").json()
-    assert body["source"] == "full_decode" and body["degraded"] is False
+    assert body["source"] == "full_decode" and body["degraded"] is False, body
     assert len(body["items"]) == 7 and not {i["item_id"] for i in body["items"]} & set(history)
 
 
