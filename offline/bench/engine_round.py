@@ -359,34 +359,28 @@ def _capture_step_times() -> None:
 def submit_scorers(engine: Any) -> dict[str, Callable[[list[ScoreRequest]], Awaitable[Any]]]:
     """Ways of handing one round to the same AsyncLLM, interleaved round by round in one
     process so that load on the machine hits them alike:
-    ``rendered (service)``: ``VllmAsyncEngine.score`` (rendered ``tokens_input`` prompts,
-    processed in the event loop); ``raw (before)``: raw ``TokensPrompt``s as the service sent
-    them before this profile (each processed on vLLM's renderer thread pool); ``batched``
-    (a prototype): every request processed first, then all sent back to back, so the engine
-    core finds more of the round queued when it starts a step."""
+    ``service``: ``VllmAsyncEngine.score`` (raw ``TokensPrompt``s, each processed on vLLM's
+    renderer thread pool); ``rendered``: ``tokens_input`` prompts, processed in the event
+    loop; ``batched`` (a prototype): every request processed first, then all sent back to
+    back, so the engine core finds more of the round queued when it starts a step."""
     from vllm.inputs import tokens_input
 
-    from service.engine.vllm_engine import (
-        EngineError,
-        read_logprobs,
-        sampling_params,
-        tokens_prompt,
-    )
+    from service.engine.vllm_engine import EngineError, read_logprobs, sampling_params
 
     llm = engine._llm
 
-    async def raw_one(request: ScoreRequest) -> TokenLogprobs:
+    async def rendered_one(request: ScoreRequest) -> TokenLogprobs:
         last = None
         async for out in llm.generate(
-            tokens_prompt(request.prompt), sampling_params(request), f"r{next(engine._ids)}"
+            tokens_input(list(request.prompt)), sampling_params(request), f"r{next(engine._ids)}"
         ):
             last = out
         if last is None:
             raise EngineError("engine returned nothing")
         return read_logprobs(last, request)
 
-    async def raw(requests: list[ScoreRequest]) -> list[TokenLogprobs]:
-        return list(await asyncio.gather(*(raw_one(r) for r in requests)))
+    async def rendered(requests: list[ScoreRequest]) -> list[TokenLogprobs]:
+        return list(await asyncio.gather(*(rendered_one(r) for r in requests)))
 
     async def batched(requests: list[ScoreRequest]) -> list[TokenLogprobs]:
         tasks = await llm.get_supported_tasks()
@@ -409,7 +403,7 @@ def submit_scorers(engine: Any) -> dict[str, Callable[[list[ScoreRequest]], Awai
             results.append(read_logprobs(out, r))
         return results
 
-    return {"rendered (service)": engine.score, "raw (before)": raw, "batched": batched}
+    return {"service": engine.score, "rendered": rendered, "batched": batched}
 
 
 def _patch_engine_kwargs(extra: dict[str, Any]) -> None:
@@ -487,10 +481,13 @@ async def _time_sets(
     warmup: int,
     result: dict[str, Any],
     profile: Sequence[str] = (),
+    reset: Callable[[], Awaitable[Any]] | None = None,
 ) -> None:
     """Warm up on the first ``warmup`` rounds of each set, then time the rest one at a time
     (or, for the sets in ``profile``, run them under cProfile instead). With several
-    ``scorers`` the rounds rotate among them and each gets its own rows under ``modes``."""
+    ``scorers`` every round runs once per scorer, in rotating order, each time after
+    ``reset`` (emptying the prefix cache, so each starts as cold as a new user); each scorer
+    gets its own rows under ``modes``."""
     modes = list(scorers)
     ms: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
     sizes: dict[str, dict[str, list[int]]] = {m: {} for m in modes}
@@ -501,9 +498,15 @@ async def _time_sets(
             await score(rnd.prime or rnd.requests)
             await score(rnd.requests)
         prof = cProfile.Profile() if name in profile else None
-        for j, rnd in enumerate(rounds[warmup:]):
-            mode = modes[j % len(modes)]
+        runs = [
+            (rnd, modes[(j + k) % len(modes)])
+            for j, rnd in enumerate(rounds[warmup:])
+            for k in range(len(modes))
+        ]
+        for rnd, mode in runs:
             score = scorers[mode]
+            if reset is not None:
+                await reset()
             if rnd.prime:
                 await score(rnd.prime)
             if prof is not None:
@@ -547,6 +550,14 @@ async def _time_sets(
                     "prompt_tokens_computed_mean": round(
                         float(np.mean([sum(k for _, k in x) for x in st])), 1
                     ),
+                }
+            if mode != modes[0]:  # paired: the same rounds, so per-round ratios
+                first = ms[modes[0]][name]
+                ratios = [t / f for t, f in zip(times, first, strict=True)]
+                row[f"paired_ratio_to_{modes[0]}"] = {
+                    "median": round(float(np.median(ratios)), 3),
+                    "p25": round(float(np.percentile(ratios, 25)), 3),
+                    "p75": round(float(np.percentile(ratios, 75)), 3),
                 }
             label = name if len(modes) == 1 else f"{mode}, {name}"
             print(f"  {label}: p50 {row['p50']} ms", flush=True)
@@ -613,8 +624,9 @@ def run_variant(
         )
         result["startup_s"] = round(time.perf_counter() - t0, 1)
         scorers = submit_scorers(served) if variant.submit == "interleave" else {"": served.score}
+        reset = served._llm.reset_prefix_cache if len(scorers) > 1 else None
         try:
-            await _time_sets(sets, scorers, warmup, result, profile)
+            await _time_sets(sets, scorers, warmup, result, profile, reset)
         finally:
             closed = served.close()
             if asyncio.iscoroutine(closed):
