@@ -136,6 +136,12 @@ def _train_default(name: str) -> Any:
     return TrainConfig.model_fields[name].default
 
 
+def _items_default(name: str) -> Any:
+    from offline.items.config import ItemTrainConfig
+
+    return ItemTrainConfig.model_fields[name].default
+
+
 def _job_default(name: str) -> Any:
     from offline.thinkahead.worker import ThinkAheadJob
 
@@ -224,6 +230,56 @@ def train_cmd(
     )
 
 
+@app.command("train-items")
+@user_errors
+def train_items_cmd(
+    catalog: Annotated[Path, typer.Option(help="catalog directory")],
+    interactions: Annotated[Path, typer.Option(help="interactions CSV")],
+    out: Annotated[Path, typer.Option(help="item model directory to write")],
+    epochs: Annotated[int, typer.Option(help="at most this many epochs")] = _items_default(
+        "epochs"
+    ),
+    patience: Annotated[int, typer.Option(help="epochs without validation gain")] = _items_default(
+        "patience"
+    ),
+    dim: Annotated[int, typer.Option(help="item vector size")] = _items_default("dim"),
+    negatives: Annotated[int, typer.Option(help="sampled negatives per batch")] = _items_default(
+        "negatives"
+    ),
+    max_minutes: Annotated[
+        float | None, typer.Option(help="stop after this long")
+    ] = _items_default("max_minutes"),
+    refit: Annotated[
+        bool,
+        typer.Option(help="train on train + validation for exactly --epochs (not comparable)"),
+    ] = False,
+    seed: Annotated[int, typer.Option()] = _items_default("seed"),
+    progress: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """Train the item-level model (SASRec, sampled softmax) whose per-user best items the
+    think-ahead worker stores as candidates and a feature of the fused score."""
+    from offline.items.config import ItemTrainConfig
+    from offline.items.train import train_item_model
+    from service.contracts.catalog import Catalog
+
+    cfg = ItemTrainConfig(
+        epochs=epochs,
+        patience=patience,
+        dim=dim,
+        negatives=negatives,
+        max_minutes=max_minutes,
+        seed=seed,
+    )
+    manifest = train_item_model(Catalog.load(catalog), interactions, out, cfg, refit, progress)
+    best = manifest.training["best"]
+    typer.echo(
+        f"item model {manifest.version} -> {out}\n  best epoch {manifest.best_epoch}: "
+        f"val R@10 {best.get('recall@10', float('nan')):.4f} "
+        f"N@10 {best.get('ndcg@10', float('nan')):.4f}; {manifest.training['seconds']:.0f}s, "
+        f"peak RSS {manifest.training['peak_rss_gb']:.1f} GB"
+    )
+
+
 @app.command("eval")
 @user_errors
 def eval_cmd(
@@ -258,6 +314,10 @@ def eval_cmd(
         bool,
         typer.Option(help="think-ahead: after fresh events reuse log P(b | a) (as served)"),
     ] = _recommend_default("reuse_snapshot_b"),
+    item_model: Annotated[
+        Path | None,
+        typer.Option(help="item-level model directory (default: the model's items/ if any)"),
+    ] = None,
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
     """Recall@5/10 and NDCG@5/10, full ranking over the catalog, beside co-visitation."""
@@ -278,6 +338,7 @@ def eval_cmd(
         progress=progress,
         stale_events=stale_events,
         reuse_snapshot_b=reuse_snapshot_b,
+        item_model=item_model,
     )
     typer.echo(json.dumps(report["rows"], indent=2))
 
@@ -326,6 +387,14 @@ def think_ahead_cmd(
             "(served with no engine work); 0: prefixes only"
         ),
     ] = DEFAULT_ANSWER_ITEMS,
+    affinity_items: Annotated[
+        int,
+        typer.Option(help="each user's best item-level items stored (0: none)"),
+    ] = _job_default("affinity_items"),
+    item_model: Annotated[
+        Path | None,
+        typer.Option(help="item-level model directory (default: the model's items/ if any)"),
+    ] = None,
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
     """Compute every user's candidate prefixes (and whole answer) and publish them as a new
@@ -345,6 +414,8 @@ def think_ahead_cmd(
         key_prefix=key_prefix,
         history_prefix=history_prefix,
         answer_items=answer_items,
+        affinity_items=affinity_items,
+        item_model=str(item_model) if item_model is not None else None,
     )
     run = ThinkAheadRun(model, catalog, interactions, redis, job, cluster=cluster)
     if seed_history:
@@ -440,6 +511,10 @@ def tune_blend_cmd(
     ),
     limit: Annotated[int | None, typer.Option(help="validation users sampled")] = 5000,
     engine: Annotated[str, typer.Option(help="vllm or torch (same requests)")] = "vllm",
+    item_model: Annotated[
+        Path | None,
+        typer.Option(help="item-level model directory (default: the model's items/ if any)"),
+    ] = None,
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
     """Learn the fused score's weights on the validation split (never on test)."""
@@ -456,8 +531,10 @@ def tune_blend_cmd(
         limit=limit,
         engine=engine,
         progress=progress,
+        item_model=item_model,
     )
-    typer.echo(json.dumps({k: config[k] for k in ("weights", "covisit_candidates", "tuning")}))
+    shown = ("weights", "covisit_candidates", "affinity_candidates", "tuning")
+    typer.echo(json.dumps({k: config[k] for k in shown}))
 
 
 @app.command("quality-report")

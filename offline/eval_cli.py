@@ -19,7 +19,8 @@ from offline.evaluate import (
     think_ahead_candidates,
 )
 from offline.metrics import TOP_K
-from offline.tune import CANDIDATES_GRID, grid_search
+from offline.thinkahead.prefixes import ItemSource
+from offline.tune import AFFINITY_CANDIDATES_GRID, CANDIDATES_GRID, grid_search
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import CovisitTable, Neighbours
 from service.contracts.fusion import FusionWeights
@@ -75,6 +76,7 @@ def run_eval(
     progress: bool = True,
     stale_events: int = 0,
     reuse_snapshot_b: bool = True,
+    item_model: Path | None = None,
 ) -> dict[str, Any]:
     if split not in ("test", "valid"):
         raise InputError(None, f"--split must be test or valid, got {split!r}")
@@ -110,6 +112,7 @@ def run_eval(
                 stale_events=stale_events,
                 progress=progress,
                 reuse_snapshot_b=reuse_snapshot_b,
+                items=ItemSource.load(model_dir, catalog, item_model),
             )
     stale = (
         f", snapshot {stale_events} event(s) behind"
@@ -119,7 +122,8 @@ def run_eval(
     )
     label = (
         f"served answer (think-ahead M={prefixes} + {serving.covisit_candidates} "
-        f"co-visitation candidates, fused score{stale})"
+        f"co-visitation + {serving.affinity_candidates} item-level candidates, "
+        f"fused score{stale})"
         if mode == "think-ahead"
         else f"decoder ({mode}, {engine}, beam {beam})"
     )
@@ -152,16 +156,20 @@ def tune_blend(
     k: int = TOP_K,
     engine: str = "vllm",
     progress: bool = True,
+    item_model: Path | None = None,
 ) -> dict[str, Any]:
-    """Learn the fused score's weights and the co-visitation candidate count on the
-    validation split only, and record them in the model directory's ``serving.json`` (the
-    service's, the eval's and the bench's default)."""
+    """Learn the fused score's weights and the co-visitation and item-level candidate counts
+    on the validation split only, and record them in the model directory's ``serving.json``
+    (the service's, the eval's and the bench's default)."""
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
     examples, _ = select_examples(interactions, "valid", info.max_history, limit)
     table = CovisitTable.load_optional(catalog_dir, catalog.item_ids, catalog.version)
     covisit = table.as_mapping() if table is not None else {}
     batch = batch_engine(engine, model_dir, info)
+    items = ItemSource.load(
+        model_dir, catalog, item_model, candidates=max(AFFINITY_CANDIDATES_GRID)
+    )
     t0 = time.monotonic()
     users, _ = think_ahead_candidates(
         batch,
@@ -175,20 +183,23 @@ def tune_blend(
         max(CANDIDATES_GRID),
         prune=None,
         progress=progress,
+        items=items,
     )
     trials = grid_search(users, k)
     best = trials[0]
     decoder_only = next(
         t
         for t in trials
-        if t.covisit_candidates == 0 and t.weights == FusionWeights(offline=t.weights.offline)
+        if t.candidates == 0 and t.weights == FusionWeights(offline=t.weights.offline)
     )
     config = ServingConfig(
         weights=best.weights,
         covisit_candidates=best.covisit_candidates,
+        affinity_candidates=best.affinity_candidates,
         covisit_version=table.version if table is not None else None,
-        chosen_on=f"validation split, {len(examples)} users: the fewest co-visitation "
-        f"candidates within 1% of the best NDCG@{k} over a grid of {len(trials)} settings",
+        item_model_version=items.model.version if items is not None else None,
+        chosen_on=f"validation split, {len(examples)} users: the fewest extra candidates "
+        f"within 1% of the best NDCG@{k} over a grid of {len(trials)} settings",
         created_at=utc_now(),
         tuning={
             "best": best.row(),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from offline.baselines import CoVisitation
 from offline.data import Example, Sequences, leave_one_out, read_interactions
 from offline.metrics import ranking_metrics
-from offline.thinkahead.prefixes import compute_prefixes, split_answers
+from offline.thinkahead.prefixes import ItemSource, compute_prefixes, split_answers
+from service.contracts.affinity import NO_AFFINITY
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.covisit import Neighbours, covisit_scores
-from service.contracts.fusion import FusionWeights, ItemFeatures, covisit_prefixes, rank_fused
+from service.contracts.fusion import FusionWeights, ItemFeatures, extra_prefixes, rank_fused
 from service.contracts.model import ModelInfo, ServingConfig
 from service.contracts.scoring import (
     ScoredCode,
@@ -114,11 +115,21 @@ class UserCandidates:
     features: ItemFeatures
     snapshot_ab: set[tuple[int, int]]
     covisit_ab: list[tuple[int, int]]  # best first
+    affinity_ab: list[tuple[int, int]] = field(default_factory=list)  # best first
 
     def ranked(
-        self, weights: FusionWeights, k: int, covisit_candidates: int | None = None
+        self,
+        weights: FusionWeights,
+        k: int,
+        covisit_candidates: int | None = None,
+        affinity_candidates: int | None = None,
     ) -> list[Code]:
-        keep = self.snapshot_ab | set(self.covisit_ab[:covisit_candidates])
+        affinity_ab = (
+            self.affinity_ab
+            if affinity_candidates is None
+            else self.features.affinity.prefixes(affinity_candidates)
+        )
+        keep = self.snapshot_ab | set(self.covisit_ab[:covisit_candidates]) | set(affinity_ab)
         scored = [(s.code, s.decoder, s.offline) for s in self.scored if s.code[:2] in keep]
         return [code for code, _ in rank_fused(scored, self.features, weights)[:k]]
 
@@ -138,6 +149,7 @@ def think_ahead_candidates(
     batch_users: int = 128,
     progress: bool = True,
     reuse_snapshot_b: bool = True,
+    items: ItemSource | None = None,
 ) -> tuple[list[UserCandidates], dict[str, float]]:
     """The architecture as served, per user: top-M prefixes from a 2-token beam search over
     the history minus its last ``stale_events`` items (the worker), then the online step over
@@ -146,9 +158,10 @@ def think_ahead_candidates(
 
     ``prune``: the served weights, bounding prefixes out of the top k exactly as the service
     does; None scores every candidate (to learn the weights). ``reuse_snapshot_b``: as the
-    service's setting, when the history moved past the snapshot's."""
+    service's setting, when the history moved past the snapshot's. ``items``: the item-level
+    model the worker stores each user's best items from (candidates: ``items.candidates``)."""
     covered = {m: 0 for m in (8, 16, 32, prefixes) if m <= prefixes}
-    with_covisit = 0
+    with_covisit = with_extra = 0
     out: list[UserCandidates] = []
     ids = model.token_ids
     for start in tqdm(
@@ -158,23 +171,35 @@ def think_ahead_candidates(
         fresh = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
         stale = [h[: len(h) - stale_events] if stale_events else h for h in fresh]
         offline = compute_prefixes(engine, ids, catalog, stale, max(beam, prefixes), prefixes)
+        affinities = (
+            items.affinities(catalog, stale) if items is not None else [NO_AFFINITY] * len(chunk)
+        )
         plans = []
-        for e, history, result in zip(chunk, fresh, offline, strict=True):
+        for e, history, result, affinity in zip(chunk, fresh, offline, affinities, strict=True):
             target = catalog.code_of(e.target)
             ranked_ab = [(p.a, p.b) for p in result.prefixes]
             for m in covered:
                 covered[m] += target is not None and target[:2] in ranked_ab[:m]
             scores = covisit_scores(e.history, covisit, set(e.history))
-            features = ItemFeatures(catalog, scores)
-            covisit_ab = covisit_prefixes(catalog, scores, covisit_candidates)
+            features = ItemFeatures(catalog, scores, affinity)
+            covisit_ab = extra_prefixes(catalog, scores, covisit_candidates)
+            affinity_ab = affinity.prefixes(items.candidates if items is not None else 0)
+            extra_ab = extra_prefixes(
+                catalog,
+                scores,
+                covisit_candidates,
+                affinity,
+                items.candidates if items is not None else 0,
+            )
             with_covisit += target is not None and target[:2] in {*ranked_ab, *covisit_ab}
+            with_extra += target is not None and target[:2] in {*ranked_ab, *extra_ab}
             prompt, constraint = ids.history(history), Constraint(catalog, history)
             first = result.first_tokens if reuse_snapshot_b else ()
             if prune is None:  # every candidate scored, no bound: to learn the weights
                 plan = plan_item_scoring(
                     prompt,
                     candidate_prefixes(
-                        result.prefixes, covisit_ab, stale_events == 0, first_tokens=first
+                        result.prefixes, extra_ab, stale_events == 0, first_tokens=first
                     ),
                     constraint,
                     ids,
@@ -184,7 +209,7 @@ def think_ahead_candidates(
                 plan = plan_think_ahead(
                     prompt,
                     result.prefixes,
-                    covisit_ab,
+                    extra_ab,
                     constraint,
                     ids,
                     k,
@@ -194,13 +219,17 @@ def think_ahead_candidates(
                     first_tokens=first,
                 )
             plans.append(plan)
-            out.append(UserCandidates(e.target, [], features, set(ranked_ab), covisit_ab))
+            out.append(
+                UserCandidates(e.target, [], features, set(ranked_ab), covisit_ab, affinity_ab)
+            )
         answers = engine.score_batch([r for p in plans for r in p.requests])
         for plan, part, user in zip(plans, split_answers(plans, answers), out[start:], strict=True):
             user.scored = combine(plan, part, ids)
     n = max(len(examples), 1)
     coverage: dict[str, float] = {f"M={m}": round(c / n, 5) for m, c in sorted(covered.items())}
     coverage[f"M={prefixes} + co-visitation"] = round(with_covisit / n, 5)
+    if items is not None:
+        coverage[f"M={prefixes} + co-visitation + item-level"] = round(with_extra / n, 5)
     return out, coverage
 
 
@@ -233,6 +262,7 @@ def rank_think_ahead(
     batch_users: int = 128,
     progress: bool = True,
     reuse_snapshot_b: bool = True,
+    items: ItemSource | None = None,
 ) -> Ranked:
     """The served ranking (fused score, served weights and pruning) for every example."""
     t0 = time.monotonic()
@@ -251,6 +281,7 @@ def rank_think_ahead(
         batch_users=batch_users,
         progress=progress,
         reuse_snapshot_b=reuse_snapshot_b,
+        items=items,
     )
     ranked, invalid = rank_candidates(catalog, users, serving.weights, k)
     return Ranked(ranked, invalid, time.monotonic() - t0, coverage)

@@ -1,8 +1,8 @@
 """Learn the fused score's weights on the validation split (``thinkahead tune-blend``).
 
 Every candidate of every validation user is scored once by the engine (no pruning); the grid
-over weights and co-visitation candidate counts is then pure array arithmetic: the target's
-rank under weights w is the number of candidates that outscore it.
+over weights and co-visitation / item-level candidate counts is then pure array arithmetic: the
+target's rank under weights w is the number of candidates that outscore it.
 """
 
 from __future__ import annotations
@@ -21,19 +21,28 @@ OFFLINE_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 COVISIT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 POPULARITY_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
 CANDIDATES_GRID = (0, 10, 20, 40)
+AFFINITY_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+AFFINITY_CANDIDATES_GRID = (0, 10, 20, 50)
 
 
 @dataclass(frozen=True)
 class Trial:
     weights: FusionWeights
     covisit_candidates: int
+    affinity_candidates: int
     recall: float
     ndcg: float
+
+    @property
+    def candidates(self) -> int:
+        """Extra candidates: each costs engine work online."""
+        return self.covisit_candidates + self.affinity_candidates
 
     def row(self) -> dict[str, float]:
         return {
             **self.weights.model_dump(),
             "covisit_candidates": self.covisit_candidates,
+            "affinity_candidates": self.affinity_candidates,
             "recall@10": round(self.recall, 5),
             "ndcg@10": round(self.ndcg, 5),
         }
@@ -49,31 +58,51 @@ class CandidateMatrix:
         self.offline = np.zeros(shape)
         self.covisit = np.zeros(shape)
         self.popularity = np.zeros(shape)
+        self.affinity = np.zeros(shape)
         # the rank of the candidate's prefix among the co-visitation prefixes; -1: a snapshot
         # prefix (always a candidate)
         self.source_rank = np.full(shape, unreachable_rank, dtype=np.int64)
+        # the rank of the best item-level item under the candidate's prefix
+        self.affinity_rank = np.full(shape, unreachable_rank, dtype=np.int64)
         self.target = np.full(len(users), -1, dtype=np.int64)
         for u, user in enumerate(users):
             target_code = user.features.catalog.code_of(user.target)
             cv_rank = {ab: r for r, ab in enumerate(user.covisit_ab)}
+            affinity_rank: dict[tuple[int, int], int] = {}
+            for r, (code, _) in enumerate(user.features.affinity.ranked):
+                affinity_rank.setdefault(code[:2], r)
             for j, s in enumerate(user.scored):
                 self.decoder[u, j] = s.decoder
                 self.offline[u, j] = s.offline
                 self.covisit[u, j] = user.features.covisit_of(s.code)
                 self.popularity[u, j] = user.features.popularity_of(s.code)
+                self.affinity[u, j] = user.features.affinity.of(s.code)
                 ab = s.code[:2]
-                self.source_rank[u, j] = -1 if ab in user.snapshot_ab else cv_rank.get(ab, 10**6)
+                self.source_rank[u, j] = (
+                    -1 if ab in user.snapshot_ab else cv_rank.get(ab, unreachable_rank)
+                )
+                self.affinity_rank[u, j] = affinity_rank.get(ab, unreachable_rank)
                 if s.code == target_code:
                     self.target[u] = j
 
-    def metrics(self, weights: FusionWeights, covisit_candidates: int, k: int = TOP_K) -> Trial:
+    def metrics(
+        self,
+        weights: FusionWeights,
+        covisit_candidates: int,
+        affinity_candidates: int = 0,
+        k: int = TOP_K,
+    ) -> Trial:
         score = (
             self.decoder
             + weights.offline * self.offline
             + weights.covisit * self.covisit
             + weights.popularity * self.popularity
+            + weights.affinity * self.affinity
         )
-        score = np.where(self.source_rank < covisit_candidates, score, -np.inf)
+        reachable = (self.source_rank < covisit_candidates) | (
+            self.affinity_rank < affinity_candidates
+        )
+        score = np.where(reachable, score, -np.inf)
         has = self.target >= 0
         rows = np.arange(len(self.target))
         target_score = np.where(has, score[rows, np.maximum(self.target, 0)], -np.inf)
@@ -81,30 +110,45 @@ class CandidateMatrix:
         hit = has & np.isfinite(target_score) & (rank < k)
         n = max(len(self.target), 1)
         gain = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
-        return Trial(weights, covisit_candidates, float(hit.sum() / n), float(gain.sum() / n))
+        return Trial(
+            weights,
+            covisit_candidates,
+            affinity_candidates,
+            float(hit.sum() / n),
+            float(gain.sum() / n),
+        )
 
 
 def grid_search(
     users: Sequence[UserCandidates], k: int = TOP_K, tolerance: float = 0.01
 ) -> list[Trial]:
-    """Every grid point, the chosen one first: the fewest co-visitation candidates (each costs
-    engine work online) among the settings within ``tolerance`` (relative) of the best NDCG@k;
-    then by NDCG@k, Recall@k, and the simpler setting."""
+    """Every grid point, the chosen one first: the fewest extra candidates (co-visitation and
+    item-level; each costs engine work online) among the settings within ``tolerance``
+    (relative) of the best NDCG@k; then by NDCG@k, Recall@k, and the simpler setting. Item-level
+    terms are searched only when the users carry item-level scores."""
     matrix = CandidateMatrix(users)
+    with_items = any(u.features.affinity.ranked for u in users)
+    affinity_grid = AFFINITY_GRID if with_items else (0.0,)
+    affinity_candidates = AFFINITY_CANDIDATES_GRID if with_items else (0,)
     trials = [
-        matrix.metrics(FusionWeights(offline=o, covisit=c, popularity=p), n, k)
-        for o, c, p, n in itertools.product(
-            OFFLINE_GRID, COVISIT_GRID, POPULARITY_GRID, CANDIDATES_GRID
+        matrix.metrics(FusionWeights(offline=o, covisit=c, popularity=p, affinity=a), n, m, k)
+        for o, c, p, a, n, m in itertools.product(
+            OFFLINE_GRID,
+            COVISIT_GRID,
+            POPULARITY_GRID,
+            affinity_grid,
+            CANDIDATES_GRID,
+            affinity_candidates,
         )
     ]
     best_ndcg = max(t.ndcg for t in trials)
     trials.sort(
         key=lambda t: (
             t.ndcg < best_ndcg * (1 - tolerance),
-            t.covisit_candidates if t.ndcg >= best_ndcg * (1 - tolerance) else 0,
+            t.candidates if t.ndcg >= best_ndcg * (1 - tolerance) else 0,
             -t.ndcg,
             -t.recall,
-            t.weights.offline + t.weights.covisit + t.weights.popularity,
+            t.weights.offline + t.weights.covisit + t.weights.popularity + t.weights.affinity,
         )
     )
     return trials

@@ -82,6 +82,13 @@ class RecommendSettings(BaseModel):
         description="co-visitation neighbours of the fresh history added to the candidates; "
         "None: serving.json",
     )
+    affinity_candidates: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LIST_ITEMS,
+        description="the user's best items under the item-level model (stored by the worker) "
+        "added to the candidates; None: serving.json",
+    )
     covisit_cache_items: int = Field(
         default=100_000,
         ge=0,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from service.config import RecommendSettings
+from service.contracts.affinity import NO_AFFINITY, Affinity
 from service.contracts.answers import AnswerScoring, unpack_answer
 from service.contracts.beam import BeamSearch, run_searches_async
 from service.contracts.catalog import Catalog
@@ -35,7 +36,7 @@ from service.contracts.covisit import (
     covisit_scores,
     recent_items,
 )
-from service.contracts.fusion import FusionWeights, ItemFeatures, covisit_prefixes, rank_fused
+from service.contracts.fusion import FusionWeights, ItemFeatures, extra_prefixes, rank_fused
 from service.contracts.manifest import SnapshotManifest
 from service.contracts.model import ModelInfo
 from service.contracts.scoring import plan_think_ahead, rank_think_ahead
@@ -391,6 +392,7 @@ class Recommender:
             covisit_candidates=self.settings.covisit_candidates or 0,
             prefixes=min(self.settings.max_prefixes, manifest.prefixes_per_user),
             exclude_history=self.settings.exclude_history,
+            affinity_candidates=self.settings.affinity_candidates or 0,
         )
 
     def _stored_answer(self, ctx: _Request) -> list[ScoredItem] | None:
@@ -422,11 +424,18 @@ class Recommender:
             return self._answer(ctx, stored, Source.THINK_AHEAD, None), None
         q = ctx.q
         weights = self.weights
-        features = ItemFeatures(self.catalog, ctx.covisit)
+        affinity = self._affinity(value)
+        features = ItemFeatures(self.catalog, ctx.covisit, affinity)
         plan = plan_think_ahead(
             ctx.prompt,
             value.prefixes[: self.settings.max_prefixes],
-            covisit_prefixes(self.catalog, ctx.covisit, self.settings.covisit_candidates or 0),
+            extra_prefixes(
+                self.catalog,
+                ctx.covisit,
+                self.settings.covisit_candidates or 0,
+                affinity,
+                self.settings.affinity_candidates or 0,
+            ),
             ctx.constraint,
             self.model.token_ids,
             q.k,
@@ -450,6 +459,15 @@ class Recommender:
         if not items:
             return None, "prefixes_excluded"
         return self._answer(ctx, items, Source.THINK_AHEAD, None), None
+
+    def _affinity(self, value: UserPrefixes) -> Affinity:
+        """The user's stored item-level scores; none (and counted) when the blob is damaged."""
+        try:
+            return Affinity.unpack(value.affinity)
+        except ValueError as exc:
+            self.metrics.corrupt_values.labels("snapshot_affinity").inc()
+            log.warning("event=corrupt_value what=affinity error=%s", exc)
+            return NO_AFFINITY
 
     async def _full_decode(self, ctx: _Request) -> list[ScoredItem]:
         t0 = time.perf_counter()

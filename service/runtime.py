@@ -98,6 +98,10 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         recommend = recommend.model_copy(update={"fusion": serving.weights})
     if recommend.covisit_candidates is None:
         recommend = recommend.model_copy(update={"covisit_candidates": serving.covisit_candidates})
+    if recommend.affinity_candidates is None:
+        recommend = recommend.model_copy(
+            update={"affinity_candidates": serving.affinity_candidates}
+        )
     metrics = Metrics()
     metrics.build.info(
         {"version": __version__, "model_version": model.version, "catalog_version": catalog.version}

@@ -12,13 +12,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from offline.errors import InputError
+from service.contracts.affinity import DEFAULT_AFFINITY_ITEMS, NO_AFFINITY, Affinity
 from service.contracts.answers import AnswerScoring, pack_answer
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.covisit import CovisitTable, Neighbours, covisit_scores
-from service.contracts.fusion import ItemFeatures, covisit_prefixes
+from service.contracts.fusion import ItemFeatures, extra_prefixes
 from service.contracts.model import load_serving_config
 from service.contracts.scoring import (
     CandidatePrefix,
@@ -31,6 +34,9 @@ from service.contracts.scoring import (
 from service.contracts.snapshot import Prefix
 from service.contracts.tokens import Code, TokenIds
 from service.engine.base import BatchEngine, TokenLogprobs
+
+if TYPE_CHECKING:  # torch stays out of imports that only read prefixes
+    from offline.items.artifact import ItemModel
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,47 @@ class CovisitSource:
         return cls(table.as_mapping(), candidates, table.version)
 
 
+ITEMS_DIR = "items"  # the item-level model's default place: inside the model directory
+
+
+@dataclass(frozen=True)
+class ItemSource:
+    """The item-level model whose best items per user the worker stores (``<model>/items`` by
+    default; ``thinkahead train-items``)."""
+
+    model: ItemModel
+    items: int = DEFAULT_AFFINITY_ITEMS  # stored per user
+    candidates: int = 0  # of them among the service's candidates (serving.json)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        catalog: Catalog,
+        directory: Path | None = None,
+        items: int = DEFAULT_AFFINITY_ITEMS,
+        candidates: int | None = None,
+    ) -> ItemSource | None:
+        """The item model in ``directory``, else in ``<model_dir>/items`` when there is one;
+        ``candidates`` None: the model's serving.json."""
+        from offline.items.artifact import ItemModel
+
+        path = Path(directory) if directory is not None else Path(model_dir) / ITEMS_DIR
+        if directory is not None and not path.is_dir():
+            raise InputError(path, "no item model here (thinkahead train-items --out ...)")
+        if not path.is_dir() or items == 0:
+            return None
+        if candidates is None:
+            candidates = load_serving_config(model_dir).affinity_candidates
+        return cls(ItemModel.load(path, catalog), items, min(candidates, items))
+
+    def affinities(
+        self, catalog: Catalog, histories: Sequence[Sequence[Code]], exclude_history: bool = True
+    ) -> list[Affinity]:
+        top = self.model.top_items(catalog, histories, self.items, exclude_history)
+        return [Affinity.of_items(ranked) for ranked in top]
+
+
 def history_covisit(
     catalog: Catalog, history: Sequence[Code], source: CovisitSource
 ) -> dict[str, float]:
@@ -145,24 +192,28 @@ def history_covisit(
     return covisit_scores(items, source.neighbours, set(items))
 
 
-def covisit_heads(
+def extra_heads(
     engine: BatchEngine,
     ids: TokenIds,
     catalog: Catalog,
     histories: Sequence[Sequence[Code]],
     results: Sequence[UserResult],
-    source: CovisitSource,
+    source: CovisitSource | None,
+    affinities: Sequence[Affinity],
+    affinity_candidates: int,
 ) -> list[tuple[Prefix, ...]]:
-    """log P(a, b | history) of the prefixes the service will add from co-visitation for an
-    unchanged history, where the prefix search did not keep them: one engine batch for all
-    users, so the service answers such a user without a/b requests."""
+    """log P(a, b | history) of the prefixes the service will add (co-visitation neighbours,
+    the item-level model's best items) for an unchanged history, where the prefix search did
+    not keep them: one engine batch for all users, so the service answers such a user without
+    a/b requests."""
     plans = []
-    for history, result in zip(histories, results, strict=True):
-        scores = history_covisit(catalog, history, source)
+    for history, result, affinity in zip(histories, results, affinities, strict=True):
+        scores = history_covisit(catalog, history, source) if source is not None else {}
         kept = {(p.a, p.b) for p in result.prefixes}
+        candidates = source.candidates if source is not None else 0
         extra = [
             CandidatePrefix(a, b, 0.0)
-            for a, b in covisit_prefixes(catalog, scores, source.candidates)
+            for a, b in extra_prefixes(catalog, scores, candidates, affinity, affinity_candidates)
             if (a, b) not in kept
         ]
         plans.append(
@@ -204,19 +255,27 @@ def think_ahead_answers(
     source: CovisitSource | None,
     scoring: AnswerScoring,
     items: int,
+    affinities: Sequence[Affinity] | None = None,
 ) -> list[bytes]:
     """Each user's whole think-ahead answer for the unchanged history, top ``items``,
     scored exactly as the service would (``plan_think_ahead`` / ``rank_think_ahead``), in one
     engine batch for all users."""
     plans, user_features = [], []
-    for history, result, extra in zip(histories, results, heads, strict=True):
+    affinities = affinities or [NO_AFFINITY] * len(histories)
+    for history, result, extra, affinity in zip(histories, results, heads, affinities, strict=True):
         scores = history_covisit(catalog, history, source) if source is not None else {}
-        features = ItemFeatures(catalog, scores)
+        features = ItemFeatures(catalog, scores, affinity)
         plans.append(
             plan_think_ahead(
                 ids.history(history),
                 result.prefixes[: scoring.prefixes],
-                covisit_prefixes(catalog, scores, scoring.covisit_candidates),
+                extra_prefixes(
+                    catalog,
+                    scores,
+                    scoring.covisit_candidates,
+                    affinity,
+                    scoring.affinity_candidates,
+                ),
                 Constraint(catalog, history if scoring.exclude_history else ()),
                 ids,
                 items,

@@ -22,6 +22,7 @@ from offline.thinkahead.worker import (
     ThinkAheadJob,
     ThinkAheadRun,
     answer_scoring,
+    item_source,
     local_engine_factory,
     process_shard,
 )
@@ -42,6 +43,7 @@ class ShardWorker:
         self.engine = local_engine_factory(Path(model_dir))()
         self.covisit = CovisitSource.load(Path(catalog_dir), self.catalog, Path(model_dir))
         self.answers = answer_scoring(Path(model_dir), self.job)
+        self.items = item_source(Path(model_dir), self.catalog, self.job)
         self.writer = SnapshotWriter(
             connect_sync(redis_url, cluster=cluster),
             Keyspace(self.job.key_prefix, self.job.history_prefix),
@@ -65,6 +67,7 @@ class ShardWorker:
             lambda n: None,
             self.covisit,
             self.answers,
+            self.items,
         )
         self.writer.write_shard(snapshot_id, index, values)
         return len(users)

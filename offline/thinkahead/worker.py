@@ -22,12 +22,14 @@ from offline.data import read_interactions
 from offline.errors import InputError
 from offline.thinkahead.prefixes import (
     CovisitSource,
+    ItemSource,
     compute_prefixes,
-    covisit_heads,
+    extra_heads,
     think_ahead_answers,
 )
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
 from offline.thinkahead.reasoning import Reasoner
+from service.contracts.affinity import DEFAULT_AFFINITY_ITEMS, NO_AFFINITY
 from service.contracts.answers import DEFAULT_ANSWER_ITEMS, AnswerScoring
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import COVISIT_FILE
@@ -58,6 +60,18 @@ class ThinkAheadJob(BaseModel):
         le=1000,
         description="items of each user's whole answer stored for an unchanged history "
         "(answered with no engine work); 0: prefixes only",
+    )
+    affinity_items: int = Field(
+        default=DEFAULT_AFFINITY_ITEMS,
+        ge=0,
+        le=1000,
+        description="each user's best items under the item-level model stored with their "
+        "scores (candidates and a feature online); 0 or no item model: none",
+    )
+    item_model: str | None = Field(
+        default=None,
+        description="item-level model directory (thinkahead train-items); None: the model "
+        "directory's items/ when there is one",
     )
 
     @model_validator(mode="after")
@@ -119,6 +133,7 @@ def job_identity(
     data_hash: str,
     job: ThinkAheadJob,
     answers: AnswerScoring | None = None,
+    item_model_version: str | None = None,
 ) -> str:
     return sha256_hex(
         model.version.encode(),
@@ -126,6 +141,7 @@ def job_identity(
         data_hash.encode(),
         job.model_dump_json(exclude={"grace_s"}).encode(),
         (answers.key() if answers is not None else "").encode(),
+        (item_model_version or "").encode(),
     )
 
 
@@ -140,7 +156,13 @@ def answer_scoring(model_dir: Path, job: ThinkAheadJob) -> AnswerScoring | None:
         covisit_candidates=serving.covisit_candidates,
         prefixes=job.prefixes,
         exclude_history=True,
+        affinity_candidates=serving.affinity_candidates,
     )
+
+
+def item_source(model_dir: Path, catalog: Catalog, job: ThinkAheadJob) -> ItemSource | None:
+    directory = Path(job.item_model) if job.item_model else None
+    return ItemSource.load(Path(model_dir), catalog, directory, job.affinity_items)
 
 
 def new_snapshot_id(identity: str) -> str:
@@ -171,6 +193,7 @@ def process_shard(
     on_batch: Callable[[int], None],
     covisit: CovisitSource | None = None,
     answers: AnswerScoring | None = None,
+    items: ItemSource | None = None,
 ) -> list[tuple[str, UserPrefixes]]:
     values: list[tuple[str, UserPrefixes]] = []
     reasoner = reasoner_for(model, job)
@@ -182,10 +205,20 @@ def process_shard(
         results = compute_prefixes(
             engine, model.token_ids, catalog, batch_hist, job.beam, job.prefixes, paths=paths
         )
-        heads = (
-            covisit_heads(engine, model.token_ids, catalog, batch_hist, results, covisit)
-            if covisit is not None
-            else [() for _ in results]
+        affinities = (
+            items.affinities(catalog, batch_hist)
+            if items is not None
+            else [NO_AFFINITY] * len(batch_hist)
+        )
+        heads = extra_heads(
+            engine,
+            model.token_ids,
+            catalog,
+            batch_hist,
+            results,
+            covisit,
+            affinities,
+            items.candidates if items is not None else 0,
         )
         packed = (
             think_ahead_answers(
@@ -198,13 +231,14 @@ def process_shard(
                 covisit,
                 answers,
                 job.answer_items,
+                affinities,
             )
             if answers is not None
             else [b"" for _ in results]
         )
         now = time.time()
-        for user, hist, result, extra, answer in zip(
-            users[start:], batch_hist, results, heads, packed, strict=False
+        for user, hist, result, extra, answer, affinity in zip(
+            users[start:], batch_hist, results, heads, packed, affinities, strict=False
         ):
             values.append(
                 (
@@ -219,6 +253,7 @@ def process_shard(
                         covisit_heads=extra,
                         answer=answer,
                         first_tokens=result.first_tokens,
+                        affinity=affinity.pack(),
                     ),
                 )
             )
@@ -247,6 +282,7 @@ class ThinkAheadRun:
         self.plan = plan_users(interactions, self.catalog, self.model.max_history, job.holdout_last)
         self.covisit = CovisitSource.load(self.catalog_dir, self.catalog, self.model_dir)
         self.answers = answer_scoring(self.model_dir, job)
+        self.items = item_source(self.model_dir, self.catalog, job)
         if job.max_users is not None:
             self.plan.users = self.plan.users[: job.max_users]
             self.plan.histories = self.plan.histories[: job.max_users]
@@ -256,7 +292,12 @@ class ThinkAheadRun:
             job.ttl_s,
         )
         self.identity = job_identity(
-            self.model, self.catalog, file_hash(interactions), job, self.answers
+            self.model,
+            self.catalog,
+            file_hash(interactions),
+            job,
+            self.answers,
+            self.items.model.version if self.items is not None else None,
         )
         self.shards = [
             (
@@ -297,6 +338,7 @@ class ThinkAheadRun:
                 "identity": self.identity,
                 "status": "building",
                 "shards": len(self.shards),
+                "item_model_version": self.items.model.version if self.items else None,
                 **self.job.model_dump(),
             },
         )
@@ -370,6 +412,7 @@ class ThinkAheadRun:
                     bar.update,
                     self.covisit,
                     self.answers,
+                    self.items,
                 )
                 self.writer.write_shard(manifest.snapshot_id, index, values)
         bar.close()

@@ -14,18 +14,13 @@ log-probs) or another scoring configuration send the request down the engine pat
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-
-import numpy as np
 
 from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import sha256_hex
-from service.contracts.tokens import Code
+from service.contracts.packed import pack_scored, unpack_scored
 
 DEFAULT_ANSWER_ITEMS = 50
-# (a, b, c) as uint16 and the fused score as float32: 10 bytes per item in the snapshot value.
-ANSWER_DTYPE = np.dtype([("a", "<u2"), ("b", "<u2"), ("c", "<u2"), ("score", "<f4")])
 
 
 @dataclass(frozen=True)
@@ -37,9 +32,17 @@ class AnswerScoring:
     covisit_candidates: int
     prefixes: int  # M snapshot prefixes used online
     exclude_history: bool
+    affinity_candidates: int = 0  # the item-level model's best items among the candidates
 
     def key(self) -> str:
-        body = asdict(self) | {"weights": self.weights.model_dump(mode="json")}
+        # terms left at zero stay out of the key: snapshots published before they existed
+        # keep serving their stored answers
+        weights = self.weights.model_dump(mode="json")
+        if not weights["affinity"]:
+            del weights["affinity"]
+        body = asdict(self) | {"weights": weights}
+        if not self.affinity_candidates:
+            del body["affinity_candidates"]
         return sha256_hex(json.dumps(body, sort_keys=True).encode())
 
     def serves(self, stored_key: str | None, stored_items: int, k: int) -> bool:
@@ -48,16 +51,6 @@ class AnswerScoring:
         return stored_key == self.key() and k <= stored_items
 
 
-def pack_answer(ranked: Sequence[tuple[Code, float]]) -> bytes:
-    rows = np.array([(a, b, c, s) for (a, b, c), s in ranked], dtype=ANSWER_DTYPE)
-    return rows.tobytes()
-
-
-def unpack_answer(raw: bytes) -> list[tuple[Code, float]]:
-    """Raises ValueError on a blob that is not whole rows."""
-    if len(raw) % ANSWER_DTYPE.itemsize:
-        raise ValueError(
-            f"answer of {len(raw)} bytes is not whole {ANSWER_DTYPE.itemsize}-byte rows"
-        )
-    rows = np.frombuffer(raw, dtype=ANSWER_DTYPE)
-    return [((int(a), int(b), int(c)), float(s)) for a, b, c, s in rows.tolist()]
+# (a, b, c) as uint16 and the fused score as float32: 10 bytes per item in the snapshot value.
+pack_answer = pack_scored
+unpack_answer = unpack_scored

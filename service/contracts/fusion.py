@@ -5,6 +5,7 @@ think-ahead``, ``thinkahead tune-blend`` and the bench.
                 + w_offline    * offline prefix score         the snapshot's log P(a, b)
                 + w_covisit    * log(1 + co-visitation)       neighbours of the fresh last items
                 + w_popularity * log(1 + interactions)        a popularity prior
+                + w_affinity   * item-level score             the worker's item-level model
 
 The weights are learned on the validation split only (``thinkahead tune-blend``) and recorded
 in the model directory's ``serving.json`` (:class:`service.contracts.model.ServingConfig`). Every
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.contracts.affinity import NO_AFFINITY, Affinity
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import feature, top_scored
 from service.contracts.tokens import Code
@@ -30,14 +32,21 @@ class FusionWeights(BaseModel):
     offline: float = Field(default=0.0, ge=0)
     covisit: float = Field(default=0.0, ge=0)
     popularity: float = Field(default=0.0, ge=0)
+    affinity: float = Field(default=0.0, ge=0)
 
 
 class ItemFeatures:
     """The terms of the fused score that do not need the engine, for one request."""
 
-    def __init__(self, catalog: Catalog, covisit: Mapping[str, float]) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        covisit: Mapping[str, float],
+        affinity: Affinity = NO_AFFINITY,
+    ) -> None:
         self.catalog = catalog
         self.covisit = covisit
+        self.affinity = affinity
 
     def covisit_of(self, code: Code) -> float:
         item = self.catalog.item_at(code)
@@ -54,6 +63,8 @@ class ItemFeatures:
             total += weights.covisit * self.covisit_of(code)
         if weights.popularity:
             total += weights.popularity * self.popularity_of(code)
+        if weights.affinity:
+            total += weights.affinity * self.affinity.of(code)
         return total
 
     def bonus_with(self, weights: FusionWeights) -> Callable[[Code], float]:
@@ -91,4 +102,22 @@ def covisit_prefixes(
         code = catalog.code_of(item)
         if code is not None and code[:2] not in out:
             out.append(code[:2])
+    return out
+
+
+def extra_prefixes(
+    catalog: Catalog,
+    covisit: Mapping[str, float],
+    covisit_candidates: int,
+    affinity: Affinity = NO_AFFINITY,
+    affinity_candidates: int = 0,
+) -> list[tuple[int, int]]:
+    """The candidates beside the snapshot's prefixes: (a, b) of the best co-visitation
+    neighbours of the fresh history, then of the user's best item-level items, distinct."""
+    out = covisit_prefixes(catalog, covisit, covisit_candidates)
+    seen = set(out)
+    for ab in affinity.prefixes(affinity_candidates):
+        if ab not in seen:
+            seen.add(ab)
+            out.append(ab)
     return out

@@ -71,7 +71,10 @@ class ServingConfig(BaseModel):
     # Beauty's validation split (3,000 users, 2026-12-02), the defaults for any catalog.
     weights: FusionWeights = Field(default_factory=lambda: DEFAULT_WEIGHTS)
     covisit_candidates: int = Field(default=DEFAULT_COVISIT_CANDIDATES, ge=0)
+    # the item-level model's best items (stored per user by the worker) among the candidates
+    affinity_candidates: int = Field(default=0, ge=0)
     covisit_version: str | None = None
+    item_model_version: str | None = None  # the item-level model the weights were learned with
     chosen_on: str | None = None
     created_at: str | None = None
     tuning: dict[str, Any] = Field(default_factory=dict, description="how the choice was made")

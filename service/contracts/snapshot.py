@@ -115,6 +115,8 @@ class UserPrefixes:
     # log P(a | that history) of the prefixes' first tokens: after a fresh event the service
     # reuses log P(b | a) = prefix score - log P(a) instead of asking the engine for b steps
     first_tokens: tuple[tuple[int, float], ...] = ()
+    # the user's best items under the item-level model, packed (``service.contracts.affinity``)
+    affinity: bytes = b""
 
     def encode(self) -> bytes:
         body = {
@@ -131,6 +133,8 @@ class UserPrefixes:
             body["x"] = _flat(self.covisit_heads)
         if self.answer:
             body["a"] = self.answer
+        if self.affinity:
+            body["i"] = self.affinity
         if self.first_tokens:
             body["f"] = [v for a, s in self.first_tokens for v in (a, float(s))]
         return msgpack.packb(body, use_bin_type=True)
@@ -150,6 +154,9 @@ class UserPrefixes:
             answer = body.get("a", b"")
             if not isinstance(answer, bytes):
                 raise CorruptValue("answer is not bytes")
+            affinity = body.get("i", b"")
+            if not isinstance(affinity, bytes):
+                raise CorruptValue("item-level scores are not bytes")
             first = body.get("f", [])
             if not isinstance(first, list) or len(first) % 2:
                 raise CorruptValue("first-token list length is not a multiple of 2")
@@ -162,6 +169,7 @@ class UserPrefixes:
                 reasoning=None if reasoning is None else str(reasoning),
                 covisit_heads=covisit_heads,
                 answer=answer,
+                affinity=affinity,
                 first_tokens=tuple(
                     (int(first[i]), float(first[i + 1])) for i in range(0, len(first), 2)
                 ),

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from offline.thinkahead.prefixes import CovisitSource, UserResult, covisit_heads
+from offline.thinkahead.prefixes import CovisitSource, UserResult, extra_heads
+from service.contracts.affinity import NO_AFFINITY
 from offline.thinkahead.publish import SnapshotWriter
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import Neighbours
@@ -65,13 +66,15 @@ def publish(
         codes = catalog.codes_of(history)[0]
         heads: tuple[Prefix, ...] = ()
         if model is not None:
-            (heads,) = covisit_heads(
+            (heads,) = extra_heads(
                 FakeEngine(),
                 model.token_ids,
                 catalog,
                 [codes],
                 [UserResult(list(prefixes), None)],
                 CovisitSource(neighbours, 5),
+                [NO_AFFINITY],
+                0,
             )
         values.append(
             (

@@ -1,0 +1,24 @@
+"""Settings of ``thinkahead train-items`` (no torch import: the CLI reads its defaults here)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.contracts.manifest import MAX_HISTORY
+
+
+class ItemTrainConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dim: int = Field(default=64, ge=8)
+    blocks: int = Field(default=1, ge=1)
+    heads: int = Field(default=1, ge=1)
+    max_len: int = Field(default=MAX_HISTORY, ge=2)
+    dropout: float = Field(default=0.2, ge=0, lt=1)
+    negatives: int = Field(default=256, ge=1)
+    epochs: int = Field(default=60, ge=1)
+    patience: int = Field(default=5, ge=1, description="epochs without validation gain")
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    max_minutes: float | None = Field(default=None, gt=0)
+    seed: int = 0

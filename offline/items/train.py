@@ -1,0 +1,165 @@
+"""``thinkahead train-items``: the item-level model, trained with a sampled softmax.
+
+Loss: at every position of every training sequence, cross-entropy of the true next item against
+``negatives`` items drawn uniformly for the batch (a negative equal to the target is masked).
+The softmax over items is what made the difference on Beauty (notes/quality-probe.md), not size.
+Validation (the leave-one-out validation target, full ranking, history excluded) after every
+epoch; the best epoch by NDCG@10 is kept; training stops after ``patience`` epochs without gain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from offline.data import Example, leave_one_out, read_interactions
+from offline.errors import InputError
+from offline.fsutil import atomic_directory
+from offline.items.artifact import ItemModelManifest, left_padded, save_item_model
+from offline.items.config import ItemTrainConfig
+from offline.items.index import ExactIndex
+from offline.items.model import ItemModelConfig, ItemSequenceModel
+from offline.metrics import TOP_K
+from offline.train.checkpoint import peak_rss_gb
+from service.contracts.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+
+def _rows(catalog: Catalog, items: Sequence[str]) -> list[int]:
+    return [r for i in items if (r := catalog.row_of.get(i)) is not None]
+
+
+def _batches(lengths: Sequence[int], size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of similar lengths (little padding), in random order."""
+    order = np.argsort(np.asarray(lengths) + rng.random(len(lengths)), kind="stable")
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    rng.shuffle(batches)  # type: ignore[arg-type]
+    return batches
+
+
+def sampled_softmax_loss(
+    hidden: torch.Tensor, targets: torch.Tensor, items: torch.Tensor, negatives: torch.Tensor
+) -> torch.Tensor:
+    """hidden (n, d), targets (n,) item tokens, items (V, d) table, negatives (m,) tokens."""
+    positive = (hidden * items[targets]).sum(-1, keepdim=True)
+    negative = hidden @ items[negatives].T
+    negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), -torch.inf)
+    logits = torch.cat([positive, negative], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
+
+
+def evaluate(
+    model: ItemSequenceModel,
+    catalog: Catalog,
+    examples: Sequence[Example],
+    k: int = TOP_K,
+    batch: int = 1024,
+) -> dict[str, float]:
+    """Full ranking of the target among all items, history excluded."""
+    model.eval()
+    with torch.no_grad():
+        index = ExactIndex(model.item_vectors().numpy())
+    hits, gain, n = 0, 0.0, 0
+    for start in range(0, len(examples), batch):
+        chunk = examples[start : start + batch]
+        rows = [_rows(catalog, e.history)[-model.cfg.max_len :] for e in chunk]
+        with torch.no_grad():
+            vectors = model.user_vectors(left_padded(rows)).numpy()
+        found, _ = index.search(vectors, k, rows)
+        for e, top in zip(chunk, found.tolist(), strict=True):
+            n += 1
+            target = catalog.row_of.get(e.target)
+            if target is not None and target in top:
+                hits += 1
+                gain += 1.0 / np.log2(top.index(target) + 2)
+    model.train()
+    n = max(n, 1)
+    return {f"recall@{k}": hits / n, f"ndcg@{k}": gain / n, "users": n}
+
+
+def train_item_model(
+    catalog: Catalog,
+    interactions: Path,
+    out: Path,
+    cfg: ItemTrainConfig,
+    refit: bool = False,
+    progress: bool = True,
+) -> ItemModelManifest:
+    """Train on the training split (``refit``: train + validation, for exactly ``epochs``)
+    and write the best epoch's model to ``out``."""
+    t0 = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    split = leave_one_out(read_interactions(interactions), cfg.max_len)
+    source = split.train_and_valid if refit else split.train
+    # the last max_len + 1 items: max_len inputs, each predicting the next
+    sequences = [s for seq in source.items if len(s := _rows(catalog, seq)[-cfg.max_len - 1 :]) > 1]
+    if not sequences:
+        raise InputError(interactions, "no user has two catalog items in the training split")
+    model = ItemSequenceModel(
+        ItemModelConfig(
+            num_items=len(catalog),
+            dim=cfg.dim,
+            blocks=cfg.blocks,
+            heads=cfg.heads,
+            max_len=cfg.max_len,
+            dropout=cfg.dropout,
+        )
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
+    history: list[dict[str, float]] = []
+    stale = 0
+    epochs = tqdm(range(1, cfg.epochs + 1), desc="train-items", unit="epoch", disable=not progress)
+    for epoch in epochs:
+        losses = []
+        for batch in _batches([len(s) for s in sequences], cfg.batch_size, rng):
+            tokens = left_padded([sequences[i] for i in batch])
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            hidden = model(inputs)
+            mask = (targets > 0) & (inputs > 0)
+            negatives = torch.randint(1, len(catalog) + 1, (cfg.negatives,))
+            loss = sampled_softmax_loss(hidden[mask], targets[mask], model.items.weight, negatives)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        row: dict[str, float] = {"epoch": epoch, "loss": round(float(np.mean(losses)), 4)}
+        if not refit:
+            row.update({k: round(v, 5) for k, v in evaluate(model, catalog, split.valid).items()})
+        history.append(row)
+        epochs.set_postfix({k: v for k, v in row.items() if k != "users"})
+        log.info("train-items %s", row)
+        score = row.get(f"ndcg@{TOP_K}", float(epoch))  # refit: the last epoch
+        if best is None or score > best[0]:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best, stale = (score, epoch, state, row), 0
+        else:
+            stale += 1
+        minutes = (time.monotonic() - t0) / 60
+        if (not refit and stale >= cfg.patience) or (
+            cfg.max_minutes is not None and minutes >= cfg.max_minutes
+        ):
+            break
+    assert best is not None
+    model.load_state_dict(best[2])
+    record = {
+        "settings": cfg.model_dump(),
+        "refit": refit,
+        "train_sequences": len(sequences),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "best": best[3],
+        "epochs": history,
+        "seconds": round(time.monotonic() - t0, 1),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+    }
+    with atomic_directory(out) as work:
+        return save_item_model(work, model, catalog.version, best[1], record)
