@@ -10,6 +10,7 @@ epoch; the best epoch by NDCG@10 is kept; training stops after ``patience`` epoc
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,7 +80,7 @@ def evaluate(
             target = catalog.row_of.get(e.target)
             if target is not None and target in top:
                 hits += 1
-                gain += 1.0 / np.log2(top.index(target) + 2)
+                gain += 1.0 / math.log2(top.index(target) + 2)
     model.train()
     n = max(n, 1)
     return {f"recall@{k}": hits / n, f"ndcg@{k}": gain / n, "users": n}

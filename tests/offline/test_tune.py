@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from offline.evaluate import UserCandidates
 from offline.tune import CandidateMatrix, grid_search
+from service.contracts.affinity import Affinity
 from service.contracts.fusion import FusionWeights, ItemFeatures
 from service.contracts.scoring import ScoredCode
 from tests.helpers import tiny_catalog
@@ -46,3 +47,25 @@ def test_grid_picks_the_fewest_candidates_that_keep_the_best_ndcg() -> None:
     chosen = trials[0]
     assert chosen.recall == 1.0 and chosen.weights.covisit > 0
     assert chosen.covisit_candidates == 10  # 20 and 40 rank the same: more engine work
+
+
+def test_item_level_scores_are_searched_when_users_carry_them() -> None:
+    """The target sits under a prefix only the item-level list proposes: the grid must find
+    the affinity weight and candidates that reach it, and count those candidates as cost."""
+    catalog = tiny_catalog()
+    scored = [
+        ScoredCode((0, 0, 0), -0.5, -0.5),
+        ScoredCode((0, 1, 0), -1.0, -0.7),
+        ScoredCode((1, 0, 0), -3.0, -0.7),  # under an item-level prefix only
+    ]
+    affinity = Affinity.of_items([((1, 0, 0), 4.0), ((0, 1, 0), 1.0)])
+    users = [
+        UserCandidates("i3", scored, ItemFeatures(catalog, {}, affinity), {(0, 0), (0, 1)}, [])
+    ] * 3
+    matrix = CandidateMatrix(users)
+    assert matrix.metrics(FusionWeights(affinity=4.0), 0, 0, k=1).recall == 0.0  # unreachable
+    assert matrix.metrics(FusionWeights(affinity=4.0), 0, 10, k=1).recall == 1.0
+    chosen = grid_search(users, k=1)[0]
+    assert chosen.recall == 1.0 and chosen.weights.affinity > 0
+    assert chosen.affinity_candidates == 10 and chosen.covisit_candidates == 0
+    assert users[0].ranked(chosen.weights, 1, 0, 10)[0] == (1, 0, 0)

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from offline.thinkahead.prefixes import CovisitSource, UserResult, extra_heads
-from service.contracts.affinity import NO_AFFINITY
 from offline.thinkahead.publish import SnapshotWriter
+from service.contracts.affinity import NO_AFFINITY
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import Neighbours
 from service.contracts.fusion import FusionWeights

@@ -30,12 +30,22 @@ def value(**kw) -> UserPrefixes:  # type: ignore[no-untyped-def]
 
 
 def test_round_trip_keeps_every_field() -> None:
-    v = value(reasoning="likes matte lipsticks", covisit_heads=(Prefix(5, 6, -2.5),))
+    v = value(
+        reasoning="likes matte lipsticks",
+        covisit_heads=(Prefix(5, 6, -2.5),),
+        affinity=b"\x01" * 20,
+        first_tokens=((1, -0.25),),
+    )
     assert UserPrefixes.decode(v.encode()) == v
-    assert UserPrefixes.decode(value().encode()).covisit_heads == ()  # optional field
+    plain = UserPrefixes.decode(value().encode())
+    assert plain.covisit_heads == () and plain.affinity == b""  # optional fields
     body = msgpack.unpackb(v.encode())
     body["x"] = [1, 2]  # not (a, b, score) triples
     with pytest.raises(CorruptValue, match="multiple of 3"):
+        UserPrefixes.decode(msgpack.packb(body))
+    body = msgpack.unpackb(v.encode())
+    body["i"] = "not bytes"
+    with pytest.raises(CorruptValue, match="item-level"):
         UserPrefixes.decode(msgpack.packb(body))
 
 
