@@ -200,8 +200,12 @@ def _tour(
 
     from offline.catalog.build import build_catalog
     from offline.data import read_interactions
+    from offline.items.config import ItemTrainConfig
+    from offline.items.train import train_item_model
+    from offline.thinkahead.prefixes import ITEMS_DIR
     from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
     from offline.train.trainer import TrainConfig, train
+    from service.contracts.catalog import Catalog
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
     hf_logging.disable_progress_bar()  # transformers' loading / saving bars are not our steps
@@ -214,7 +218,10 @@ def _tour(
         f"   {report['items']} items, collisions {report['collisions_before']} -> "
         f"{report['collisions_after']}, {report['seconds']['total']:.0f}s"
     )
-    screen.say(f"3/5 decoder: a small Llama with the item tokens, ~{minutes:g} min of training")
+    screen.say(
+        f"3/5 decoder: a small Llama with the item tokens, ~{minutes:g} min of training; "
+        "then the item-level model"
+    )
     with screen.progress():
         manifest = train(
             work / "catalog",
@@ -225,6 +232,17 @@ def _tour(
     screen.echo(
         f"   model {manifest.model_version}, val R@10 "
         f"{manifest.metrics['validation']['recall@10']:.3f}"
+    )
+    with screen.progress():
+        items_manifest = train_item_model(
+            Catalog.load(work / "catalog"),
+            inter,
+            work / "model" / ITEMS_DIR,
+            ItemTrainConfig(max_minutes=max(minutes / 4, 0.5)),
+        )
+    screen.echo(
+        f"   item-level model (SASRec, sampled softmax) {items_manifest.version}, val R@10 "
+        f"{items_manifest.training['best']['recall@10']:.3f}"
     )
     screen.say("4/5 think-ahead: 2-token prefix beam search for every user -> Redis snapshot")
     redis_proc = start_redis(work / "redis")

@@ -14,11 +14,12 @@ import numpy as np
 from offline.decode.torch_engine import TorchBatchEngine
 from offline.metrics import TOP_K
 from offline.thinkahead.prefixes import CovisitSource
+from service.contracts.affinity import Affinity
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.covisit import covisit_scores
-from service.contracts.fusion import ItemFeatures, covisit_prefixes
+from service.contracts.fusion import ItemFeatures, extra_prefixes
 from service.contracts.model import ModelInfo, ServingConfig
 from service.contracts.scoring import plan_think_ahead, rank_think_ahead
 from service.contracts.snapshot import UserPrefixes
@@ -53,11 +54,18 @@ def floor_rows(
         items = [i for c in history if (i := catalog.item_at(c)) is not None] + recent
         codes = catalog.codes_of(items)[0][-model.max_history :]
         scores = covisit_scores(items, neighbours, set(items))
-        features = ItemFeatures(catalog, scores)
+        affinity = Affinity.unpack(value.affinity)
+        features = ItemFeatures(catalog, scores, affinity)
         plan = plan_think_ahead(
             ids.history(codes),
             value.prefixes[:prefixes],
-            covisit_prefixes(catalog, scores, serving.covisit_candidates),
+            extra_prefixes(
+                catalog,
+                scores,
+                serving.covisit_candidates,
+                affinity,
+                serving.affinity_candidates,
+            ),
             Constraint(catalog, codes),
             ids,
             k,
