@@ -28,6 +28,8 @@ BEAUTY_COMMANDS = [
     "--holdout-last 2 --out artifacts/beauty-catalog   # codes + covisit.npz",
     "thinkahead train --catalog artifacts/beauty-catalog --interactions $B/interactions.csv "
     "--out artifacts/beauty-model",
+    "thinkahead train-items --catalog artifacts/beauty-catalog --interactions "
+    "$B/interactions.csv --out artifacts/beauty-model/items",
     "thinkahead tune-blend --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
     "--interactions $B/interactions.csv --limit 3000   # validation split only",
     "thinkahead eval --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
@@ -35,9 +37,11 @@ BEAUTY_COMMANDS = [
     "thinkahead eval --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
     "--interactions $B/interactions.csv --mode full --engine torch "
     "--out artifacts/eval-decoder.json",
+    "thinkahead eval --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
+    "--interactions $B/interactions.csv --mode items --out artifacts/eval-items.json",
     "thinkahead quality-report --served artifacts/eval-served.json "
-    "--decoder artifacts/eval-decoder.json --model artifacts/beauty-model "
-    "--out benchmarks/beauty",
+    "--decoder artifacts/eval-decoder.json --items artifacts/eval-items.json "
+    "--model artifacts/beauty-model --out benchmarks/beauty",
 ]
 
 
@@ -52,6 +56,7 @@ def build_quality_report(
     out_dir: Path,
     commands: list[str],
     refit: Path | None = None,
+    items: Path | None = None,
 ) -> dict[str, Any]:
     served_report = json.loads(Path(served).read_text())
     decoder_report = json.loads(Path(decoder).read_text())
@@ -64,6 +69,10 @@ def build_quality_report(
     for name, row in _rows(decoder_report).items():
         if name.startswith("decoder"):
             rows[f"{name}, decoder alone"] = {**row, "kind": "ours"}
+    items_report = json.loads(Path(items).read_text()) if items is not None else {}
+    for name, row in _rows(items_report).items():
+        if name.startswith("item-level"):
+            rows[name] = {**row, "kind": "ours"}
     for name, row in _rows(served_report).items():
         if not name.startswith("served"):
             rows[name] = {**row, "kind": "baseline"}
@@ -90,6 +99,7 @@ def build_quality_report(
             "refit": params.get("refit", False),
         },
         "serving": serving.model_dump(mode="json"),
+        "item_model": items_report.get("item_model"),
         "rows": rows,
         "commands": commands,
     }
@@ -121,14 +131,17 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Served score: decoder log P(a, b, c | fresh history) + {w['offline']:g} x offline "
         f"prefix score + {w['covisit']:g} x log(1 + co-visitation) + {w['popularity']:g} x "
-        f"log(1 + popularity), with {report['serving']['covisit_candidates']} co-visitation "
-        "neighbours of the fresh last items among the candidates; weights learned on the "
+        f"log(1 + popularity) + {w.get('affinity', 0):g} x item-level score, with "
+        f"{report['serving']['covisit_candidates']} co-visitation neighbours of the fresh last "
+        f"items and the user's best {report['serving'].get('affinity_candidates', 0)} items "
+        "under the item-level model among the candidates; weights learned on the "
         f"{report['serving'].get('chosen_on')}.",
         "",
         f"Decoder: `{t['preset']}` preset, {t['parameters']:,} parameters, {t['epochs_run']} "
         f"epochs (best {t['best_epoch']}), {t['train_seconds'] / 60:.1f} minutes on this "
         f"machine's 2 cores, peak RSS {t['peak_rss_gb']} GB.",
         "",
+        *_item_model_lines(report.get("item_model")),
         "Evaluation: `thinkahead eval --mode think-ahead --engine torch` (the service's "
         "planning, pruning and fused ranking; the plain-PyTorch engine answers the same score "
         "requests as vLLM, see tests/offline/decode/test_torch_engine.py).",
@@ -141,3 +154,18 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _item_model_lines(item_model: dict[str, Any] | None) -> list[str]:
+    if not item_model:
+        return []
+    t = item_model.get("training", {})
+    cfg = item_model.get("config", {})
+    return [
+        f"Item-level model: SASRec, {cfg.get('dim')}-d items, {cfg.get('blocks')} block, "
+        f"{t.get('parameters', 0):,} parameters, sampled softmax "
+        f"({t.get('settings', {}).get('negatives')} negatives), best epoch "
+        f"{item_model.get('best_epoch')} of {len(t.get('epochs', []))} on validation, "
+        f"{t.get('seconds', 0) / 60:.1f} minutes, peak RSS {t.get('peak_rss_gb')} GB.",
+        "",
+    ]

@@ -52,3 +52,34 @@ def test_report_lists_ours_baselines_and_published_rows(tmp_path: Path) -> None:
     assert (
         json.loads((tmp_path / "out" / "quality.json").read_text())["training"]["epochs_run"] == 3
     )
+
+
+def test_the_item_level_model_alone_is_one_of_our_rows(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    ModelManifest(
+        model_version="m1",
+        catalog_version="c1",
+        codebook_size=4,
+        preset="small",
+        metrics={"validation": {"epoch": 1}, "history": [{}]},
+        parameters={"parameters": 1000, "train_seconds": 60.0, "peak_rss_gb": 1.0},
+    ).write(model)
+    ServingConfig(weights=FusionWeights(covisit=4.0, affinity=2.0), affinity_candidates=20).write(
+        model
+    )
+    served, decoder, items = (tmp_path / f"{n}.json" for n in ("served", "decoder", "items"))
+    served.write_text(json.dumps({"users": 3, "split": "test", "rows": {"served answer": ROW}}))
+    decoder.write_text(json.dumps({"rows": {"decoder (full)": ROW}}))
+    item_model = {
+        "best_epoch": 7,
+        "config": {"dim": 64, "blocks": 1},
+        "training": {"parameters": 800_000, "settings": {"negatives": 2048}, "epochs": [{}] * 9},
+    }
+    items.write_text(
+        json.dumps({"item_model": item_model, "rows": {"item-level model alone": ROW}})
+    )
+    report = build_quality_report(served, decoder, model, tmp_path / "out", [], items=items)
+    assert report["rows"]["item-level model alone"]["kind"] == "ours"
+    text = (tmp_path / "out" / "quality.md").read_text()
+    assert "2 x item-level score" in text and "best 20 items" in text
+    assert "800,000 parameters" in text and "best epoch 7 of 9" in text
