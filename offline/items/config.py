@@ -15,7 +15,8 @@ class ItemTrainConfig(BaseModel):
     heads: int = Field(default=1, ge=1)
     max_len: int = Field(default=MAX_HISTORY, ge=2)
     dropout: float = Field(default=0.2, ge=0, lt=1)
-    negatives: int = Field(default=256, ge=1)
+    # 2048 shared uniform negatives per batch: val R@10 .0919 vs .0875 with 256 on Beauty
+    negatives: int = Field(default=2048, ge=1)
     epochs: int = Field(default=60, ge=1)
     patience: int = Field(default=5, ge=1, description="epochs without validation gain")
     batch_size: int = Field(default=128, ge=1)
