@@ -314,6 +314,10 @@ def eval_cmd(
         bool,
         typer.Option(help="think-ahead: after fresh events reuse log P(b | a) (as served)"),
     ] = _recommend_default("reuse_snapshot_b"),
+    reuse_snapshot_c: Annotated[
+        bool,
+        typer.Option(help="think-ahead: reuse the snapshot's log P(c | a, b) (as served)"),
+    ] = _recommend_default("reuse_snapshot_c"),
     item_model: Annotated[
         Path | None,
         typer.Option(help="item-level model directory (default: the model's items/ if any)"),
@@ -339,6 +343,7 @@ def eval_cmd(
         stale_events=stale_events,
         reuse_snapshot_b=reuse_snapshot_b,
         item_model=item_model,
+        reuse_snapshot_c=reuse_snapshot_c,
     )
     typer.echo(json.dumps(report["rows"], indent=2))
 
@@ -395,6 +400,13 @@ def think_ahead_cmd(
         Path | None,
         typer.Option(help="item-level model directory (default: the model's items/ if any)"),
     ] = None,
+    c_tails: Annotated[
+        bool,
+        typer.Option(
+            help="store log P(c | a, b) of the items under multi-item prefixes "
+            "(after fresh events the service skips their c steps)"
+        ),
+    ] = _job_default("c_tails"),
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
     """Compute every user's candidate prefixes (and whole answer) and publish them as a new
@@ -416,6 +428,7 @@ def think_ahead_cmd(
         answer_items=answer_items,
         affinity_items=affinity_items,
         item_model=str(item_model) if item_model is not None else None,
+        c_tails=c_tails,
     )
     run = ThinkAheadRun(model, catalog, interactions, redis, job, cluster=cluster)
     if seed_history:

@@ -77,6 +77,7 @@ def run_eval(
     stale_events: int = 0,
     reuse_snapshot_b: bool = True,
     item_model: Path | None = None,
+    reuse_snapshot_c: bool = True,
 ) -> dict[str, Any]:
     if split not in ("test", "valid"):
         raise InputError(None, f"--split must be test or valid, got {split!r}")
@@ -113,13 +114,10 @@ def run_eval(
                 progress=progress,
                 reuse_snapshot_b=reuse_snapshot_b,
                 items=ItemSource.load(model_dir, catalog, item_model),
+                reuse_snapshot_c=reuse_snapshot_c,
             )
-    stale = (
-        f", snapshot {stale_events} event(s) behind"
-        + (", log P(b | a) reused" if reuse_snapshot_b else ", all steps fresh")
-        if stale_events
-        else ""
-    )
+    reused = reused_steps(reuse_snapshot_b, reuse_snapshot_c)
+    stale = f", snapshot {stale_events} event(s) behind{reused}" if stale_events else ""
     label = (
         f"served answer (think-ahead M={prefixes} + {serving.covisit_candidates} "
         f"co-visitation + {serving.affinity_candidates} item-level candidates, "
@@ -143,6 +141,12 @@ def run_eval(
     }
     write_json_atomic(Path(out), report)
     return report
+
+
+def reused_steps(b: bool, c: bool) -> str:
+    """The report label's note on which snapshot log-probs a stale history reused."""
+    reused = [step for step, on in (("log P(b | a)", b), ("log P(c | a, b)", c)) if on]
+    return f", {' and '.join(reused)} reused" if reused else ", all steps fresh"
 
 
 def tune_blend(

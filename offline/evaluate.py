@@ -23,7 +23,12 @@ from tqdm.auto import tqdm
 from offline.baselines import CoVisitation
 from offline.data import Example, Sequences, leave_one_out, read_interactions
 from offline.metrics import ranking_metrics
-from offline.thinkahead.prefixes import ItemSource, compute_prefixes, split_answers
+from offline.thinkahead.prefixes import (
+    ItemSource,
+    compute_prefixes,
+    score_plans,
+    snapshot_c_tails,
+)
 from service.contracts.affinity import NO_AFFINITY
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
@@ -31,6 +36,7 @@ from service.contracts.constraint import Constraint
 from service.contracts.covisit import Neighbours, covisit_scores
 from service.contracts.fusion import FusionWeights, ItemFeatures, extra_prefixes, rank_fused
 from service.contracts.model import ModelInfo, ServingConfig
+from service.contracts.packed import pack_scored, unpack_scored
 from service.contracts.scoring import (
     ScoredCode,
     candidate_prefixes,
@@ -150,6 +156,7 @@ def think_ahead_candidates(
     progress: bool = True,
     reuse_snapshot_b: bool = True,
     items: ItemSource | None = None,
+    reuse_snapshot_c: bool = True,
 ) -> tuple[list[UserCandidates], dict[str, float]]:
     """The architecture as served, per user: top-M prefixes from a 2-token beam search over
     the history minus its last ``stale_events`` items (the worker), then the online step over
@@ -157,9 +164,12 @@ def think_ahead_candidates(
     neighbours of the fresh last items among the candidates.
 
     ``prune``: the served weights, bounding prefixes out of the top k exactly as the service
-    does; None scores every candidate (to learn the weights). ``reuse_snapshot_b``: as the
-    service's setting, when the history moved past the snapshot's. ``items``: the item-level
-    model the worker stores each user's best items from (candidates: ``items.candidates``)."""
+    does; None scores every candidate (to learn the weights). ``reuse_snapshot_b`` and
+    ``reuse_snapshot_c``: as the service's settings, when the history moved past the
+    snapshot's (the c's are computed for the stale history as the worker stores them; with an
+    unchanged history they equal the engine's, so they are not computed). ``items``: the
+    item-level model the worker stores each user's best items from (candidates:
+    ``items.candidates``)."""
     covered = {m: 0 for m in (8, 16, 32, prefixes) if m <= prefixes}
     with_covisit = with_extra = 0
     out: list[UserCandidates] = []
@@ -174,8 +184,19 @@ def think_ahead_candidates(
         affinities = (
             items.affinities(catalog, stale) if items is not None else [NO_AFFINITY] * len(chunk)
         )
+        tails = (
+            # float32, as the service reads them from the snapshot
+            [
+                unpack_scored(pack_scored(t))
+                for t in snapshot_c_tails(engine, ids, catalog, stale, offline, prefixes)
+            ]
+            if stale_events and reuse_snapshot_c
+            else [[] for _ in chunk]
+        )
         plans = []
-        for e, history, result, affinity in zip(chunk, fresh, offline, affinities, strict=True):
+        for e, history, result, affinity, tail in zip(
+            chunk, fresh, offline, affinities, tails, strict=True
+        ):
             target = catalog.code_of(e.target)
             ranked_ab = [(p.a, p.b) for p in result.prefixes]
             for m in covered:
@@ -199,7 +220,11 @@ def think_ahead_candidates(
                 plan = plan_item_scoring(
                     prompt,
                     candidate_prefixes(
-                        result.prefixes, extra_ab, stale_events == 0, first_tokens=first
+                        result.prefixes,
+                        extra_ab,
+                        stale_events == 0,
+                        first_tokens=first,
+                        c_tails=tail,
                     ),
                     constraint,
                     ids,
@@ -217,13 +242,13 @@ def think_ahead_candidates(
                     features,
                     unchanged=stale_events == 0,
                     first_tokens=first,
+                    c_tails=tail,
                 )
             plans.append(plan)
             out.append(
                 UserCandidates(e.target, [], features, set(ranked_ab), covisit_ab, affinity_ab)
             )
-        answers = engine.score_batch([r for p in plans for r in p.requests])
-        for plan, part, user in zip(plans, split_answers(plans, answers), out[start:], strict=True):
+        for plan, part, user in zip(plans, score_plans(engine, plans), out[start:], strict=True):
             user.scored = combine(plan, part, ids)
     n = max(len(examples), 1)
     coverage: dict[str, float] = {f"M={m}": round(c / n, 5) for m, c in sorted(covered.items())}
@@ -263,6 +288,7 @@ def rank_think_ahead(
     progress: bool = True,
     reuse_snapshot_b: bool = True,
     items: ItemSource | None = None,
+    reuse_snapshot_c: bool = True,
 ) -> Ranked:
     """The served ranking (fused score, served weights and pruning) for every example."""
     t0 = time.monotonic()
@@ -282,6 +308,7 @@ def rank_think_ahead(
         progress=progress,
         reuse_snapshot_b=reuse_snapshot_b,
         items=items,
+        reuse_snapshot_c=reuse_snapshot_c,
     )
     ranked, invalid = rank_candidates(catalog, users, serving.weights, k)
     return Ranked(ranked, invalid, time.monotonic() - t0, coverage)

@@ -99,6 +99,12 @@ class RecommendSettings(BaseModel):
         description="after fresh events, reuse log P(b | a) from the snapshot: one engine "
         "request for the first tokens instead of one per distinct first token",
     )
+    reuse_snapshot_c: bool = Field(
+        default=True,
+        description="reuse log P(c | a, b) stored in the snapshot, renormalised over the c's "
+        "still allowed: no engine request for the c step of a snapshot prefix whose allowed "
+        "c's were all stored (exact for an unchanged history)",
+    )
     full_decode_beam: int = Field(default=20, ge=1)
     max_list_items: int = Field(default=MAX_LIST_ITEMS, ge=1, le=MAX_LIST_ITEMS)
     max_in_flight: int = Field(default=64, ge=1)

@@ -39,6 +39,7 @@ from service.contracts.covisit import (
 from service.contracts.fusion import FusionWeights, ItemFeatures, extra_prefixes, rank_fused
 from service.contracts.manifest import SnapshotManifest
 from service.contracts.model import ModelInfo
+from service.contracts.packed import unpack_scored
 from service.contracts.scoring import plan_think_ahead, rank_think_ahead
 from service.contracts.snapshot import CorruptValue, Prefix, UserPrefixes, history_digest
 from service.contracts.tokens import Code
@@ -444,6 +445,7 @@ class Recommender:
             unchanged=ctx.unchanged,
             covisit_heads=value.covisit_heads,
             first_tokens=value.first_tokens if self.settings.reuse_snapshot_b else (),
+            c_tails=self._c_tails(value),
         )
         if not plan.prefixes:
             return None, "prefixes_excluded"
@@ -459,6 +461,18 @@ class Recommender:
         if not items:
             return None, "prefixes_excluded"
         return self._answer(ctx, items, Source.THINK_AHEAD, None), None
+
+    def _c_tails(self, value: UserPrefixes) -> list[tuple[Code, float]]:
+        """The stored log P(c | a, b) when reused; none (and counted) when the blob is damaged:
+        the c steps then run as without them."""
+        if not self.settings.reuse_snapshot_c or not value.c_tails:
+            return []
+        try:
+            return unpack_scored(value.c_tails)
+        except ValueError as exc:
+            self.metrics.corrupt_values.labels("snapshot_c").inc()
+            log.warning("event=corrupt_value what=c_tails error=%s", exc)
+            return []
 
     def _affinity(self, value: UserPrefixes) -> Affinity:
         """The user's stored item-level scores; none (and counted) when the blob is damaged."""

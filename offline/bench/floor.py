@@ -21,6 +21,7 @@ from service.contracts.constraint import Constraint
 from service.contracts.covisit import covisit_scores
 from service.contracts.fusion import ItemFeatures, extra_prefixes
 from service.contracts.model import ModelInfo, ServingConfig
+from service.contracts.packed import unpack_scored
 from service.contracts.scoring import plan_think_ahead, rank_think_ahead
 from service.contracts.snapshot import UserPrefixes
 from service.contracts.tokens import Code
@@ -44,6 +45,7 @@ def floor_rows(
     k: int = TOP_K,
     full_decode_beam: int = 20,
     reuse_snapshot_b: bool = True,
+    reuse_snapshot_c: bool = True,
 ) -> list[dict[str, Any]]:
     """p50 / p99 ms and engine requests per recommend for the bench's three scenarios, planned
     as the service plans them with its default settings."""
@@ -74,6 +76,7 @@ def floor_rows(
             unchanged=not recent,
             covisit_heads=value.covisit_heads,
             first_tokens=value.first_tokens if reuse_snapshot_b else (),
+            c_tails=unpack_scored(value.c_tails) if reuse_snapshot_c else (),
         )
         results = engine.score_batch(plan.requests) if plan.requests else []
         rank_think_ahead(plan, results, ids, features, serving.weights)

@@ -24,8 +24,10 @@ from service.contracts.covisit import CovisitTable, Neighbours, covisit_scores
 from service.contracts.fusion import ItemFeatures, extra_prefixes
 from service.contracts.model import load_serving_config
 from service.contracts.scoring import (
+    MIN_TOP_C,
     CandidatePrefix,
     ScoringPlan,
+    combine,
     plan_item_scoring,
     plan_think_ahead,
     prefix_heads,
@@ -192,6 +194,37 @@ def history_covisit(
     return covisit_scores(items, source.neighbours, set(items))
 
 
+def extra_head_plan(
+    ids: TokenIds,
+    catalog: Catalog,
+    history: Sequence[Code],
+    result: UserResult,
+    source: CovisitSource | None,
+    affinity: Affinity,
+    affinity_candidates: int,
+) -> ScoringPlan:
+    """The a and b steps of the prefixes the service will add (co-visitation neighbours, the
+    item-level model's best items) for an unchanged history, where the prefix search did not
+    keep them."""
+    scores = history_covisit(catalog, history, source) if source is not None else {}
+    kept = {(p.a, p.b) for p in result.prefixes}
+    candidates = source.candidates if source is not None else 0
+    extra = [
+        CandidatePrefix(a, b, 0.0)
+        for a, b in extra_prefixes(catalog, scores, candidates, affinity, affinity_candidates)
+        if (a, b) not in kept
+    ]
+    return plan_item_scoring(
+        ids.history(history), extra, Constraint(catalog, history), ids, top_c=1, heads_only=True
+    )
+
+
+def read_heads(
+    plan: ScoringPlan, part: Sequence[TokenLogprobs], ids: TokenIds
+) -> tuple[Prefix, ...]:
+    return tuple(Prefix(a, b, h) for (a, b), h in prefix_heads(plan, part, ids).items())
+
+
 def extra_heads(
     engine: BatchEngine,
     ids: TokenIds,
@@ -202,36 +235,84 @@ def extra_heads(
     affinities: Sequence[Affinity],
     affinity_candidates: int,
 ) -> list[tuple[Prefix, ...]]:
-    """log P(a, b | history) of the prefixes the service will add (co-visitation neighbours,
-    the item-level model's best items) for an unchanged history, where the prefix search did
-    not keep them: one engine batch for all users, so the service answers such a user without
-    a/b requests."""
-    plans = []
-    for history, result, affinity in zip(histories, results, affinities, strict=True):
-        scores = history_covisit(catalog, history, source) if source is not None else {}
-        kept = {(p.a, p.b) for p in result.prefixes}
-        candidates = source.candidates if source is not None else 0
-        extra = [
-            CandidatePrefix(a, b, 0.0)
-            for a, b in extra_prefixes(catalog, scores, candidates, affinity, affinity_candidates)
-            if (a, b) not in kept
-        ]
-        plans.append(
-            plan_item_scoring(
-                ids.history(history),
-                extra,
-                Constraint(catalog, history),
-                ids,
-                top_c=1,
-                heads_only=True,
-            )
-        )
-    answers = engine.score_batch([r for plan in plans for r in plan.requests])
-    out: list[tuple[Prefix, ...]] = []
-    for plan, part in zip(plans, split_answers(plans, answers), strict=True):
-        heads = prefix_heads(plan, part, ids)
-        out.append(tuple(Prefix(a, b, h) for (a, b), h in heads.items()))
-    return out
+    """log P(a, b | history) of the prefixes the service will add, one engine batch for all
+    users, so the service answers an unchanged user without a/b requests."""
+    return heads_and_c_tails(
+        engine, ids, catalog, histories, results, 0, source, affinities, affinity_candidates
+    )[0]
+
+
+CTails = tuple[tuple[Code, float], ...]  # log P(c | a, b, history) per item
+
+
+def c_tail_plan(
+    ids: TokenIds, catalog: Catalog, history: Sequence[Code], result: UserResult, prefixes: int
+) -> ScoringPlan:
+    """The c step of every prefix among the user's first ``prefixes`` that holds more than one
+    item, under the constraint the service uses for an unchanged history (history items
+    excluded), every c returned. A single-item prefix needs none (log P(c | a, b) = 0); one
+    holding more than ``MIN_TOP_C`` c's is left to the engine online, which asks only its top
+    max(k, 32) (10 B per item would not bound a value in a catalog of 10^8 items)."""
+    constraint = Constraint(catalog, history)
+    wanted = [
+        CandidatePrefix(p.a, p.b, 0.0, head=0.0)  # head 0: the c steps alone
+        for p in result.prefixes[:prefixes]
+        if 1 < len(constraint.c_values(p.a, p.b)) <= MIN_TOP_C
+    ]
+    return plan_item_scoring(ids.history(history), wanted, constraint, ids, top_c=MIN_TOP_C)
+
+
+def read_c_tails(plan: ScoringPlan, part: Sequence[TokenLogprobs], ids: TokenIds) -> CTails:
+    return tuple((s.code, s.decoder) for s in combine(plan, part, ids))
+
+
+def snapshot_c_tails(
+    engine: BatchEngine,
+    ids: TokenIds,
+    catalog: Catalog,
+    histories: Sequence[Sequence[Code]],
+    results: Sequence[UserResult],
+    prefixes: int,
+) -> list[CTails]:
+    """What the worker stores as each user's log P(c | a, b) (snapshot field ``c_tails``), in
+    one engine batch; the eval calls this for the histories its stale snapshot saw."""
+    no_extras = [NO_AFFINITY] * len(histories)
+    return heads_and_c_tails(
+        engine, ids, catalog, histories, results, prefixes, None, no_extras, 0
+    )[1]
+
+
+def heads_and_c_tails(
+    engine: BatchEngine,
+    ids: TokenIds,
+    catalog: Catalog,
+    histories: Sequence[Sequence[Code]],
+    results: Sequence[UserResult],
+    tail_prefixes: int,
+    source: CovisitSource | None,
+    affinities: Sequence[Affinity],
+    affinity_candidates: int,
+) -> tuple[list[tuple[Prefix, ...]], list[CTails]]:
+    """``extra_heads`` and ``snapshot_c_tails`` (over the first ``tail_prefixes`` prefixes; 0:
+    none) in one engine batch: neither needs the other."""
+    head_plans = [
+        extra_head_plan(ids, catalog, history, result, source, affinity, affinity_candidates)
+        for history, result, affinity in zip(histories, results, affinities, strict=True)
+    ]
+    tail_plans = [
+        c_tail_plan(ids, catalog, history, result, tail_prefixes)
+        for history, result in zip(histories, results, strict=True)
+    ]
+    parts = score_plans(engine, [*head_plans, *tail_plans])
+    heads = [
+        read_heads(plan, part, ids)
+        for plan, part in zip(head_plans, parts[: len(head_plans)], strict=True)
+    ]
+    tails = [
+        read_c_tails(plan, part, ids)
+        for plan, part in zip(tail_plans, parts[len(head_plans) :], strict=True)
+    ]
+    return heads, tails
 
 
 def split_answers(
@@ -245,6 +326,11 @@ def split_answers(
     return out
 
 
+def score_plans(engine: BatchEngine, plans: Sequence[ScoringPlan]) -> list[Sequence[TokenLogprobs]]:
+    """Every plan's requests in one engine batch; each plan's answers, in plan order."""
+    return split_answers(plans, engine.score_batch([r for plan in plans for r in plan.requests]))
+
+
 def think_ahead_answers(
     engine: BatchEngine,
     ids: TokenIds,
@@ -256,13 +342,18 @@ def think_ahead_answers(
     scoring: AnswerScoring,
     items: int,
     affinities: Sequence[Affinity] | None = None,
+    c_tails: Sequence[Sequence[tuple[Code, float]]] | None = None,
 ) -> list[bytes]:
     """Each user's whole think-ahead answer for the unchanged history, top ``items``,
     scored exactly as the service would (``plan_think_ahead`` / ``rank_think_ahead``), in one
-    engine batch for all users."""
+    engine batch for all users. ``c_tails``: the stored log P(c | a, b), as the service reads
+    them (float32): the snapshot prefixes' c steps need no request here either."""
     plans, user_features = [], []
     affinities = affinities or [NO_AFFINITY] * len(histories)
-    for history, result, extra, affinity in zip(histories, results, heads, affinities, strict=True):
+    tails = c_tails or [()] * len(histories)
+    for history, result, extra, affinity, tail in zip(
+        histories, results, heads, affinities, tails, strict=True
+    ):
         scores = history_covisit(catalog, history, source) if source is not None else {}
         features = ItemFeatures(catalog, scores, affinity)
         plans.append(
@@ -283,14 +374,12 @@ def think_ahead_answers(
                 features,
                 unchanged=True,
                 covisit_heads=extra,
+                c_tails=tail,
             )
         )
         user_features.append(features)
-    answers = engine.score_batch([r for plan in plans for r in plan.requests])
     packed = []
-    for plan, part, features in zip(
-        plans, split_answers(plans, answers), user_features, strict=True
-    ):
+    for plan, part, features in zip(plans, score_plans(engine, plans), user_features, strict=True):
         ranked = rank_think_ahead(plan, part, ids, features, scoring.weights)
         kept = [(code, s) for code, s in ranked if math.isfinite(s)][:items]
         packed.append(pack_answer(kept))

@@ -24,7 +24,7 @@ from offline.thinkahead.prefixes import (
     CovisitSource,
     ItemSource,
     compute_prefixes,
-    extra_heads,
+    heads_and_c_tails,
     think_ahead_answers,
 )
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
@@ -35,6 +35,7 @@ from service.contracts.catalog import Catalog
 from service.contracts.covisit import COVISIT_FILE
 from service.contracts.manifest import MAX_HISTORY, SnapshotManifest, file_hash, sha256_hex
 from service.contracts.model import ModelInfo, load_model_info, load_serving_config
+from service.contracts.packed import pack_scored, unpack_scored
 from service.contracts.snapshot import Keyspace, UserPrefixes, history_digest
 from service.contracts.tokens import Code
 from service.engine.base import BatchEngine
@@ -72,6 +73,11 @@ class ThinkAheadJob(BaseModel):
         default=None,
         description="item-level model directory (thinkahead train-items); None: the model "
         "directory's items/ when there is one",
+    )
+    c_tails: bool = Field(
+        default=True,
+        description="store log P(c | a, b) of every item under the multi-item prefixes "
+        "(10 B/item): after fresh events the service skips their c steps",
     )
 
     @model_validator(mode="after")
@@ -210,16 +216,18 @@ def process_shard(
             if items is not None
             else [NO_AFFINITY] * len(batch_hist)
         )
-        heads = extra_heads(
+        heads, tails = heads_and_c_tails(
             engine,
             model.token_ids,
             catalog,
             batch_hist,
             results,
+            job.prefixes if job.c_tails else 0,
             covisit,
             affinities,
             items.candidates if items is not None else 0,
         )
+        packed_tails = [pack_scored(t) for t in tails]
         packed = (
             think_ahead_answers(
                 engine,
@@ -232,13 +240,21 @@ def process_shard(
                 answers,
                 job.answer_items,
                 affinities,
+                [unpack_scored(t) for t in packed_tails],  # float32, as the service reads them
             )
             if answers is not None
             else [b"" for _ in results]
         )
         now = time.time()
-        for user, hist, result, extra, answer, affinity in zip(
-            users[start:], batch_hist, results, heads, packed, affinities, strict=False
+        for user, hist, result, extra, answer, affinity, tail in zip(
+            users[start:],
+            batch_hist,
+            results,
+            heads,
+            packed,
+            affinities,
+            packed_tails,
+            strict=False,
         ):
             values.append(
                 (
@@ -254,6 +270,7 @@ def process_shard(
                         answer=answer,
                         first_tokens=result.first_tokens,
                         affinity=affinity.pack(),
+                        c_tails=tail,
                     ),
                 )
             )

@@ -12,7 +12,9 @@ All requests go to the engine at once, so the prefix cache serves the shared his
   (then the offline prefix score *is* log P(a, b) under the fresh history);
 - one request per prefix for the top log P(c | a, b) — skipped where the constraint leaves a
   single choice, whose renormalised log-prob is exactly 0 (most prefixes: 70-80% of (a, b) hold
-  one item at K = 256 on Beauty). The same holds for a single allowed b.
+  one item at K = 256 on Beauty). The same holds for a single allowed b. Also skipped where the
+  snapshot stored log P(c | a, b) under its history for every c the constraint allows
+  (``known_c_scores``): those are renormalised over the allowed c's instead.
 
 Candidates are the snapshot's prefixes plus the prefixes of the co-visitation neighbours of the
 fresh history; a prefix the snapshot lacks gets the lowest snapshot score as its offline score
@@ -22,7 +24,8 @@ Where a prefix's head log P(a, b) is known without the engine (reused snapshot s
 items are bounded before any request is sent: an item scores at most head + w_offline * offline
 + its largest feature bonus (log P(c | a, b) <= 0), and the prefix's best item at least
 head + w_offline * offline - log(n_c) + its smallest bonus (the largest of n_c probabilities is
->= 1/n_c). A prefix with an unknown head is bounded above with head <= 0. A prefix whose upper
+>= 1/n_c); with its c's known both bounds use them (the lower one is then the best item's
+score). A prefix with an unknown head is bounded above with head <= 0. A prefix whose upper
 bound is below the k-th best lower bound cannot place an item in the top k, so its request is
 never sent: exact top-k, fewer requests (often none).
 """
@@ -30,8 +33,10 @@ never sent: exact top-k, fewer requests (often none).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from service.contracts.constraint import Constraint
 from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
@@ -52,6 +57,9 @@ class CandidatePrefix:
     head: float | None = None  # log P(a, b) under the fresh history, when known already
     # log P(b | a) reused from the snapshot when the head is not known: only the a step runs
     tail: float | None = None
+    # log P(c | a, b) of the prefix's items under the snapshot's history, renormalised over the
+    # c's allowed then: no c step where they cover every c allowed now (``known_c_scores``)
+    c_scores: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ def candidate_prefixes(
     reuse_prefix_scores: bool = False,
     extra_heads: Sequence[Prefix] = (),
     first_tokens: Sequence[tuple[int, float]] = (),
+    c_tails: Sequence[tuple[Code, float]] = (),
 ) -> list[CandidatePrefix]:
     """The snapshot's prefixes, then the extra (co-visitation) prefixes it lacks.
 
@@ -75,8 +84,12 @@ def candidate_prefixes(
     log P(a, b) under the fresh history. Otherwise, ``first_tokens`` (the snapshot's
     log P(a) under its history) let a snapshot prefix reuse log P(b | a) = score - log P(a):
     the fresh history then costs one a step instead of a b step per first token (an
-    approximation: new events move P(b | a) far less than P(a); measured in the README)."""
+    approximation: new events move P(b | a) far less than P(a); measured in the README).
+    ``c_tails``: the snapshot's log P(c | a, b) of the items under its multi-item prefixes, given
+    to those prefixes (exact for an unchanged history, the same approximation as P(b | a)
+    otherwise); the extra prefixes keep their c steps."""
     first = dict(first_tokens) if not reuse_prefix_scores else {}
+    stored = _by_prefix(c_tails)
     out = [
         CandidatePrefix(
             p.a,
@@ -84,6 +97,7 @@ def candidate_prefixes(
             p.score,
             p.score if reuse_prefix_scores else None,
             min(p.score - first[p.a], 0.0) if p.a in first else None,
+            stored.get((p.a, p.b)),
         )
         for p in snapshot
     ]
@@ -95,6 +109,41 @@ def candidate_prefixes(
             seen.add((a, b))
             out.append(CandidatePrefix(a, b, fill, heads.get((a, b))))
     return out
+
+
+def _by_prefix(
+    scored: Sequence[tuple[Code, float]],
+) -> dict[tuple[int, int], tuple[tuple[int, float], ...]]:
+    grouped: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    for (a, b, c), score in scored:
+        grouped.setdefault((a, b), []).append((c, score))
+    return {ab: tuple(cs) for ab, cs in grouped.items()}
+
+
+def known_c_scores(
+    p: CandidatePrefix, c_values: Sequence[int] | np.ndarray
+) -> dict[int, float] | None:
+    """log P(c | a, b) of every allowed c from the prefix's stored scores, renormalised over the
+    allowed c's; None when none are stored, when the constraint allows a c that was not stored
+    (an item back in the trie, e.g. one that left the history window: its c step runs), or when
+    the stored values are not usable numbers.
+
+    Renormalising is exact for the stored history, not a further approximation: the stored
+    log-probs are a softmax over the c's allowed then, and a softmax restricted to a subset and
+    renormalised is the softmax over that subset, which is what the engine returns for the c's
+    allowed now (fresh events and exclusions only remove c's)."""
+    if p.c_scores is None:
+        return None
+    stored = dict(p.c_scores)
+    allowed = [int(c) for c in c_values]
+    if any(c not in stored for c in allowed):
+        return None
+    values = [stored[c] for c in allowed]
+    top = max(values)
+    norm = top + math.log(sum(math.exp(v - top) for v in values))
+    if not math.isfinite(norm):  # NaN or infinite values from a damaged blob
+        return None
+    return {c: v - norm for c, v in zip(allowed, values, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -115,6 +164,8 @@ class ScoringPlan:
     single_b: set[tuple[int, int]] = field(default_factory=set)  # log P(b | a) = 0
     c_slots: dict[tuple[int, int], int] = field(default_factory=dict)  # prefix -> request
     single_c: dict[tuple[int, int], int] = field(default_factory=dict)  # prefix -> its only c
+    # prefix -> log P(c | a, b) of its allowed c's, known from the snapshot: no request
+    known_c: dict[tuple[int, int], dict[int, float]] = field(default_factory=dict)
     pruned: int = 0  # prefixes bounded out of the top k without a request
 
 
@@ -168,6 +219,10 @@ def plan_item_scoring(
         if len(c_values) == 1:
             plan.single_c[(p.a, p.b)] = int(c_values[0])
             continue
+        known = known_c_scores(p, c_values)
+        if known is not None:
+            plan.known_c[(p.a, p.b)] = known
+            continue
         plan.c_slots[(p.a, p.b)] = len(plan.requests)
         plan.requests.append(
             ScoreRequest(
@@ -188,18 +243,29 @@ def bounded_prefixes(
     upper: list[float] = []
     lower: list[float] = []
     for p in prefixes:
-        c_values = constraint.c_values(p.a, p.b)
-        bonuses = [prune.bonus((p.a, p.b, int(c))) for c in c_values]
+        most, least_best = _item_terms(p, constraint.c_values(p.a, p.b), prune.bonus)
         # an unknown head is at most log P(b | a) when that is reused (log P(a) <= 0), else 0
         known = p.head if p.head is not None else p.tail
         base = prune.offline_weight * p.offline + (known if known is not None else 0.0)
-        upper.append(base + max(bonuses))
-        lower.append(
-            base - math.log(len(c_values)) + min(bonuses) if p.head is not None else -math.inf
-        )
+        upper.append(base + most)
+        lower.append(base + least_best if p.head is not None else -math.inf)
     kth_best = sorted(lower, reverse=True)[prune.k - 1]
     # the tolerance keeps ties that float rounding of the bounds could split
     return [p for p, u in zip(prefixes, upper, strict=True) if u >= kth_best - 1e-6]
+
+
+def _item_terms(
+    p: CandidatePrefix, c_values: Sequence[int] | np.ndarray, bonus: Callable[[Code], float]
+) -> tuple[float, float]:
+    """log P(c | a, b) + bonus: the most any of the prefix's items adds, and the least its
+    best item adds. Exact when the c's are known (a single c has log-prob 0); otherwise
+    log P(c | a, b) <= 0 and the best of n_c is >= -log(n_c)."""
+    known = {int(c_values[0]): 0.0} if len(c_values) == 1 else known_c_scores(p, c_values)
+    if known is not None:
+        best = max(lp + bonus((p.a, p.b, c)) for c, lp in known.items())
+        return best, best
+    bonuses = [bonus((p.a, p.b, int(c))) for c in c_values]
+    return max(bonuses), min(bonuses) - math.log(len(c_values))
 
 
 def prefix_heads(
@@ -234,8 +300,11 @@ def combine(plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds) 
     scored: list[ScoredCode] = []
     for p in plan.prefixes:
         key = (p.a, p.b)
+        c_scores: Mapping[int, float]
         if key in plan.single_c:
             c_scores = {plan.single_c[key]: 0.0}
+        elif key in plan.known_c:
+            c_scores = plan.known_c[key]
         else:
             c_scores = {
                 ids.index_of[t]: lp
@@ -259,12 +328,13 @@ def plan_think_ahead(
     unchanged: bool,
     covisit_heads: Sequence[Prefix] = (),
     first_tokens: Sequence[tuple[int, float]] = (),
+    c_tails: Sequence[tuple[Code, float]] = (),
 ) -> ScoringPlan:
     """The online step's engine requests, exactly as the service sends them (the service, the
-    eval and the bench all call this)."""
+    eval, the bench and the worker's stored answers all call this)."""
     return plan_item_scoring(
         prompt,
-        candidate_prefixes(snapshot, covisit_ab, unchanged, covisit_heads, first_tokens),
+        candidate_prefixes(snapshot, covisit_ab, unchanged, covisit_heads, first_tokens, c_tails),
         constraint,
         ids,
         top_c=k,

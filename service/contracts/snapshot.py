@@ -117,6 +117,10 @@ class UserPrefixes:
     first_tokens: tuple[tuple[int, float], ...] = ()
     # the user's best items under the item-level model, packed (``service.contracts.affinity``)
     affinity: bytes = b""
+    # log P(c | a, b, that history) of every item under the multi-item prefixes, packed like
+    # answers (``service.contracts.packed``): after a fresh event the service reuses them
+    # instead of a c step per prefix (msgpack key "l": "c" is the catalog version)
+    c_tails: bytes = b""
 
     def encode(self) -> bytes:
         body = {
@@ -135,6 +139,8 @@ class UserPrefixes:
             body["a"] = self.answer
         if self.affinity:
             body["i"] = self.affinity
+        if self.c_tails:
+            body["l"] = self.c_tails
         if self.first_tokens:
             body["f"] = [v for a, s in self.first_tokens for v in (a, float(s))]
         return msgpack.packb(body, use_bin_type=True)
@@ -157,6 +163,9 @@ class UserPrefixes:
             affinity = body.get("i", b"")
             if not isinstance(affinity, bytes):
                 raise CorruptValue("item-level scores are not bytes")
+            c_tails = body.get("l", b"")
+            if not isinstance(c_tails, bytes):
+                raise CorruptValue("last-token log-probs are not bytes")
             first = body.get("f", [])
             if not isinstance(first, list) or len(first) % 2:
                 raise CorruptValue("first-token list length is not a multiple of 2")
@@ -170,6 +179,7 @@ class UserPrefixes:
                 covisit_heads=covisit_heads,
                 answer=answer,
                 affinity=affinity,
+                c_tails=c_tails,
                 first_tokens=tuple(
                     (int(first[i]), float(first[i + 1])) for i in range(0, len(first), 2)
                 ),

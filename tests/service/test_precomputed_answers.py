@@ -4,7 +4,8 @@ The real worker (``ThinkAheadRun``) and the core over a real redis-server, with 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -14,8 +15,11 @@ import redis
 from offline.catalog.covisit import build_covisit_file
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.contracts.answers import AnswerScoring, pack_answer, unpack_answer
+from service.contracts.catalog import Catalog
+from service.contracts.constraint import Constraint
 from service.contracts.fusion import FusionWeights
 from service.contracts.model import ServingConfig
+from service.contracts.packed import unpack_scored
 from service.contracts.snapshot import Keyspace, UserPrefixes
 from service.core import Recommendation, RecommendQuery, Source
 from service.engine.base import ScoreRequest
@@ -48,9 +52,11 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     return catalog_dir, model_dir, interactions
 
 
-def think_ahead(artifacts: tuple[Path, Path, Path], redis_url: str, answer_items: int) -> str:
+def think_ahead(
+    artifacts: tuple[Path, Path, Path], redis_url: str, answer_items: int, c_tails: bool = True
+) -> str:
     catalog_dir, model_dir, interactions = artifacts
-    job = ThinkAheadJob(prefixes=4, beam=4, answer_items=answer_items, grace_s=0)
+    job = ThinkAheadJob(prefixes=4, beam=4, answer_items=answer_items, grace_s=0, c_tails=c_tails)
     run = ThinkAheadRun(model_dir, catalog_dir, interactions, redis_url, job)
     run.seed_histories(interactions)
     return run.run(FakeEngine, progress=False).snapshot_id
@@ -72,6 +78,33 @@ async def serving(
 
 def ranking(rec: Recommendation) -> list[tuple[str, float]]:
     return [(i.item_id, i.score) for i in rec.items]
+
+
+def recorded(engine: FakeEngine) -> list[ScoreRequest]:
+    """Every request the engine is sent from now on."""
+    sent: list[ScoreRequest] = []
+    real = engine.score
+
+    async def spy(requests: Sequence[ScoreRequest]) -> list[dict[int, float]]:
+        sent.extend(requests)
+        return await real(requests)
+
+    engine.score = spy  # type: ignore[method-assign]
+    return sent
+
+
+def stored_value(rt: Runtime, redis_url: str, user: str) -> UserPrefixes:
+    sid = rt.watcher.active.snapshot_id  # type: ignore[union-attr]
+    return UserPrefixes.decode(redis.Redis.from_url(redis_url).get(Keyspace().user(sid, user)))  # type: ignore[arg-type]
+
+
+def c_steps_of(
+    sent: list[ScoreRequest], rt: Runtime, prefixes: Iterable[tuple[int, int]]
+) -> set[tuple[int, int]]:
+    """Which of ``prefixes`` had their c step sent (its prompt ends with their a, b tokens)."""
+    ids = rt.model.token_ids
+    tokens = {(int(ids.a[a]), int(ids.b[b])): (a, b) for a, b in prefixes}
+    return {tokens[key] for r in sent if (key := tuple(r.prompt[-2:])) in tokens}
 
 
 async def test_unchanged_users_are_answered_from_redis_exactly_as_the_engine_would(
@@ -163,21 +196,10 @@ async def test_a_fresh_event_costs_one_a_step_instead_of_a_b_step_per_first_toke
     snapshot's is exact here: same ranking, fewer requests."""
     answers = {}
     async with serving(artifacts, redis_url, STORED) as (rt, engine):
-        sent: list[ScoreRequest] = []
-        real = engine.score
-
-        async def spy(requests: list[ScoreRequest]) -> list[dict[int, float]]:
-            sent.extend(requests)
-            return await real(requests)
-
-        engine.score = spy  # type: ignore[method-assign]
+        sent = recorded(engine)
         ids = rt.model.token_ids
         a_tokens = {int(t) for t in ids.a}
-        value = UserPrefixes.decode(
-            redis.Redis.from_url(redis_url).get(  # type: ignore[arg-type]
-                Keyspace().user(rt.watcher.active.snapshot_id, "u3")  # type: ignore[union-attr]
-            )
-        )
+        value = stored_value(rt, redis_url, "u3")
         assert {a for a, _ in value.first_tokens} == {p.a for p in value.prefixes}
         for reuse in (True, False):
             rt.core.settings = rt.core.settings.model_copy(update={"reuse_snapshot_b": reuse})
@@ -192,3 +214,108 @@ async def test_a_fresh_event_costs_one_a_step_instead_of_a_b_step_per_first_toke
     assert answers[False][1] and requests < answers[False][2]
     assert [i for i, _ in ranked] == [i for i, _ in answers[False][0]]
     assert [s for _, s in ranked] == pytest.approx([s for _, s in answers[False][0]], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        RecommendQuery("u3", k=5, recent_item_ids=("9",)),  # an event outside the prefixes
+        RecommendQuery("u3", k=5, recent_item_ids=("19",)),  # an event under a stored prefix
+        RecommendQuery("u3", k=5, exclude_item_ids=("40",)),  # an exclusion under one
+    ],
+)
+async def test_a_fresh_event_reuses_the_snapshots_c_steps(
+    artifacts: tuple[Path, Path, Path], redis_url: str, query: RecommendQuery
+) -> None:
+    """The fake engine's log P(c | a, b) depends only on the allowed c's, so the stored ones,
+    renormalised over the c's still allowed, are exact here: same ranking, no c step for a
+    snapshot prefix."""
+    answers = {}
+    async with serving(artifacts, redis_url, STORED) as (rt, engine):
+        sent = recorded(engine)
+        value = stored_value(rt, redis_url, "u3")
+        snapshot_ab = {(p.a, p.b) for p in value.prefixes}
+        assert {code[:2] for code, _ in unpack_scored(value.c_tails)} == snapshot_ab
+        for reuse in (True, False):
+            rt.core.settings = rt.core.settings.model_copy(update={"reuse_snapshot_c": reuse})
+            sent.clear()
+            rec = await rt.core.recommend(query)
+            assert rec.source is Source.THINK_AHEAD and rec.degraded_reason is None
+            answers[reuse] = (ranking(rec), c_steps_of(sent, rt, snapshot_ab))
+    (ranked, c_steps), (fresh, fresh_c_steps) = answers[True], answers[False]
+    assert not c_steps and fresh_c_steps == snapshot_ab
+    assert [i for i, _ in ranked] == [i for i, _ in fresh]
+    assert [s for _, s in ranked] == pytest.approx([s for _, s in fresh], abs=1e-5)  # float32
+    assert not {i for i, _ in ranked} & {*query.recent_item_ids, *query.exclude_item_ids}
+
+
+async def test_a_c_the_snapshot_did_not_store_sends_that_prefixs_c_step(
+    artifacts: tuple[Path, Path, Path], redis_url: str
+) -> None:
+    """Served without history exclusion, u3's own items are allowed again: the stored c's of
+    a prefix holding one no longer cover its allowed c's, so that prefix (only) asks the
+    engine."""
+    query = RecommendQuery("u3", k=5, recent_item_ids=("9",))
+    answers = {}
+    async with serving(artifacts, redis_url, STORED) as (rt, engine):
+        sent = recorded(engine)
+        catalog = rt.catalog
+        value = stored_value(rt, redis_url, "u3")
+        snapshot_ab = {(p.a, p.b) for p in value.prefixes}
+        history_ab = {code[:2] for code in catalog.codes_of(HISTORIES["u3"])[0]}
+        assert history_ab & snapshot_ab
+        for reuse in (True, False):
+            rt.core.settings = rt.core.settings.model_copy(
+                update={"reuse_snapshot_c": reuse, "exclude_history": False}
+            )
+            sent.clear()
+            rec = await rt.core.recommend(query)
+            answers[reuse] = (ranking(rec), c_steps_of(sent, rt, snapshot_ab))
+    assert answers[True][1] == history_ab & snapshot_ab
+    assert [i for i, _ in answers[True][0]] == [i for i, _ in answers[False][0]]
+    assert [s for _, s in answers[True][0]] == pytest.approx(
+        [s for _, s in answers[False][0]], abs=1e-5
+    )
+
+
+async def test_a_damaged_c_blob_is_ignored_and_counted(
+    artifacts: tuple[Path, Path, Path], redis_url: str
+) -> None:
+    query = RecommendQuery("u3", k=5, recent_item_ids=("9",))
+    async with serving(artifacts, redis_url, STORED) as (rt, engine):
+        sent = recorded(engine)
+        value = stored_value(rt, redis_url, "u3")
+        good = await rt.core.recommend(query)
+        damaged = UserPrefixes(**{**value.__dict__, "c_tails": value.c_tails[:-3]})
+        sid = rt.watcher.active.snapshot_id  # type: ignore[union-attr]
+        redis.Redis.from_url(redis_url).set(
+            Keyspace().user(sid, "u3"), damaged.encode(), keepttl=True
+        )
+        sent.clear()
+        rec = await rt.core.recommend(query)
+        assert rec.source is Source.THINK_AHEAD and rec.degraded_reason is None
+        assert c_steps_of(sent, rt, [(p.a, p.b) for p in value.prefixes])  # asked again
+        assert [i.item_id for i in rec.items] == [i.item_id for i in good.items]
+        assert rt.metrics.corrupt_values.labels("snapshot_c")._value.get() == 1  # type: ignore[attr-defined]
+
+
+def test_the_worker_stores_normalised_c_log_probs_of_multi_item_prefixes_only(
+    artifacts: tuple[Path, Path, Path], redis_url: str
+) -> None:
+    catalog = Catalog.load(artifacts[0])
+    client = redis.Redis.from_url(redis_url)
+    for c_tails in (True, False):
+        sid = think_ahead(artifacts, redis_url, 0, c_tails=c_tails)
+        for user, history in HISTORIES.items():
+            value = UserPrefixes.decode(client.get(Keyspace().user(sid, user)))  # type: ignore[arg-type]
+            if not c_tails:
+                assert value.c_tails == b""
+                continue
+            constraint = Constraint(catalog, catalog.codes_of(history)[0])
+            multi = {(p.a, p.b) for p in value.prefixes if len(constraint.c_values(p.a, p.b)) > 1}
+            mass: dict[tuple[int, int], float] = {}
+            for code, lp in unpack_scored(value.c_tails):
+                assert constraint.allows(code)
+                mass[code[:2]] = mass.get(code[:2], 0.0) + math.exp(lp)
+            assert set(mass) == multi
+            assert list(mass.values()) == pytest.approx([1.0] * len(mass), abs=1e-5)

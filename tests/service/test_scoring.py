@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from offline.train.tokenizer import build_tokenizer
 from service.contracts.catalog import Catalog
@@ -18,10 +19,11 @@ from service.contracts.scoring import (
     ScoringPlan,
     candidate_prefixes,
     combine,
+    known_c_scores,
     plan_item_scoring,
 )
 from service.contracts.snapshot import Prefix
-from service.contracts.tokens import TokenIds
+from service.contracts.tokens import Code, TokenIds
 from tests.helpers import tiny_catalog
 
 IDS = TokenIds.from_vocab(build_tokenizer(4).get_vocab(), 4)
@@ -141,17 +143,85 @@ def test_a_fresh_history_reuses_b_given_a_from_the_snapshot() -> None:
     assert all(c.tail is None and c.head == c.offline for c in unchanged)
 
 
+def catalog_of(codes: set[Code], k: int) -> Catalog:
+    array = np.array(sorted(codes), dtype=np.int32)
+    manifest = CatalogManifest(
+        catalog_version="r", codebook_size=k, num_items=len(array), embedding_model="test"
+    )
+    return Catalog(manifest, [f"r{i}" for i in range(len(array))], array, np.ones(len(array)))
+
+
 def random_catalog(rng: np.random.Generator, k: int = 8, items: int = 120) -> Catalog:
     """Codes spread so that prefixes hold one to several items, as on Beauty."""
     codes: set[tuple[int, int, int]] = set()
     while len(codes) < items:
         a, b = int(rng.integers(k)), int(rng.integers(k))
         codes.add((a, b, int(rng.integers(1 + (a % 4)))))  # a % 4 + 1 items at most per (a, b)
-    array = np.array(sorted(codes), dtype=np.int32)
-    manifest = CatalogManifest(
-        catalog_version="r", codebook_size=k, num_items=len(array), embedding_model="test"
+    return catalog_of(codes, k)
+
+
+def uniform_answers(plan: ScoringPlan) -> list[dict[int, float]]:
+    return [{t: -math.log(len(r.allowed)) for t in r.allowed} for r in plan.requests]
+
+
+def test_stored_c_scores_replace_c_steps_renormalised_over_the_cs_still_allowed() -> None:
+    # (0,0)->c{0,1,2}  (0,1)->c{0}  (1,0)->c{0,2}  (2,0)->c{0,1}
+    catalog = catalog_of({(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 0), (1, 0, 0), (1, 0, 2),
+                          (2, 0, 0), (2, 0, 1)}, k=4)  # fmt: skip
+    stored = [
+        ((0, 0, 0), math.log(0.5)),
+        ((0, 0, 1), math.log(0.3)),
+        ((0, 0, 2), math.log(0.2)),
+        ((1, 0, 0), 0.0),  # (1, 0, 2) was in the snapshot's history: not stored
+        ((2, 0, 0), math.log(0.9)),  # (2, 0) is no snapshot prefix here
+        ((2, 0, 1), math.log(0.1)),
+    ]
+    first = [(0, -0.05), (1, -0.2)]
+    candidates = candidate_prefixes(PREFIXES, [(2, 0)], first_tokens=first, c_tails=stored)
+    assert candidates[-1].c_scores is None  # an extra prefix keeps its c step
+    # a fresh exclusion under (0, 0): its stored c's are renormalised over c 0 and 2
+    constraint = Constraint(catalog, [(0, 0, 1)])
+    plan = plan_item_scoring(PROMPT, candidates, constraint, IDS, top_c=5)
+    renormalised = {0: math.log(0.5 / 0.7), 2: math.log(0.2 / 0.7)}
+    assert plan.known_c == {(0, 0): pytest.approx(renormalised)}
+    # (1, 0, 2) is allowed now but was not stored: that prefix asks the engine
+    assert set(plan.c_slots) == {(1, 0), (2, 0)} and plan.single_c == {(0, 1): 0}
+    scored = {s.code: s.decoder for s in combine(plan, uniform_answers(plan), IDS)}
+    log_a0 = -math.log(3)  # a in {0, 1, 2}, uniform
+    assert math.isclose(scored[(0, 0, 2)], log_a0 + (-0.1 + 0.05) + math.log(0.2 / 0.7))
+    assert (0, 0, 1) not in scored
+    assert math.isclose(scored[(1, 0, 2)], log_a0 + (-0.3 + 0.2) + math.log(0.5))
+    # an unchanged history with its own constraint: every stored c exactly as stored
+    plan = plan_item_scoring(
+        PROMPT,
+        candidate_prefixes(PREFIXES, reuse_prefix_scores=True, c_tails=stored),
+        Constraint(catalog, [(1, 0, 2)]),
+        IDS,
+        top_c=5,
     )
-    return Catalog(manifest, [f"r{i}" for i in range(len(array))], array, np.ones(len(array)))
+    assert plan.requests == [] and set(plan.known_c) == {(0, 0)} and plan.single_c[(1, 0)] == 0
+
+
+def test_unusable_stored_c_scores_fall_back_to_the_c_step() -> None:
+    for bad in (math.nan, math.inf):
+        prefix = CandidatePrefix(0, 0, 0.0, c_scores=((0, bad), (1, -1.0)))
+        assert known_c_scores(prefix, [0, 1]) is None
+    assert known_c_scores(CandidatePrefix(0, 0, 0.0), [0, 1]) is None
+
+
+def stored_c_tails(
+    rng: np.random.Generator, snapshot: list[Prefix], constraint: Constraint
+) -> list[tuple[Code, float]]:
+    """A normalised log P(c | a, b) over the c's ``constraint`` allowed, per multi-item prefix,
+    as the worker stores them."""
+    out: list[tuple[Code, float]] = []
+    for p in snapshot:
+        cs = constraint.c_values(p.a, p.b)
+        if len(cs) > 1:
+            logits = rng.normal(scale=2.0, size=len(cs))
+            logp = logits - np.logaddexp.reduce(logits)
+            out += [((p.a, p.b, int(c)), float(v)) for c, v in zip(cs, logp, strict=True)]
+    return out
 
 
 def answers_by_request(
@@ -187,21 +257,30 @@ def test_bounded_prefixes_keep_the_exact_top_k_of_the_fused_score() -> None:
     rng = np.random.default_rng(7)
     ids = TokenIds.from_vocab(build_tokenizer(8).get_vocab(), 8)
     prompt = ids.history([(1, 1, 0)])
-    pruned_total = 0
+    pruned_total = known_total = fallbacks = 0
     for trial in range(200):
         catalog = random_catalog(rng)
-        constraint = Constraint(catalog)
+        codes = [tuple(int(v) for v in code) for code in catalog.codes]
+        # the items excluded when the snapshot was computed, and now (events come and go)
+        then, now = ([codes[i] for i in rng.choice(len(codes), 6)] for _ in range(2))
+        constraint = Constraint(catalog, now)
         ab = sorted({(int(a), int(b)) for a, b, _ in catalog.codes})
         chosen = rng.choice(len(ab), size=min(20, len(ab)), replace=False)
         snapshot = [Prefix(*ab[i], float(-rng.exponential(3.0))) for i in chosen[:16]]
         extra = [ab[i] for i in chosen[16:]]  # co-visitation prefixes: heads unknown
-        # odd trials: a fresh history with log P(b | a) reused (tails known, heads not)
+        # odd trials: a fresh history with log P(b | a) reused (tails known, heads not); trials
+        # 2 and 3 mod 4 also know log P(c | a, b) from the snapshot
         fresh_history = trial % 2 == 1
         first = [
             (a, max(p.score for p in snapshot if p.a == a) / 2) for a in {p.a for p in snapshot}
         ]
+        c_tails = stored_c_tails(rng, snapshot, Constraint(catalog, then)) if trial % 4 > 1 else []
         candidates = candidate_prefixes(
-            snapshot, extra, reuse_prefix_scores=not fresh_history, first_tokens=first
+            snapshot,
+            extra,
+            reuse_prefix_scores=not fresh_history,
+            first_tokens=first,
+            c_tails=c_tails,
         )
         k = int(rng.integers(1, 11))
         weights = FusionWeights(
@@ -224,11 +303,16 @@ def test_bounded_prefixes_keep_the_exact_top_k_of_the_fused_score() -> None:
         assert len(pruned.requests) <= len(full.requests)
         assert pruned.pruned == len(full.prefixes) - len(pruned.prefixes)
         pruned_total += pruned.pruned
+        known_total += len(full.known_c)
+        fallbacks += sum(
+            p.c_scores is not None and (p.a, p.b) in full.c_slots for p in full.prefixes
+        )
 
         assert ranking(pruned, answers, ids, features, weights, k) == ranking(
             full, answers, ids, features, weights, k
         ), trial
     assert pruned_total > 0  # the bound does bite
+    assert known_total > 0 and fallbacks > 0  # stored c's used, and refused where incomplete
 
 
 def test_pruning_needs_known_prefix_heads() -> None:

@@ -6,6 +6,7 @@ import redis
 
 from offline.thinkahead.publish import SnapshotWriter
 from service.config import RedisSettings
+from service.contracts.packed import pack_scored, unpack_scored
 from service.contracts.snapshot import (
     CorruptValue,
     Keyspace,
@@ -35,10 +36,16 @@ def test_round_trip_keeps_every_field() -> None:
         covisit_heads=(Prefix(5, 6, -2.5),),
         affinity=b"\x01" * 20,
         first_tokens=((1, -0.25),),
+        c_tails=pack_scored([((1, 2, 0), -0.25), ((1, 2, 3), -1.5)]),
     )
     assert UserPrefixes.decode(v.encode()) == v
+    assert unpack_scored(UserPrefixes.decode(v.encode()).c_tails) == [
+        ((1, 2, 0), -0.25),
+        ((1, 2, 3), -1.5),
+    ]
     plain = UserPrefixes.decode(value().encode())
-    assert plain.covisit_heads == () and plain.affinity == b""  # optional fields
+    assert plain.covisit_heads == () and plain.affinity == b"" and plain.c_tails == b""
+    assert "l" not in msgpack.unpackb(value().encode())  # optional fields cost nothing
     body = msgpack.unpackb(v.encode())
     body["x"] = [1, 2]  # not (a, b, score) triples
     with pytest.raises(CorruptValue, match="multiple of 3"):
@@ -46,6 +53,10 @@ def test_round_trip_keeps_every_field() -> None:
     body = msgpack.unpackb(v.encode())
     body["i"] = "not bytes"
     with pytest.raises(CorruptValue, match="item-level"):
+        UserPrefixes.decode(msgpack.packb(body))
+    body = msgpack.unpackb(v.encode())
+    body["l"] = [1.0, 2.0]
+    with pytest.raises(CorruptValue, match="last-token"):
         UserPrefixes.decode(msgpack.packb(body))
 
 
