@@ -288,7 +288,9 @@ def eval_cmd(
     interactions: Annotated[Path, typer.Option(help="interactions CSV")],
     out: Annotated[Path, typer.Option(help="report JSON to write")],
     split: Annotated[str, typer.Option(help="test or valid")] = "test",
-    mode: Annotated[str, typer.Option(help="full or think-ahead")] = "full",
+    mode: Annotated[
+        str, typer.Option(help="full, think-ahead, or items (the item-level model alone)")
+    ] = "full",
     beam: Annotated[int, typer.Option(help="beam width (>= 10)")] = _recommend_default(
         "full_decode_beam"
     ),
@@ -560,11 +562,14 @@ def quality_report_cmd(
     refit: Annotated[
         Path | None, typer.Option(help="`eval --mode think-ahead` report of a refit model")
     ] = None,
+    items: Annotated[
+        Path | None, typer.Option(help="`eval --mode items` report (the item-level model alone)")
+    ] = None,
 ) -> None:
     """The quality report: our rows beside co-visitation, popularity and published figures."""
     from offline.bench.quality import BEAUTY_COMMANDS, build_quality_report
 
-    build_quality_report(served, decoder, model, out, BEAUTY_COMMANDS, refit=refit)
+    build_quality_report(served, decoder, model, out, BEAUTY_COMMANDS, refit=refit, items=items)
     typer.echo((out / "quality.md").read_text())
 
 

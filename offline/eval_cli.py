@@ -81,8 +81,8 @@ def run_eval(
 ) -> dict[str, Any]:
     if split not in ("test", "valid"):
         raise InputError(None, f"--split must be test or valid, got {split!r}")
-    if mode not in ("full", "think-ahead"):
-        raise InputError(None, f"--mode must be full or think-ahead, got {mode!r}")
+    if mode not in MODES:
+        raise InputError(None, f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if engine not in ("vllm", "torch"):
         raise InputError(None, f"--engine must be vllm or torch, got {engine!r}")
     if beam < k:
@@ -93,6 +93,8 @@ def run_eval(
     if covisit_candidates is not None:
         serving = serving.model_copy(update={"covisit_candidates": covisit_candidates})
     examples, data = select_examples(interactions, split, info.max_history, limit)
+    if mode == "items":
+        return _write_item_model_report(model_dir, catalog, info, item_model, examples, split, out)
     if engine == "torch" and mode == "full":
         ranked = rank_full_torch(model_dir, info, catalog, examples, k, beam, progress)
     else:
@@ -138,6 +140,46 @@ def run_eval(
         "serving": serving.model_dump(mode="json") if mode == "think-ahead" else None,
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "rows": rows,
+    }
+    write_json_atomic(Path(out), report)
+    return report
+
+
+MODES = ("full", "think-ahead", "items")
+ITEM_MODEL_ROW = "item-level model alone (SASRec, sampled softmax), full ranking"
+
+
+def _write_item_model_report(
+    model_dir: Path,
+    catalog: Catalog,
+    info: Any,
+    item_model: Path | None,
+    examples: list[Any],
+    split: str,
+    out: Path,
+) -> dict[str, Any]:
+    """``--mode items``: the worker's item-level model ranking every item by itself, history
+    excluded: what it brings before fusion, comparable with the published SASRec rows."""
+    from offline.items.train import evaluate
+
+    items = ItemSource.load(model_dir, catalog, item_model)
+    if items is None:
+        raise InputError(model_dir, "no item-level model (items/ or --item-model)")
+    t0 = time.monotonic()
+    metrics = evaluate(items.model.network, catalog, examples, k=5)
+    metrics |= evaluate(items.model.network, catalog, examples, k=TOP_K)
+    row = {m: round(v, 5) for m, v in metrics.items() if m != "users"}
+    row |= {"users": len(examples), "invalid_items": 0}
+    row["seconds"] = round(time.monotonic() - t0, 1)
+    report = {
+        "created_at": utc_now(),
+        "split": split,
+        "mode": "items",
+        "users": len(examples),
+        "model_version": info.version,
+        "catalog_version": catalog.version,
+        "item_model": items.model.manifest.model_dump(mode="json"),
+        "rows": {ITEM_MODEL_ROW: row},
     }
     write_json_atomic(Path(out), report)
     return report

@@ -240,6 +240,7 @@ def measure_floor(
         prefixes,
         full_decode_beam=served.full_decode_beam,
         reuse_snapshot_b=served.reuse_snapshot_b,
+        reuse_snapshot_c=served.reuse_snapshot_c,
     )
 
 

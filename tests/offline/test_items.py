@@ -138,3 +138,17 @@ async def test_the_worker_stores_best_items_and_the_service_ranks_with_them(
         rec = await rt.core.recommend(RecommendQuery("u7", k=5, recent_item_ids=(fresh,)))
         assert rec.source is Source.THINK_AHEAD and len(rec.items) == 5
         assert rt.metrics.corrupt_values.labels("snapshot_affinity")._value.get() == 1  # type: ignore[attr-defined]
+
+
+def test_eval_reports_the_item_level_model_alone(
+    world: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from offline.eval_cli import ITEM_MODEL_ROW, run_eval
+
+    catalog_dir, model_dir, interactions = world
+    report = run_eval(
+        model_dir, catalog_dir, interactions, tmp_path / "items.json", split="valid", mode="items"
+    )
+    row = report["rows"][ITEM_MODEL_ROW]
+    assert row["recall@10"] > 0.6 and row["recall@5"] <= row["recall@10"]
+    assert report["item_model"]["version"] and row["users"] == report["users"]
