@@ -160,8 +160,11 @@ class _Request:
     constraint: Constraint
     prompt: list[int]
     value: UserPrefixes | None = None
-    covisit: dict[str, float] = field(default_factory=dict)
     manifest: SnapshotManifest | None = None  # the active snapshot's
+    fresh_ids: list[str] = field(default_factory=list)  # stored history + recent, oldest first
+    excluded_ids: set[str] = field(default_factory=set)
+    # read on first use: a stored answer needs no co-visitation (and no second round trip)
+    covisit: dict[str, float] | None = None
 
     @property
     def unchanged(self) -> bool:
@@ -248,7 +251,8 @@ class Recommender:
 
     async def _open(self, q: RecommendQuery) -> tuple[_Request, str | None]:
         """The request's context: one Redis round trip for the user's snapshot value and
-        history, one for the co-visitation neighbours of the fresh last items (often cached)."""
+        history (the co-visitation neighbours of the fresh last items, often cached, are read
+        only when a step needs them: ``_request_covisit``)."""
         clock = _Clock((q.budget_ms or self.settings.default_budget_ms) / 1000)
         active = self.watcher.active
         snapshot_id = active.snapshot_id if active is not None else None
@@ -274,10 +278,20 @@ class Recommender:
             constraint=Constraint(self.catalog, excluded),
             prompt=self.model.token_ids.history(history),
             manifest=active.manifest if usable and active is not None else None,
+            fresh_ids=fresh,
+            excluded_ids=excluded_ids,
         )
-        if snapshot_id is not None and fresh:
-            ctx.covisit = await self._covisit(snapshot_id, fresh, excluded_ids, clock)
         return ctx, reason
+
+    async def _request_covisit(self, ctx: _Request) -> dict[str, float]:
+        """Co-visitation scores of the fresh history's neighbours, read once per request."""
+        if ctx.covisit is None:
+            ctx.covisit = (
+                await self._covisit(ctx.snapshot_id, ctx.fresh_ids, ctx.excluded_ids, ctx.clock)
+                if ctx.snapshot_id is not None and ctx.fresh_ids
+                else {}
+            )
+        return ctx.covisit
 
     def _judge(self, ctx: _Request) -> str | None:
         """Decode and judge the user's snapshot value; None when think-ahead can use it."""
@@ -426,13 +440,14 @@ class Recommender:
         q = ctx.q
         weights = self.weights
         affinity = self._affinity(value)
-        features = ItemFeatures(self.catalog, ctx.covisit, affinity)
+        covisit = await self._request_covisit(ctx)
+        features = ItemFeatures(self.catalog, covisit, affinity)
         plan = plan_think_ahead(
             ctx.prompt,
             value.prefixes[: self.settings.max_prefixes],
             extra_prefixes(
                 self.catalog,
-                ctx.covisit,
+                covisit,
                 self.settings.covisit_candidates or 0,
                 affinity,
                 self.settings.affinity_candidates or 0,
@@ -514,20 +529,20 @@ class Recommender:
                 reason = reason or "engine_unavailable"
                 log.warning("event=engine_error request_id=%s error=%s", ctx.request_id, exc)
         reason = reason or "unknown"
-        items = self._covisit_items(ctx)
+        items = self._covisit_items(ctx, await self._request_covisit(ctx))
         if items:
             return self._answer(ctx, items, Source.COVISITATION, reason)
         prefixes = list(ctx.value.prefixes) if ctx.value is not None else []
         source, items = self._popular(prefixes, ctx.constraint, ctx.q.k)
         return self._answer(ctx, items, source, reason)
 
-    def _covisit_items(self, ctx: _Request) -> list[ScoredItem]:
+    def _covisit_items(self, ctx: _Request, covisit: dict[str, float]) -> list[ScoredItem]:
         """The fused score's terms that need no engine, over the co-visitation neighbours."""
-        features = ItemFeatures(self.catalog, ctx.covisit)
+        features = ItemFeatures(self.catalog, covisit)
         weights = FusionWeights(covisit=1.0, popularity=min(self.weights.popularity, 1.0))
         scored = [
             (code, 0.0, 0.0)
-            for item in ctx.covisit
+            for item in covisit
             if (code := self.catalog.code_of(item)) is not None and ctx.constraint.allows(code)
         ]
         return self._items(rank_fused(scored, features, weights), ctx.q.k)

@@ -319,3 +319,23 @@ def test_the_worker_stores_normalised_c_log_probs_of_multi_item_prefixes_only(
                 mass[code[:2]] = mass.get(code[:2], 0.0) + math.exp(lp)
             assert set(mass) == multi
             assert list(mass.values()) == pytest.approx([1.0] * len(mass), abs=1e-5)
+
+
+async def test_a_stored_answer_reads_no_co_visitation(
+    artifacts: tuple[Path, Path, Path], redis_url: str
+) -> None:
+    """One Redis round trip for an unchanged user: the neighbours are read only by the steps
+    that use them (the engine path and the fallbacks)."""
+    async with serving(artifacts, redis_url, STORED) as (rt, _engine):
+        reads: list[list[str]] = []
+        real = rt.core.store.read_covisit
+
+        async def spy(snapshot_id: str, items: list[str]) -> list[bytes | None]:
+            reads.append(list(items))
+            return await real(snapshot_id, items)
+
+        rt.core.store.read_covisit = spy  # type: ignore[method-assign]
+        rec = await rt.core.recommend(RecommendQuery("u3", k=3))
+        assert rec.source is Source.THINK_AHEAD and not reads
+        await rt.core.recommend(RecommendQuery("u3", k=3, recent_item_ids=("7",)))
+        assert reads  # the engine path scores co-visitation candidates
