@@ -25,7 +25,12 @@ from service.contracts.catalog import Catalog
 from service.contracts.covisit import CovisitTable, Neighbours
 from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import utc_now, write_json_atomic
-from service.contracts.model import ServingConfig, load_model_info, load_serving_config
+from service.contracts.model import (
+    DEFAULT_COVISIT_CANDIDATES,
+    ServingConfig,
+    load_model_info,
+    load_serving_config,
+)
 
 
 def rank_full_torch(
@@ -231,7 +236,9 @@ def tune_blend(
         progress=progress,
         items=items,
     )
-    trials = grid_search(users, k)
+    # fresh events need their neighbours among the candidates, whatever validation says
+    floor = min(DEFAULT_COVISIT_CANDIDATES, max(CANDIDATES_GRID)) if covisit else 0
+    trials = grid_search(users, k, min_covisit_candidates=floor)
     best = trials[0]
     decoder_only = next(
         t
@@ -245,11 +252,13 @@ def tune_blend(
         covisit_version=table.version if table is not None else None,
         item_model_version=items.model.version if items is not None else None,
         chosen_on=f"validation split, {len(examples)} users: the fewest extra candidates "
-        f"within 1% of the best NDCG@{k} over a grid of {len(trials)} settings",
+        f"(at least {floor} co-visitation candidates) within 1% of the best NDCG@{k} over a "
+        f"grid of {len(trials)} settings",
         created_at=utc_now(),
         tuning={
             "best": best.row(),
             "grid_best_ndcg@10": round(max(t.ndcg for t in trials), 5),
+            "min_covisit_candidates": floor,
             "decoder_only": decoder_only.row(),
             "top": [t.row() for t in trials[:10]],
             "prefixes": prefixes,

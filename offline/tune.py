@@ -120,12 +120,21 @@ class CandidateMatrix:
 
 
 def grid_search(
-    users: Sequence[UserCandidates], k: int = TOP_K, tolerance: float = 0.01
+    users: Sequence[UserCandidates],
+    k: int = TOP_K,
+    tolerance: float = 0.01,
+    min_covisit_candidates: int = 0,
 ) -> list[Trial]:
     """Every grid point, the chosen one first: the fewest extra candidates (co-visitation and
     item-level; each costs engine work online) among the settings within ``tolerance``
     (relative) of the best NDCG@k; then by NDCG@k, Recall@k, and the simpler setting. Item-level
-    terms are searched only when the users carry item-level scores."""
+    terms are searched only when the users carry item-level scores.
+
+    ``min_covisit_candidates``: settings with fewer co-visitation candidates are listed but
+    never chosen. The validation users' snapshots are computed from the very history they are
+    scored under, so the split cannot price what those candidates are for: the neighbours of
+    an event the snapshot has not seen (on Beauty's validation the item-level candidates made
+    them look redundant)."""
     matrix = CandidateMatrix(users)
     with_items = any(u.features.affinity.ranked for u in users)
     affinity_grid = AFFINITY_GRID if with_items else (0.0,)
@@ -141,9 +150,11 @@ def grid_search(
             affinity_candidates,
         )
     ]
-    best_ndcg = max(t.ndcg for t in trials)
+    eligible = [t for t in trials if t.covisit_candidates >= min_covisit_candidates] or trials
+    best_ndcg = max(t.ndcg for t in eligible)
     trials.sort(
         key=lambda t: (
+            t.covisit_candidates < min_covisit_candidates,
             t.ndcg < best_ndcg * (1 - tolerance),
             t.candidates if t.ndcg >= best_ndcg * (1 - tolerance) else 0,
             -t.ndcg,

@@ -69,3 +69,11 @@ def test_item_level_scores_are_searched_when_users_carry_them() -> None:
     assert chosen.recall == 1.0 and chosen.weights.affinity > 0
     assert chosen.affinity_candidates == 10 and chosen.covisit_candidates == 0
     assert users[0].ranked(chosen.weights, 1, 0, 10)[0] == (1, 0, 0)
+
+
+def test_a_floor_of_co_visitation_candidates_is_kept_for_fresh_events() -> None:
+    """Validation cannot price the neighbours of an event the snapshot has not seen: below the
+    floor a setting is listed, never chosen."""
+    trials = grid_search([user("i0")] * 3, k=1, min_covisit_candidates=10)
+    assert trials[0].covisit_candidates >= 10 and trials[0].recall == 1.0
+    assert any(t.covisit_candidates == 0 for t in trials)
