@@ -57,7 +57,8 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int]:
 
 SERVING_FILE = "serving.json"
 DEFAULT_COVISIT_CANDIDATES = 10
-DEFAULT_WEIGHTS = FusionWeights(offline=2.0, covisit=32.0, popularity=0.0)
+DEFAULT_AFFINITY_CANDIDATES = 10
+DEFAULT_WEIGHTS = FusionWeights(offline=0.0, covisit=8.0, popularity=0.0, affinity=2.0)
 
 
 class ServingConfig(BaseModel):
@@ -68,11 +69,12 @@ class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     # Without a serving.json (no tune-blend run for this model): what tune-blend learned on
-    # Beauty's validation split (3,000 users, 2026-12-02), the defaults for any catalog.
+    # Beauty's validation split (3,000 users, 12-epoch decoder + item-level model, 2026-12-02),
+    # the defaults for any catalog. Without an item-level model the affinity terms are 0.
     weights: FusionWeights = Field(default_factory=lambda: DEFAULT_WEIGHTS)
     covisit_candidates: int = Field(default=DEFAULT_COVISIT_CANDIDATES, ge=0)
     # the item-level model's best items (stored per user by the worker) among the candidates
-    affinity_candidates: int = Field(default=0, ge=0)
+    affinity_candidates: int = Field(default=DEFAULT_AFFINITY_CANDIDATES, ge=0)
     covisit_version: str | None = None
     item_model_version: str | None = None  # the item-level model the weights were learned with
     chosen_on: str | None = None

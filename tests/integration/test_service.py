@@ -480,7 +480,13 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(own_service: Servic
         async with httpx.AsyncClient(base_url=own_service.base_url, timeout=60) as client:
             body = {"user_id": "drain-user", "k": 10, "strategy": "full_decode"}
             calls = [asyncio.create_task(client.post("/v1/recommend", json=body)) for _ in range(3)]
-            await asyncio.sleep(0.05)
+            # the signal must find them in flight: on a loaded machine a fixed sleep did not
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                text = (await client.get("/metrics")).text
+                if metric(text, "thinkahead_in_flight_requests") >= 3:
+                    break
+                await asyncio.sleep(0.01)
             own_service.process.send_signal(15)
             return await asyncio.gather(*calls)
 
