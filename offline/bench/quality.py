@@ -31,9 +31,10 @@ BEAUTY_COMMANDS = [
     "thinkahead train-items --catalog artifacts/beauty-catalog --interactions "
     "$B/interactions.csv --out artifacts/beauty-model/items",
     "thinkahead tune-blend --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
-    "--interactions $B/interactions.csv --limit 3000   # validation split only",
+    "--interactions $B/interactions.csv --limit 3000 --engine torch   # validation split only",
     "thinkahead eval --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
-    "--interactions $B/interactions.csv --mode think-ahead --out artifacts/eval-served.json",
+    "--interactions $B/interactions.csv --mode think-ahead --engine torch "
+    "--out artifacts/eval-served.json",
     "thinkahead eval --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
     "--interactions $B/interactions.csv --mode full --engine torch "
     "--out artifacts/eval-decoder.json",
