@@ -171,8 +171,7 @@ def _write_item_model_report(
     if items is None:
         raise InputError(model_dir, "no item-level model (items/ or --item-model)")
     t0 = time.monotonic()
-    metrics = evaluate(items.model.network, catalog, examples, k=5)
-    metrics |= evaluate(items.model.network, catalog, examples, k=TOP_K)
+    metrics = evaluate(items.model.network, catalog, examples, ks=(5, TOP_K))
     row = {m: round(v, 5) for m, v in metrics.items() if m != "users"}
     row |= {"users": len(examples), "invalid_items": 0}
     row["seconds"] = round(time.monotonic() - t0, 1)

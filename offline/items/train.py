@@ -10,7 +10,6 @@ epoch; the best epoch by NDCG@10 is kept; training stops after ``patience`` epoc
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from offline.items.artifact import ItemModelManifest, left_padded, save_item_mod
 from offline.items.config import ItemTrainConfig
 from offline.items.index import ExactIndex
 from offline.items.model import ItemModelConfig, ItemSequenceModel
-from offline.metrics import TOP_K
+from offline.metrics import TOP_K, ranking_metrics
 from offline.train.checkpoint import peak_rss_gb
 from service.contracts.catalog import Catalog
 
@@ -61,29 +60,24 @@ def evaluate(
     model: ItemSequenceModel,
     catalog: Catalog,
     examples: Sequence[Example],
-    k: int = TOP_K,
+    ks: Sequence[int] = (TOP_K,),
     batch: int = 1024,
 ) -> dict[str, float]:
-    """Full ranking of the target among all items, history excluded."""
+    """Full ranking of the target among all items, history excluded (the eval's metrics)."""
     model.eval()
     with torch.no_grad():
         index = ExactIndex(model.item_vectors().numpy())
-    hits, gain, n = 0, 0.0, 0
+    ranked: list[list[str]] = []
     for start in range(0, len(examples), batch):
-        chunk = examples[start : start + batch]
-        rows = [_rows(catalog, e.history)[-model.cfg.max_len :] for e in chunk]
+        rows = [
+            _rows(catalog, e.history)[-model.cfg.max_len :] for e in examples[start : start + batch]
+        ]
         with torch.no_grad():
             vectors = model.user_vectors(left_padded(rows)).numpy()
-        found, _ = index.search(vectors, k, rows)
-        for e, top in zip(chunk, found.tolist(), strict=True):
-            n += 1
-            target = catalog.row_of.get(e.target)
-            if target is not None and target in top:
-                hits += 1
-                gain += 1.0 / math.log2(top.index(target) + 2)
+        found, _ = index.search(vectors, max(ks), rows)
+        ranked += [[catalog.item_ids[r] for r in top if r >= 0] for top in found.tolist()]
     model.train()
-    n = max(n, 1)
-    return {f"recall@{k}": hits / n, f"ndcg@{k}": gain / n, "users": n}
+    return ranking_metrics(ranked, [e.target for e in examples], ks)
 
 
 def train_item_model(
