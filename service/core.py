@@ -17,10 +17,11 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypeVar
 
 from service.config import RecommendSettings
 from service.contracts.affinity import NO_AFFINITY, Affinity
@@ -50,6 +51,7 @@ from service.metrics import Metrics
 from service.storage.snapshot_watch import SnapshotWatcher
 from service.storage.store import SnapshotStore, UserRead
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
@@ -420,11 +422,8 @@ class Recommender:
             manifest.answers_key, manifest.answer_items, ctx.q.k
         ):
             return None
-        try:
-            ranked = unpack_answer(value.answer)
-        except ValueError as exc:
-            self.metrics.corrupt_values.labels("snapshot_answer").inc()
-            log.warning("event=corrupt_value what=answer error=%s", exc)
+        ranked = self._unpacked("snapshot_answer", unpack_answer, value.answer, None)
+        if ranked is None:
             return None
         # the constraint is the one the worker used; checking it keeps a damaged value from
         # ever serving an excluded or unknown item
@@ -482,21 +481,21 @@ class Recommender:
         the c steps then run as without them."""
         if not self.settings.reuse_snapshot_c or not value.c_tails:
             return []
-        try:
-            return unpack_scored(value.c_tails)
-        except ValueError as exc:
-            self.metrics.corrupt_values.labels("snapshot_c").inc()
-            log.warning("event=corrupt_value what=c_tails error=%s", exc)
-            return []
+        return self._unpacked("snapshot_c", unpack_scored, value.c_tails, [])
 
     def _affinity(self, value: UserPrefixes) -> Affinity:
         """The user's stored item-level scores; none (and counted) when the blob is damaged."""
+        return self._unpacked("snapshot_affinity", Affinity.unpack, value.affinity, NO_AFFINITY)
+
+    def _unpacked(self, key_type: str, unpack: Callable[[bytes], T], raw: bytes, default: T) -> T:
+        """One packed field of a snapshot value; ``default`` (counted, logged) when it is
+        damaged, so the request goes on as if the field were absent."""
         try:
-            return Affinity.unpack(value.affinity)
+            return unpack(raw)
         except ValueError as exc:
-            self.metrics.corrupt_values.labels("snapshot_affinity").inc()
-            log.warning("event=corrupt_value what=affinity error=%s", exc)
-            return NO_AFFINITY
+            self.metrics.corrupt_values.labels(key_type).inc()
+            log.warning("event=corrupt_value what=%s error=%s", key_type, exc)
+            return default
 
     async def _full_decode(self, ctx: _Request) -> list[ScoredItem]:
         t0 = time.perf_counter()
