@@ -10,11 +10,10 @@ from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import ModelManifest
 from service.contracts.model import ServingConfig
 
-ROW = {"recall@5": 0.05, "recall@10": 0.08, "ndcg@5": 0.04, "ndcg@10": 0.05, "users": 3}
 
-
-def test_report_lists_ours_baselines_and_published_rows(tmp_path: Path) -> None:
-    model = tmp_path / "model"
+def write_model(root: Path) -> Path:
+    """A model directory whose manifest records three epochs of 10 minutes."""
+    model = root / "model"
     ModelManifest(
         model_version="m1",
         catalog_version="c1",
@@ -23,6 +22,14 @@ def test_report_lists_ours_baselines_and_published_rows(tmp_path: Path) -> None:
         metrics={"validation": {"epoch": 2}, "history": [{}, {}, {}]},
         parameters={"parameters": 1000, "train_seconds": 600.0, "peak_rss_gb": 2.5},
     ).write(model)
+    return model
+
+
+ROW = {"recall@5": 0.05, "recall@10": 0.08, "ndcg@5": 0.04, "ndcg@10": 0.05, "users": 3}
+
+
+def test_report_lists_ours_baselines_and_published_rows(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
     ServingConfig(weights=FusionWeights(covisit=4.0), covisit_candidates=10).write(model)
     served = tmp_path / "served.json"
     served.write_text(
@@ -55,15 +62,7 @@ def test_report_lists_ours_baselines_and_published_rows(tmp_path: Path) -> None:
 
 
 def test_the_item_level_model_alone_is_one_of_our_rows(tmp_path: Path) -> None:
-    model = tmp_path / "model"
-    ModelManifest(
-        model_version="m1",
-        catalog_version="c1",
-        codebook_size=4,
-        preset="small",
-        metrics={"validation": {"epoch": 1}, "history": [{}]},
-        parameters={"parameters": 1000, "train_seconds": 60.0, "peak_rss_gb": 1.0},
-    ).write(model)
+    model = write_model(tmp_path)
     ServingConfig(weights=FusionWeights(covisit=4.0, affinity=2.0), affinity_candidates=20).write(
         model
     )
