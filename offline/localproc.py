@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,11 +19,39 @@ from pathlib import Path
 import httpx
 import redis
 
+# Below Linux's ephemeral range (32768-60999): an outgoing connection (a Redis client, an HTTP
+# probe) is never given one of these between the moment a port is chosen and the server's bind.
+LISTEN_PORT_RANGE = range(20000, 32000)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, taken: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """``count`` distinct free loopback ports for servers about to start. Distinct by
+    construction: binding port 0 twice in a row may return the same port once the first
+    socket is closed (CI saw a service's HTTP and gRPC ports collide that way)."""
+    rng = random.SystemRandom()
+    chosen: list[int] = []
+    for _ in range(count * 200):
+        if len(chosen) == count:
+            break
+        port = rng.choice(LISTEN_PORT_RANGE)
+        if port not in chosen and port not in taken and port_is_free(port):
+            chosen.append(port)
+    if len(chosen) < count:
+        raise RuntimeError(f"no {count} free loopback ports in {LISTEN_PORT_RANGE}")
+    return chosen
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def redis_server_binary() -> str:
@@ -153,7 +182,7 @@ def start_service(
     ``cpus``: pin it (and every process it starts) to these CPUs. Its output goes to
     ``log_path``, added at the end with ``append`` (a log shared with its caller)."""
 
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     args = [
         sys.executable,
         "-m",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from offline.localproc import (
     RedisProcess,
     ServiceProcess,
     free_port,
+    free_ports,
+    port_is_free,
     redis_server_binary,
     start_redis,
 )
@@ -26,7 +27,14 @@ from service.contracts.manifest import CatalogManifest
 # the fallback tier: co-visitation of recent items, else popular under prefixes, else popular
 FALLBACK_SOURCES = ("fallback_covisitation", "fallback_prefix_popular", "fallback_global_popular")
 
-__all__ = ["RedisProcess", "ServiceProcess", "free_port", "redis_server_binary", "start_redis"]
+__all__ = [
+    "RedisProcess",
+    "ServiceProcess",
+    "free_port",
+    "free_ports",
+    "redis_server_binary",
+    "start_redis",
+]
 
 
 def start_service(*args, env: dict[str, str] | None = None, **kwargs) -> ServiceProcess:  # type: ignore[no-untyped-def]
@@ -87,21 +95,11 @@ def redis_cli_binary() -> str:
 
 
 def free_cluster_port(taken: set[int]) -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    import random
-
-    rng = random.SystemRandom()
+    """A free port whose cluster bus port (port + 10000) is free too."""
     for _ in range(200):
-        port = rng.randrange(20000, 55000)
-        if port in taken or port + 10000 in taken:
-            continue
-        try:
-            for p in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
+        (port,) = free_ports(1, taken | {p - 10000 for p in taken})
+        if port_is_free(port + 10000):
+            return port
     raise RuntimeError("no free port pair for a cluster node")
 
 

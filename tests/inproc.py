@@ -16,7 +16,7 @@ from service.app import serving
 from service.config import Settings
 from service.runtime import Runtime
 from tests.fake_engine import FakeEngine
-from tests.helpers import free_port
+from tests.helpers import free_ports
 
 # Test keys: the file holds only their sha256.
 READER_KEY = "reader-secret-key-0001"  # recommend only
@@ -68,11 +68,12 @@ class InProc:
 
 
 def make_settings(catalog_dir: Path, model_dir: Path, redis_url: str, **overrides: Any) -> Settings:
+    http_port, grpc_port = free_ports(2)
     data: dict[str, Any] = {
         "model_dir": model_dir,
         "catalog_dir": catalog_dir,
-        "http_port": free_port(),
-        "grpc_port": free_port(),
+        "http_port": http_port,
+        "grpc_port": grpc_port,
         "drain_s": 1,  # bounded shutdown: uvicorn waits forever on 0
         "log_level": "warning",
         "redis": {"url": redis_url, "snapshot_poll_s": 0.1},

@@ -25,14 +25,14 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+
 from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
 from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
-
 from service.contracts.catalog import Catalog
 from service.contracts.manifest import SnapshotManifest
 from service.contracts.snapshot import Keyspace, Prefix, UserPrefixes
 from tests.fake_engine import FAKE_MODEL_VERSION, write_tiny_artifacts
-from tests.helpers import RedisProcess, free_port, start_redis, vllm_serve_command
+from tests.helpers import RedisProcess, free_port, free_ports, start_redis, vllm_serve_command
 from tests.inproc import BACKEND_KEY, write_keys
 from tests.tls_certs import Pki, make_pki
 
@@ -175,7 +175,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         root / "engine.log",
     )
     wait_http(f"{engine_url}/health", engine)
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     env = {
         "THINKAHEAD_AUTH__KEYS_FILE": str(write_keys(root / "keys.json")),
         "THINKAHEAD_TLS__CERT_FILE": str(pki.server_cert),
@@ -400,7 +400,7 @@ def engine_killed_and_back(s: Secure) -> None:
 def test_refuses_a_public_bind_without_keys_unless_insecure(secure: Secure, tmp_path) -> None:  # type: ignore[no-untyped-def]
     catalog_dir, model_dir = write_tiny_artifacts(tmp_path)
     base = serve_args(catalog_dir, model_dir, s_url := secure.redis.url, secure.engine_url)
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     refused = subprocess.run(
         [*base, *ports, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60
@@ -436,7 +436,7 @@ def test_real_vllm_serve_killed_and_back_with_auth_and_tls(tiny_world, tmp_path)
     service = None
     try:
         wait_http(f"{engine_url}/health", engine, timeout=900)
-        http_port, grpc_port = free_port(), free_port()
+        http_port, grpc_port = free_ports(2)
         env = {
             "THINKAHEAD_AUTH__KEYS_FILE": str(write_keys(tmp_path / "keys.json")),
             "THINKAHEAD_TLS__CERT_FILE": str(pki.server_cert),
