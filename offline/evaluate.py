@@ -24,10 +24,12 @@ from offline.baselines import CoVisitation
 from offline.data import Example, Sequences, leave_one_out, read_interactions
 from offline.metrics import ranking_metrics
 from offline.thinkahead.prefixes import (
+    CovisitSource,
     ItemSource,
+    StoredScores,
     compute_prefixes,
     score_plans,
-    snapshot_c_tails,
+    stored_scores,
 )
 from service.contracts.affinity import NO_AFFINITY
 from service.contracts.beam import BeamSearch, run_searches
@@ -184,19 +186,27 @@ def think_ahead_candidates(
         affinities = (
             items.affinities(catalog, stale) if items is not None else [NO_AFFINITY] * len(chunk)
         )
-        tails = (
-            # float32, as the service reads them from the snapshot
-            [
-                unpack_scored(pack_scored(t))
-                for t in snapshot_c_tails(engine, ids, catalog, stale, offline, prefixes)
-            ]
-            if stale_events and reuse_snapshot_c
-            else [[] for _ in chunk]
+        # what the worker stored for the stale history (none needed for an unchanged one)
+        stored = (
+            stored_scores(
+                engine,
+                ids,
+                catalog,
+                stale,
+                offline,
+                prefixes if reuse_snapshot_c else 0,
+                CovisitSource(covisit, covisit_candidates),
+                affinities,
+                items.candidates if items is not None else 0,
+            )
+            if stale_events
+            else [StoredScores((), (), ()) for _ in chunk]
         )
         plans = []
-        for e, history, result, affinity, tail in zip(
-            chunk, fresh, offline, affinities, tails, strict=True
+        for e, history, result, affinity, kept in zip(
+            chunk, fresh, offline, affinities, stored, strict=True
         ):
+            tail = unpack_scored(pack_scored(kept.c_tails))  # float32, as the service reads
             target = catalog.code_of(e.target)
             ranked_ab = [(p.a, p.b) for p in result.prefixes]
             for m in covered:
@@ -215,7 +225,8 @@ def think_ahead_candidates(
             with_covisit += target is not None and target[:2] in {*ranked_ab, *covisit_ab}
             with_extra += target is not None and target[:2] in {*ranked_ab, *extra_ab}
             prompt, constraint = ids.history(history), Constraint(catalog, history)
-            first = result.first_tokens if reuse_snapshot_b else ()
+            first = kept.first_tokens if reuse_snapshot_b else ()
+            heads = kept.heads
             if prune is None:  # every candidate scored, no bound: to learn the weights
                 plan = plan_item_scoring(
                     prompt,
@@ -223,6 +234,7 @@ def think_ahead_candidates(
                         result.prefixes,
                         extra_ab,
                         stale_events == 0,
+                        heads,
                         first_tokens=first,
                         c_tails=tail,
                     ),
@@ -241,6 +253,7 @@ def think_ahead_candidates(
                     prune,
                     features,
                     unchanged=stale_events == 0,
+                    covisit_heads=heads,
                     first_tokens=first,
                     c_tails=tail,
                 )

@@ -28,6 +28,7 @@ from service.contracts.scoring import (
     CandidatePrefix,
     ScoringPlan,
     combine,
+    first_token_logprobs,
     plan_item_scoring,
     plan_think_ahead,
     prefix_heads,
@@ -194,29 +195,58 @@ def history_covisit(
     return covisit_scores(items, source.neighbours, set(items))
 
 
-def extra_head_plan(
-    ids: TokenIds,
+def extra_candidates(
     catalog: Catalog,
     history: Sequence[Code],
     result: UserResult,
     source: CovisitSource | None,
     affinity: Affinity,
     affinity_candidates: int,
-) -> ScoringPlan:
-    """The a and b steps of the prefixes the service will add (co-visitation neighbours, the
-    item-level model's best items) for an unchanged history, where the prefix search did not
-    keep them."""
+) -> list[tuple[int, int]]:
+    """The prefixes the service will add for an unchanged history (co-visitation neighbours,
+    the item-level model's best items) that the prefix search did not keep."""
     scores = history_covisit(catalog, history, source) if source is not None else {}
     kept = {(p.a, p.b) for p in result.prefixes}
     candidates = source.candidates if source is not None else 0
-    extra = [
-        CandidatePrefix(a, b, 0.0)
-        for a, b in extra_prefixes(catalog, scores, candidates, affinity, affinity_candidates)
-        if (a, b) not in kept
+    return [
+        ab
+        for ab in extra_prefixes(catalog, scores, candidates, affinity, affinity_candidates)
+        if ab not in kept
     ]
+
+
+def extra_head_plan(
+    ids: TokenIds, catalog: Catalog, history: Sequence[Code], extra: Sequence[tuple[int, int]]
+) -> ScoringPlan:
+    """The a and b steps of the extra prefixes under the history."""
     return plan_item_scoring(
-        ids.history(history), extra, Constraint(catalog, history), ids, top_c=1, heads_only=True
+        ids.history(history),
+        [CandidatePrefix(a, b, 0.0) for a, b in extra],
+        Constraint(catalog, history),
+        ids,
+        top_c=1,
+        heads_only=True,
     )
+
+
+CTails = tuple[tuple[Code, float], ...]  # log P(c | a, b, history) per item
+
+
+def c_tail_plan(
+    ids: TokenIds, catalog: Catalog, history: Sequence[Code], prefixes: Sequence[tuple[int, int]]
+) -> ScoringPlan:
+    """The c step of every given prefix that holds more than one item, under the constraint
+    the service uses for an unchanged history (history items excluded), every c returned. A
+    single-item prefix needs none (log P(c | a, b) = 0); one holding more than ``MIN_TOP_C``
+    c's is left to the engine online, which asks only its top max(k, 32) (10 B per item would
+    not bound a value in a catalog of 10^8 items)."""
+    constraint = Constraint(catalog, history)
+    wanted = [
+        CandidatePrefix(a, b, 0.0, head=0.0)  # head 0: the c steps alone
+        for a, b in prefixes
+        if 1 < len(constraint.c_values(a, b)) <= MIN_TOP_C
+    ]
+    return plan_item_scoring(ids.history(history), wanted, constraint, ids, top_c=MIN_TOP_C)
 
 
 def read_heads(
@@ -225,64 +255,24 @@ def read_heads(
     return tuple(Prefix(a, b, h) for (a, b), h in prefix_heads(plan, part, ids).items())
 
 
-def extra_heads(
-    engine: BatchEngine,
-    ids: TokenIds,
-    catalog: Catalog,
-    histories: Sequence[Sequence[Code]],
-    results: Sequence[UserResult],
-    source: CovisitSource | None,
-    affinities: Sequence[Affinity],
-    affinity_candidates: int,
-) -> list[tuple[Prefix, ...]]:
-    """log P(a, b | history) of the prefixes the service will add, one engine batch for all
-    users, so the service answers an unchanged user without a/b requests."""
-    return heads_and_c_tails(
-        engine, ids, catalog, histories, results, 0, source, affinities, affinity_candidates
-    )[0]
-
-
-CTails = tuple[tuple[Code, float], ...]  # log P(c | a, b, history) per item
-
-
-def c_tail_plan(
-    ids: TokenIds, catalog: Catalog, history: Sequence[Code], result: UserResult, prefixes: int
-) -> ScoringPlan:
-    """The c step of every prefix among the user's first ``prefixes`` that holds more than one
-    item, under the constraint the service uses for an unchanged history (history items
-    excluded), every c returned. A single-item prefix needs none (log P(c | a, b) = 0); one
-    holding more than ``MIN_TOP_C`` c's is left to the engine online, which asks only its top
-    max(k, 32) (10 B per item would not bound a value in a catalog of 10^8 items)."""
-    constraint = Constraint(catalog, history)
-    wanted = [
-        CandidatePrefix(p.a, p.b, 0.0, head=0.0)  # head 0: the c steps alone
-        for p in result.prefixes[:prefixes]
-        if 1 < len(constraint.c_values(p.a, p.b)) <= MIN_TOP_C
-    ]
-    return plan_item_scoring(ids.history(history), wanted, constraint, ids, top_c=MIN_TOP_C)
-
-
 def read_c_tails(plan: ScoringPlan, part: Sequence[TokenLogprobs], ids: TokenIds) -> CTails:
     return tuple((s.code, s.decoder) for s in combine(plan, part, ids))
 
 
-def snapshot_c_tails(
-    engine: BatchEngine,
-    ids: TokenIds,
-    catalog: Catalog,
-    histories: Sequence[Sequence[Code]],
-    results: Sequence[UserResult],
-    prefixes: int,
-) -> list[CTails]:
-    """What the worker stores as each user's log P(c | a, b) (snapshot field ``c_tails``), in
-    one engine batch; the eval calls this for the histories its stale snapshot saw."""
-    no_extras = [NO_AFFINITY] * len(histories)
-    return heads_and_c_tails(
-        engine, ids, catalog, histories, results, prefixes, None, no_extras, 0
-    )[1]
+@dataclass(frozen=True)
+class StoredScores:
+    """What the worker stores beside a user's prefixes so the online step skips engine
+    requests: log P(a, b) of the extra prefixes (snapshot field ``covisit_heads``), log P(a)
+    of every first token the prefixes and extras use (``first_tokens``: after a fresh event
+    log P(b | a) is reused for both), and log P(c | a, b) of the items under their
+    multi-item prefixes (``c_tails``)."""
+
+    heads: tuple[Prefix, ...]
+    c_tails: CTails
+    first_tokens: tuple[tuple[int, float], ...]
 
 
-def heads_and_c_tails(
+def stored_scores(
     engine: BatchEngine,
     ids: TokenIds,
     catalog: Catalog,
@@ -292,27 +282,41 @@ def heads_and_c_tails(
     source: CovisitSource | None,
     affinities: Sequence[Affinity],
     affinity_candidates: int,
-) -> tuple[list[tuple[Prefix, ...]], list[CTails]]:
-    """``extra_heads`` and ``snapshot_c_tails`` (over the first ``tail_prefixes`` prefixes; 0:
-    none) in one engine batch: neither needs the other."""
-    head_plans = [
-        extra_head_plan(ids, catalog, history, result, source, affinity, affinity_candidates)
+) -> list[StoredScores]:
+    """Every user's ``StoredScores`` in one engine batch; c's over the first
+    ``tail_prefixes`` prefixes and the extras (0: none)."""
+    extras = [
+        extra_candidates(catalog, history, result, source, affinity, affinity_candidates)
         for history, result, affinity in zip(histories, results, affinities, strict=True)
     ]
+    head_plans = [
+        extra_head_plan(ids, catalog, history, extra)
+        for history, extra in zip(histories, extras, strict=True)
+    ]
     tail_plans = [
-        c_tail_plan(ids, catalog, history, result, tail_prefixes)
-        for history, result in zip(histories, results, strict=True)
+        c_tail_plan(
+            ids,
+            catalog,
+            history,
+            [(p.a, p.b) for p in result.prefixes[:tail_prefixes]] + extra if tail_prefixes else [],
+        )
+        for history, result, extra in zip(histories, results, extras, strict=True)
     ]
     parts = score_plans(engine, [*head_plans, *tail_plans])
-    heads = [
-        read_heads(plan, part, ids)
-        for plan, part in zip(head_plans, parts[: len(head_plans)], strict=True)
-    ]
-    tails = [
-        read_c_tails(plan, part, ids)
-        for plan, part in zip(tail_plans, parts[len(head_plans) :], strict=True)
-    ]
-    return heads, tails
+    out = []
+    for u, result in enumerate(results):
+        head_plan, head_part = head_plans[u], parts[u]
+        first = dict(result.first_tokens)
+        for a, lp in first_token_logprobs(head_plan, head_part, ids).items():
+            first.setdefault(a, lp)  # the prefixes' own (merged over paths) stay
+        out.append(
+            StoredScores(
+                read_heads(head_plan, head_part, ids),
+                read_c_tails(tail_plans[u], parts[len(head_plans) + u], ids),
+                tuple(sorted(first.items())),
+            )
+        )
+    return out
 
 
 def split_answers(

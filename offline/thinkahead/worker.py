@@ -24,7 +24,7 @@ from offline.thinkahead.prefixes import (
     CovisitSource,
     ItemSource,
     compute_prefixes,
-    heads_and_c_tails,
+    stored_scores,
     think_ahead_answers,
 )
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
@@ -76,8 +76,9 @@ class ThinkAheadJob(BaseModel):
     )
     c_tails: bool = Field(
         default=True,
-        description="store log P(c | a, b) of every item under the multi-item prefixes "
-        "(10 B/item): after fresh events the service skips their c steps",
+        description="store log P(c | a, b) of every item under the multi-item prefixes, "
+        "the user's and the extra ones (10 B/item): after fresh events the service skips "
+        "their c steps",
     )
 
     @model_validator(mode="after")
@@ -216,7 +217,7 @@ def process_shard(
             if items is not None
             else [NO_AFFINITY] * len(batch_hist)
         )
-        heads, tails = heads_and_c_tails(
+        stored = stored_scores(
             engine,
             model.token_ids,
             catalog,
@@ -227,7 +228,8 @@ def process_shard(
             affinities,
             items.candidates if items is not None else 0,
         )
-        packed_tails = [pack_scored(t) for t in tails]
+        heads = [u.heads for u in stored]
+        packed_tails = [pack_scored(u.c_tails) for u in stored]
         packed = (
             think_ahead_answers(
                 engine,
@@ -246,11 +248,11 @@ def process_shard(
             else [b"" for _ in results]
         )
         now = time.time()
-        for user, hist, result, extra, answer, affinity, tail in zip(
+        for user, hist, result, scores, answer, affinity, tail in zip(
             users[start:],
             batch_hist,
             results,
-            heads,
+            stored,
             packed,
             affinities,
             packed_tails,
@@ -266,9 +268,9 @@ def process_shard(
                         tuple(result.prefixes),
                         history_digest=history_digest(hist),
                         reasoning=result.reasoning,
-                        covisit_heads=extra,
+                        covisit_heads=scores.heads,
                         answer=answer,
-                        first_tokens=result.first_tokens,
+                        first_tokens=scores.first_tokens,
                         affinity=affinity.pack(),
                         c_tails=tail,
                     ),

@@ -77,17 +77,18 @@ def candidate_prefixes(
     first_tokens: Sequence[tuple[int, float]] = (),
     c_tails: Sequence[tuple[Code, float]] = (),
 ) -> list[CandidatePrefix]:
-    """The snapshot's prefixes, then the extra (co-visitation) prefixes it lacks.
+    """The snapshot's prefixes, then the extra (co-visitation, item-level) prefixes it lacks.
 
     ``reuse_prefix_scores``: the history is the one the snapshot was computed from, so its
-    prefix scores, and the ``extra_heads`` the worker computed for co-visitation prefixes, are
-    log P(a, b) under the fresh history. Otherwise, ``first_tokens`` (the snapshot's
-    log P(a) under its history) let a snapshot prefix reuse log P(b | a) = score - log P(a):
-    the fresh history then costs one a step instead of a b step per first token (an
-    approximation: new events move P(b | a) far less than P(a); measured in the README).
-    ``c_tails``: the snapshot's log P(c | a, b) of the items under its multi-item prefixes, given
-    to those prefixes (exact for an unchanged history, the same approximation as P(b | a)
-    otherwise); the extra prefixes keep their c steps."""
+    prefix scores, and the ``extra_heads`` the worker computed for the extra prefixes it knew,
+    are log P(a, b) under the fresh history. Otherwise, ``first_tokens`` (the snapshot's
+    log P(a) under its history) let a prefix with a stored score reuse
+    log P(b | a) = score - log P(a): the fresh history then costs one a step instead of a b
+    step per first token (an approximation: new events move P(b | a) far less than P(a);
+    measured in the README). ``c_tails``: the snapshot's log P(c | a, b) of the items under
+    its multi-item prefixes, snapshot and extra (exact for an unchanged history, the same
+    approximation as P(b | a) otherwise). Extras the worker did not know (neighbours of a
+    fresh event) keep every step."""
     first = dict(first_tokens) if not reuse_prefix_scores else {}
     stored = _by_prefix(c_tails)
     out = [
@@ -103,11 +104,17 @@ def candidate_prefixes(
     ]
     seen = {(p.a, p.b) for p in snapshot}
     fill = min((p.score for p in snapshot), default=0.0)
-    heads = {(p.a, p.b): p.score for p in extra_heads} if reuse_prefix_scores else {}
+    heads = {(p.a, p.b): p.score for p in extra_heads}
     for a, b in extra:
-        if (a, b) not in seen:
-            seen.add((a, b))
-            out.append(CandidatePrefix(a, b, fill, heads.get((a, b))))
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        head = heads.get((a, b))
+        if reuse_prefix_scores:
+            out.append(CandidatePrefix(a, b, fill, head, c_scores=stored.get((a, b))))
+            continue
+        tail = min(head - first[a], 0.0) if head is not None and a in first else None
+        out.append(CandidatePrefix(a, b, fill, None, tail, stored.get((a, b))))
     return out
 
 
@@ -268,17 +275,25 @@ def _item_terms(
     return max(bonuses), min(bonuses) - math.log(len(c_values))
 
 
-def prefix_heads(
+def first_token_logprobs(
     plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds
-) -> dict[tuple[int, int], float]:
-    """log P(a, b) of every planned prefix: known ones as given, the others from the a and b
-    answers (-inf where the engine did not return a token)."""
+) -> dict[int, float]:
+    """log P(a) of the first tokens the plan asked for, as the engine returned them."""
     log_a: dict[int, float] = {}
     for index, values in plan.a_slots:
         for a in values:
             lp = results[index].get(int(ids.a[a]))
             if lp is not None:
                 log_a[a] = lp
+    return log_a
+
+
+def prefix_heads(
+    plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds
+) -> dict[tuple[int, int], float]:
+    """log P(a, b) of every planned prefix: known ones as given, the others from the a and b
+    answers (-inf where the engine did not return a token)."""
+    log_a = first_token_logprobs(plan, results, ids)
     log_b: dict[tuple[int, int], float] = dict.fromkeys(plan.single_b, 0.0)
     for index, a, values in plan.b_slots:
         for b in values:

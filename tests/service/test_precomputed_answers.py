@@ -64,9 +64,9 @@ def think_ahead(
 
 @asynccontextmanager
 async def serving(
-    artifacts: tuple[Path, Path, Path], redis_url: str, answer_items: int
+    artifacts: tuple[Path, Path, Path], redis_url: str, answer_items: int, c_tails: bool = True
 ) -> AsyncIterator[tuple[Runtime, FakeEngine]]:
-    snapshot_id = think_ahead(artifacts, redis_url, answer_items)
+    snapshot_id = think_ahead(artifacts, redis_url, answer_items, c_tails)
     catalog_dir, model_dir, _ = artifacts
     engine = FakeEngine()
     async with open_runtime(make_settings(catalog_dir, model_dir, redis_url), engine) as rt:
@@ -120,24 +120,29 @@ async def test_unchanged_users_are_answered_from_redis_exactly_as_the_engine_wou
         assert engine.calls == 0  # not one engine round
         served = rt.metrics.precomputed_answers._value.get()  # type: ignore[attr-defined]
         assert served == len(HISTORIES)
-    async with serving(artifacts, redis_url, 0) as (rt, engine):
-        for user, answer in stored.items():
-            computed = await rt.core.recommend(RecommendQuery(user, k=STORED))
-            assert answer.source is computed.source is Source.THINK_AHEAD
-            assert answer.degraded_reason is None and answer.backfilled == computed.backfilled
-            assert [i for i, _ in ranking(answer)] == [i for i, _ in ranking(computed)]
-            assert [s for _, s in ranking(answer)] == pytest.approx(
-                [s for _, s in ranking(computed)],
-                abs=1e-5,  # stored as float32
-            )
-            assert not {i.item_id for i in answer.items} & set(HISTORIES[user])
-        assert engine.calls > 0
+    # without stored answers: from the stored heads and c's (still no engine round), then
+    # with no c's stored (the engine's c steps)
+    for c_tails in (True, False):
+        async with serving(artifacts, redis_url, 0, c_tails) as (rt, engine):
+            for user, answer in stored.items():
+                computed = await rt.core.recommend(RecommendQuery(user, k=STORED))
+                assert answer.source is computed.source is Source.THINK_AHEAD
+                assert answer.degraded_reason is None
+                assert answer.backfilled == computed.backfilled
+                assert [i for i, _ in ranking(answer)] == [i for i, _ in ranking(computed)]
+                assert [s for _, s in ranking(answer)] == pytest.approx(
+                    [s for _, s in ranking(computed)],
+                    abs=1e-5,  # stored as float32
+                )
+                assert not {i.item_id for i in answer.items} & set(HISTORIES[user])
+            assert (engine.calls > 0) is not c_tails
 
 
 async def test_anything_that_changes_the_scoring_goes_to_the_engine(
     artifacts: tuple[Path, Path, Path], redis_url: str
 ) -> None:
-    async with serving(artifacts, redis_url, STORED) as (rt, engine):
+    """Without stored c's (with them, an unchanged history needs no engine at all)."""
+    async with serving(artifacts, redis_url, STORED, c_tails=False) as (rt, engine):
         queries = [
             RecommendQuery("u3", k=3, recent_item_ids=("7",)),  # a fresh event
             RecommendQuery("u3", k=3, exclude_item_ids=("2",)),  # renormalises the steps
@@ -156,7 +161,7 @@ async def test_anything_that_changes_the_scoring_goes_to_the_engine(
 async def test_a_damaged_answer_is_ignored_and_counted(
     artifacts: tuple[Path, Path, Path], redis_url: str
 ) -> None:
-    async with serving(artifacts, redis_url, STORED) as (rt, engine):
+    async with serving(artifacts, redis_url, STORED, c_tails=False) as (rt, engine):
         sid = rt.watcher.active.snapshot_id  # type: ignore[union-attr]
         client = redis.Redis.from_url(redis_url)
         key = Keyspace().user(sid, "u2")
@@ -200,7 +205,9 @@ async def test_a_fresh_event_costs_one_a_step_instead_of_a_b_step_per_first_toke
         ids = rt.model.token_ids
         a_tokens = {int(t) for t in ids.a}
         value = stored_value(rt, redis_url, "u3")
-        assert {a for a, _ in value.first_tokens} == {p.a for p in value.prefixes}
+        extra_a = {h.a for h in value.covisit_heads}  # the extras the worker scored
+        assert extra_a - {p.a for p in value.prefixes}  # (the test needs one)
+        assert {a for a, _ in value.first_tokens} == {p.a for p in value.prefixes} | extra_a
         for reuse in (True, False):
             rt.core.settings = rt.core.settings.model_copy(update={"reuse_snapshot_b": reuse})
             sent.clear()
@@ -235,15 +242,17 @@ async def test_a_fresh_event_reuses_the_snapshots_c_steps(
         sent = recorded(engine)
         value = stored_value(rt, redis_url, "u3")
         snapshot_ab = {(p.a, p.b) for p in value.prefixes}
-        assert {code[:2] for code, _ in unpack_scored(value.c_tails)} == snapshot_ab
+        extras_ab = {(h.a, h.b) for h in value.covisit_heads}
+        stored_ab = {code[:2] for code, _ in unpack_scored(value.c_tails)}
+        assert snapshot_ab <= stored_ab <= snapshot_ab | extras_ab
         for reuse in (True, False):
             rt.core.settings = rt.core.settings.model_copy(update={"reuse_snapshot_c": reuse})
             sent.clear()
             rec = await rt.core.recommend(query)
             assert rec.source is Source.THINK_AHEAD and rec.degraded_reason is None
-            answers[reuse] = (ranking(rec), c_steps_of(sent, rt, snapshot_ab))
+            answers[reuse] = (ranking(rec), c_steps_of(sent, rt, snapshot_ab | extras_ab))
     (ranked, c_steps), (fresh, fresh_c_steps) = answers[True], answers[False]
-    assert not c_steps and fresh_c_steps == snapshot_ab
+    assert not c_steps and snapshot_ab <= fresh_c_steps
     assert [i for i, _ in ranked] == [i for i, _ in fresh]
     assert [s for _, s in ranked] == pytest.approx([s for _, s in fresh], abs=1e-5)  # float32
     assert not {i for i, _ in ranked} & {*query.recent_item_ids, *query.exclude_item_ids}
@@ -312,7 +321,9 @@ def test_the_worker_stores_normalised_c_log_probs_of_multi_item_prefixes_only(
                 assert value.c_tails == b""
                 continue
             constraint = Constraint(catalog, catalog.codes_of(history)[0])
-            multi = {(p.a, p.b) for p in value.prefixes if len(constraint.c_values(p.a, p.b)) > 1}
+            scored = [*value.prefixes, *value.covisit_heads]  # the user's and the extras
+            multi = {(p.a, p.b) for p in scored if len(constraint.c_values(p.a, p.b)) > 1}
+            assert multi - {(p.a, p.b) for p in value.prefixes}  # (the test needs an extra)
             mass: dict[tuple[int, int], float] = {}
             for code, lp in unpack_scored(value.c_tails):
                 assert constraint.allows(code)

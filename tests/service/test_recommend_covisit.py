@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from offline.thinkahead.prefixes import CovisitSource, UserResult, extra_heads
+from offline.thinkahead.prefixes import CovisitSource, UserResult, stored_scores
 from offline.thinkahead.publish import SnapshotWriter
 from service.contracts.affinity import NO_AFFINITY
 from service.contracts.catalog import Catalog
@@ -66,16 +66,18 @@ def publish(
         codes = catalog.codes_of(history)[0]
         heads: tuple[Prefix, ...] = ()
         if model is not None:
-            (heads,) = extra_heads(
+            (scores,) = stored_scores(
                 FakeEngine(),
                 model.token_ids,
                 catalog,
                 [codes],
                 [UserResult(list(prefixes), None)],
+                0,
                 CovisitSource(neighbours, 5),
                 [NO_AFFINITY],
                 0,
             )
+            heads = scores.heads
         values.append(
             (
                 user,

@@ -178,14 +178,18 @@ def test_stored_c_scores_replace_c_steps_renormalised_over_the_cs_still_allowed(
     ]
     first = [(0, -0.05), (1, -0.2)]
     candidates = candidate_prefixes(PREFIXES, [(2, 0)], first_tokens=first, c_tails=stored)
-    assert candidates[-1].c_scores is None  # an extra prefix keeps its c step
+    # an extra prefix the worker scored has its c's too
+    assert candidates[-1].c_scores == ((0, math.log(0.9)), (1, math.log(0.1)))
     # a fresh exclusion under (0, 0): its stored c's are renormalised over c 0 and 2
     constraint = Constraint(catalog, [(0, 0, 1)])
     plan = plan_item_scoring(PROMPT, candidates, constraint, IDS, top_c=5)
     renormalised = {0: math.log(0.5 / 0.7), 2: math.log(0.2 / 0.7)}
-    assert plan.known_c == {(0, 0): pytest.approx(renormalised)}
+    assert plan.known_c == {
+        (0, 0): pytest.approx(renormalised),
+        (2, 0): pytest.approx({0: math.log(0.9), 1: math.log(0.1)}),
+    }
     # (1, 0, 2) is allowed now but was not stored: that prefix asks the engine
-    assert set(plan.c_slots) == {(1, 0), (2, 0)} and plan.single_c == {(0, 1): 0}
+    assert set(plan.c_slots) == {(1, 0)} and plan.single_c == {(0, 1): 0}
     scored = {s.code: s.decoder for s in combine(plan, uniform_answers(plan), IDS)}
     log_a0 = -math.log(3)  # a in {0, 1, 2}, uniform
     assert math.isclose(scored[(0, 0, 2)], log_a0 + (-0.1 + 0.05) + math.log(0.2 / 0.7))
@@ -200,6 +204,44 @@ def test_stored_c_scores_replace_c_steps_renormalised_over_the_cs_still_allowed(
         top_c=5,
     )
     assert plan.requests == [] and set(plan.known_c) == {(0, 0)} and plan.single_c[(1, 0)] == 0
+
+
+def test_extra_prefixes_the_worker_scored_skip_their_b_and_c_steps_after_a_fresh_event() -> None:
+    # (0,0)->c{0,1}  (0,1)->c{0}  (1,0)->c{0,2}  (2,0)->c{0,1}  (3,0)->c{0,1}  (3,1)->c{0}
+    catalog = catalog_of({(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 0, 2), (2, 0, 0),
+                          (2, 0, 1), (3, 0, 0), (3, 0, 1), (3, 1, 0)}, k=4)  # fmt: skip
+    first = [(0, -0.05), (1, -0.2), (2, -1.0)]  # log P(a) under the snapshot's history
+    heads = [Prefix(2, 0, -1.5)]  # log P(2, 0) there: the worker knew this extra
+    stored = [
+        ((0, 0, 0), math.log(0.5)),
+        ((0, 0, 1), math.log(0.5)),
+        ((1, 0, 0), math.log(0.6)),
+        ((1, 0, 2), math.log(0.4)),
+        ((2, 0, 0), math.log(0.9)),
+        ((2, 0, 1), math.log(0.1)),
+    ]
+    # (3, 0): a neighbour of the fresh event, unknown to the worker
+    candidates = candidate_prefixes(
+        PREFIXES, [(2, 0), (3, 0)], extra_heads=heads, first_tokens=first, c_tails=stored
+    )
+    extra, unknown = candidates[-2:]
+    assert (extra.head, extra.tail) == (None, pytest.approx(-0.5))  # log P(b | a) reused
+    assert (unknown.head, unknown.tail, unknown.c_scores) == (None, None, None)
+    plan = plan_item_scoring(PROMPT, candidates, Constraint(catalog), IDS, top_c=5)
+    # one a step for every first token; b and c steps only for the unknown prefix
+    assert plan.a_slots == [(0, [0, 1, 2, 3])]
+    assert [(a, b) for _, a, b in plan.b_slots] == [(3, [0])] and set(plan.c_slots) == {(3, 0)}
+    assert len(plan.requests) == 3
+    scored = {s.code: s.decoder for s in combine(plan, uniform_answers(plan), IDS)}
+    log_a = -math.log(4)  # a in {0, 1, 2, 3}, uniform
+    assert math.isclose(scored[(2, 0, 0)], log_a - 0.5 + math.log(0.9))
+    assert math.isclose(scored[(3, 0, 1)], log_a + math.log(0.5) + math.log(0.5))
+    # unchanged history: the stored head is the fresh one, no a step for it
+    unchanged = candidate_prefixes(
+        PREFIXES, [(2, 0), (3, 0)], True, heads, first_tokens=first, c_tails=stored
+    )
+    assert [(c.head, c.tail) for c in unchanged[-2:]] == [(-1.5, None), (None, None)]
+    assert unchanged[-2].c_scores == ((0, math.log(0.9)), (1, math.log(0.1)))
 
 
 def test_unusable_stored_c_scores_fall_back_to_the_c_step() -> None:
