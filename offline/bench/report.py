@@ -181,4 +181,19 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                 ],
                 "",
             ]
+            if loc.get("server"):
+                lines += [
+                    "The service's own recommend latency during the same run, by transport "
+                    "(`thinkahead_request_duration_seconds`, difference of two scrapes; "
+                    "within-bucket interpolation): what the server spends, without the load "
+                    "generator's share.",
+                    "",
+                    "| transport | recommends | server p50 ms | server p99 ms |",
+                    "| --- | --- | --- | --- |",
+                    *[
+                        f"| {t} | {int(v['requests'] or 0)} | {v['p50_ms']} | {v['p99_ms']} |"
+                        for t, v in loc["server"].items()
+                    ],
+                    "",
+                ]
     (out / "report.md").write_text("\n".join(lines))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from offline.bench.load import run_load
 from offline.bench.report import write_report
+from offline.bench.server_latency import scrape_buckets, server_latency
 from offline.eval_cli import baseline_rows, load_covisit
 from offline.evaluate import (
     rank_full,
@@ -314,6 +315,7 @@ def run_locust(
     (work / "load_users.txt").write_text("\n".join(users))
     (work / "load_items.txt").write_text("\n".join(items))
     port = int(base.rsplit(":", 1)[1])
+    before = scrape_buckets(base)
     subprocess.run(
         [
             str(root / "scripts" / "load_test.sh"),
@@ -330,6 +332,7 @@ def run_locust(
         stderr=subprocess.DEVNULL,
         preexec_fn=pinned_to(cpus),
     )
+    server = server_latency(before, scrape_buckets(base))
     with (work / "locust_stats.csv").open() as f:
         rows = list(csv.DictReader(f))
     keep = (
@@ -347,4 +350,5 @@ def run_locust(
         "seconds": seconds,
         "csv": "locust_stats.csv",
         "rows": [{k: r[k] for k in keep if k in r} for r in rows],
+        "server": server,
     }
