@@ -33,6 +33,21 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+# LD_PRELOAD as this process was started: creating a vLLM engine here adds torch's libgomp to
+# os.environ for vLLM's own workers, and a service started afterwards must not inherit it
+# (it would keep `thinkahead serve` from preloading libiomp5: service.engine.cpu_preload).
+LAUNCH_LD_PRELOAD = os.environ.get("LD_PRELOAD")
+
+
+def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with LD_PRELOAD as it was at start, plus ``extra``."""
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if LAUNCH_LD_PRELOAD is not None:
+        env["LD_PRELOAD"] = LAUNCH_LD_PRELOAD
+    return {**env, **(extra or {})}
+
+
 def free_ports(count: int, taken: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """``count`` distinct free loopback ports for servers about to start. Distinct by
     construction: binding port 0 twice in a row may return the same port once the first
@@ -200,7 +215,7 @@ def start_service(
         str(grpc_port),
         *extra_args,
     ]
-    full_env = {**os.environ, **(env or {})}
+    full_env = launch_env(env)
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # AsyncLLM runs its engine core apart
     log = log_path.open("ab" if append else "wb")
     proc = subprocess.Popen(

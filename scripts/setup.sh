@@ -26,6 +26,16 @@ if [ "$engine" = auto ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then engine=gpu; else engine=cpu; fi
 fi
 
+# tcmalloc: the allocator vLLM's CPU backend asks for; `thinkahead serve` preloads it (with the
+# venv's libiomp5) when present. Best effort: the service runs without it, slower.
+if [ "$engine" = cpu ] && ! ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 \
+  && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  log "installing libtcmalloc-minimal4 from Debian's packages"
+  apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; } \
+    || log "libtcmalloc-minimal4 not installed: the service runs without it"
+fi
+
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || { log "creating .venv"; "$PY" -m venv .venv; }
 # shellcheck disable=SC1091

@@ -24,6 +24,7 @@ from service.api.grpc_api import GrpcServer, start_grpc, stop_grpc
 from service.api.rest import create_app
 from service.config import Settings
 from service.engine.base import Engine
+from service.engine.cpu_preload import reexec_with_cpu_preload
 from service.runtime import Runtime, open_runtime
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ def run(settings: Settings) -> None:
     except ExposureError as exc:
         log.error("event=refused_to_start reason=%s", exc)
         raise SystemExit(2) from exc
+    if settings.engine.mode == "local":
+        reexec_with_cpu_preload()  # returns when there is nothing to preload
     if settings.auth.keys_file is None:
         log.warning(
             "event=auth_off reason=no_keys_file hosts=%s,%s", settings.http_host, settings.grpc_host
