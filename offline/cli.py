@@ -243,9 +243,12 @@ def train_items_cmd(
         "patience"
     ),
     dim: Annotated[int, typer.Option(help="item vector size")] = _items_default("dim"),
-    negatives: Annotated[int, typer.Option(help="sampled negatives per batch")] = _items_default(
-        "negatives"
-    ),
+    negatives: Annotated[
+        int, typer.Option(help="sampled negatives per batch (catalogs above --full-softmax-items)")
+    ] = _items_default("negatives"),
+    full_softmax_items: Annotated[
+        int, typer.Option(help="catalogs up to this size train with the full softmax")
+    ] = _items_default("full_softmax_items"),
     max_minutes: Annotated[
         float | None, typer.Option(help="stop after this long")
     ] = _items_default("max_minutes"),
@@ -256,7 +259,7 @@ def train_items_cmd(
     seed: Annotated[int, typer.Option()] = _items_default("seed"),
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
-    """Train the item-level model (SASRec, sampled softmax) whose per-user best items the
+    """Train the item-level model (SASRec, softmax over items) whose per-user best items the
     think-ahead worker stores as candidates and a feature of the fused score."""
     from offline.items.config import ItemTrainConfig
     from offline.items.train import train_item_model
@@ -267,6 +270,7 @@ def train_items_cmd(
         patience=patience,
         dim=dim,
         negatives=negatives,
+        full_softmax_items=full_softmax_items,
         max_minutes=max_minutes,
         seed=seed,
     )

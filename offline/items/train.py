@@ -1,8 +1,10 @@
 """``thinkahead train-items``: the item-level model, trained with a sampled softmax.
 
 Loss: at every position of every training sequence, cross-entropy of the true next item against
-``negatives`` items drawn uniformly for the batch (a negative equal to the target is masked).
-The softmax over items is what made the difference on Beauty (notes/quality-probe.md), not size.
+every item (catalogs up to ``full_softmax_items``), else against ``negatives`` items drawn
+uniformly for the batch (a negative equal to the target is masked): what scales to catalogs
+whose logits do not fit. The softmax over items is what made the difference on Beauty
+(notes/quality-probe.md), not size.
 Validation (the leave-one-out validation target, full ranking, history excluded) after every
 epoch; the best epoch by NDCG@10 is kept; training stops after ``patience`` epochs without gain.
 """
@@ -110,6 +112,7 @@ def train_item_model(
         )
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    full_softmax = len(catalog) <= cfg.full_softmax_items
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
     history: list[dict[str, float]] = []
     stale = 0
@@ -121,8 +124,14 @@ def train_item_model(
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
             hidden = model(inputs)
             mask = (targets > 0) & (inputs > 0)
-            negatives = torch.randint(1, len(catalog) + 1, (cfg.negatives,))
-            loss = sampled_softmax_loss(hidden[mask], targets[mask], model.items.weight, negatives)
+            if full_softmax:
+                logits = hidden[mask] @ model.items.weight[1:].T  # row r is token r + 1
+                loss = F.cross_entropy(logits, targets[mask] - 1)
+            else:
+                negatives = torch.randint(1, len(catalog) + 1, (cfg.negatives,))
+                loss = sampled_softmax_loss(
+                    hidden[mask], targets[mask], model.items.weight, negatives
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -148,6 +157,7 @@ def train_item_model(
     model.load_state_dict(best[2])
     record = {
         "settings": cfg.model_dump(),
+        "loss": "full softmax" if full_softmax else f"sampled softmax, {cfg.negatives} negatives",
         "refit": refit,
         "train_sequences": len(sequences),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -57,6 +57,22 @@ def test_it_learns_the_walk_far_beyond_popularity(world: tuple[Path, Path, Path]
     assert model.manifest.best_epoch >= 1 and model.version
 
 
+def test_the_sampled_softmax_of_large_catalogs_learns_the_walk_too(
+    world: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    catalog_dir, model_dir, interactions = world
+    catalog = Catalog.load(catalog_dir)
+    assert ItemModel.load(model_dir / "items", catalog).manifest.training["loss"] == (
+        "full softmax"
+    )
+    cfg = ItemTrainConfig(
+        dim=16, negatives=20, full_softmax_items=0, epochs=12, patience=12, max_len=20
+    )
+    manifest = train_item_model(catalog, interactions, tmp_path / "items", cfg, False, False)
+    assert manifest.training["loss"] == "sampled softmax, 20 negatives"
+    assert manifest.training["best"]["recall@10"] > 0.6
+
+
 def test_top_items_exclude_the_history_and_rank_best_first(world: tuple[Path, Path, Path]) -> None:
     catalog_dir, model_dir, _ = world
     catalog = Catalog.load(catalog_dir)
