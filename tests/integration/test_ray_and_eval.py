@@ -116,6 +116,11 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
         str(tiny_world.interactions_csv),
         "--no-progress",
     ]
+    # an item-level model in the model directory: its candidates and weight are tuned too
+    result = run_cli(
+        *["train-items", *common, "--out", str(model / "items"), "--epochs", "3", "--dim", "16"]
+    )
+    assert result.exit_code == 0, result.output
     result = run_cli(
         *[
             "tune-blend",
@@ -130,6 +135,8 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     )
     assert result.exit_code == 0, result.output
     serving = ServingConfig.model_validate_json((model / "serving.json").read_text())
+    assert serving.item_model_version is not None
+    assert {"affinity", "affinity_candidates"} <= set(serving.tuning["best"])
     tuning = serving.tuning
     # the recorded choice is within 1% of the grid's best on validation, no worse than the decoder
     assert tuning["best"]["ndcg@10"] >= 0.99 * tuning["grid_best_ndcg@10"]
@@ -156,6 +163,33 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     )
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
-    row = next(v for k, v in rows.items() if k.startswith("served answer"))
+    label, row = next((k, v) for k, v in rows.items() if k.startswith("served answer"))
     assert row["invalid_items"] == 0 and row["users"] == 60
+    assert "item-level candidates" in label
+    assert any("item-level" in m for m in row["prefix_coverage"])
     assert {"co-visitation (train split)", "popularity (train split)"} <= set(rows)
+
+    # one event behind the snapshot: what the worker stored (the extras' too) reused, real vLLM
+    stale = tmp_path / "stale.json"
+    result = run_cli(
+        *[
+            "eval",
+            "--model",
+            str(model),
+            *common,
+            "--out",
+            str(stale),
+            "--mode",
+            "think-ahead",
+            "--prefixes",
+            "8",
+            "--limit",
+            "60",
+            "--stale-events",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(stale.read_text())["rows"]
+    label, row = next((k, v) for k, v in rows.items() if k.startswith("served answer"))
+    assert "reused" in label and row["invalid_items"] == 0 and row["users"] == 60
