@@ -241,7 +241,8 @@ def _tour(
             ItemTrainConfig(max_minutes=max(minutes / 4, 0.5)),
         )
     screen.echo(
-        f"   item-level model (SASRec, sampled softmax) {items_manifest.version}, val R@10 "
+        f"   item-level model (SASRec, {items_manifest.training['loss']}) "
+        f"{items_manifest.version}, val R@10 "
         f"{items_manifest.training['best']['recall@10']:.3f}"
     )
     screen.say("4/5 think-ahead: 2-token prefix beam search for every user -> Redis snapshot")

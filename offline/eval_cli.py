@@ -151,7 +151,7 @@ def run_eval(
 
 
 MODES = ("full", "think-ahead", "items")
-ITEM_MODEL_ROW = "item-level model alone (SASRec, sampled softmax), full ranking"
+ITEM_MODEL_ROW = "item-level model alone (SASRec, softmax over items), full ranking"
 
 
 def _write_item_model_report(

@@ -162,10 +162,12 @@ def _item_model_lines(item_model: dict[str, Any] | None) -> list[str]:
         return []
     t = item_model.get("training", {})
     cfg = item_model.get("config", {})
+    settings = t.get("settings", {})
+    loss = t.get("loss") or f"sampled softmax, {settings.get('negatives')} negatives"
     return [
         f"Item-level model: SASRec, {cfg.get('dim')}-d items, {cfg.get('blocks')} block, "
-        f"{t.get('parameters', 0):,} parameters, sampled softmax "
-        f"({t.get('settings', {}).get('negatives')} negatives), best epoch "
+        f"{t.get('parameters', 0):,} parameters, {loss}, dropout {settings.get('dropout')}, "
+        "best epoch "
         f"{item_model.get('best_epoch')} of {len(t.get('epochs', []))} on validation, "
         f"{t.get('seconds', 0) / 60:.1f} minutes, peak RSS {t.get('peak_rss_gb')} GB.",
         "",

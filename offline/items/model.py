@@ -1,4 +1,4 @@
-"""The item-level sequence model: SASRec trained with a sampled softmax over items.
+"""The item-level sequence model: SASRec trained with a softmax over items.
 
 It is the collaborative signal the semantic-ID decoder lacks (notes/quality-probe.md: an
 item-level softmax model beat every semantic-ID generator on Beauty). It never serves online and

@@ -1,4 +1,4 @@
-"""``thinkahead train-items``: the item-level model, trained with a sampled softmax.
+"""``thinkahead train-items``: the item-level model, trained with a softmax over items.
 
 Loss: at every position of every training sequence, cross-entropy of the true next item against
 every item (catalogs up to ``full_softmax_items``), else against ``negatives`` items drawn

@@ -1,7 +1,7 @@
 """Item-level scores thought ahead: each user's best items under the item-level model.
 
 The think-ahead worker encodes the user's history with the item-level model (SASRec trained
-with a sampled softmax over items, ``offline/items``), finds the user's best N items in an index
+with a softmax over items, ``offline/items``), finds the user's best N items in an index
 over the item vectors, and stores them with their scores in the user's snapshot value (field
 ``i``, packed like the stored answers: 10 bytes per item). Online they are
 
