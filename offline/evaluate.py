@@ -226,7 +226,6 @@ def think_ahead_candidates(
             with_extra += target is not None and target[:2] in {*ranked_ab, *extra_ab}
             prompt, constraint = ids.history(history), Constraint(catalog, history)
             first = kept.first_tokens if reuse_snapshot_b else ()
-            heads = kept.heads
             if prune is None:  # every candidate scored, no bound: to learn the weights
                 plan = plan_item_scoring(
                     prompt,
@@ -234,7 +233,7 @@ def think_ahead_candidates(
                         result.prefixes,
                         extra_ab,
                         stale_events == 0,
-                        heads,
+                        kept.heads,
                         first_tokens=first,
                         c_tails=tail,
                     ),
@@ -253,7 +252,7 @@ def think_ahead_candidates(
                     prune,
                     features,
                     unchanged=stale_events == 0,
-                    covisit_heads=heads,
+                    covisit_heads=kept.heads,
                     first_tokens=first,
                     c_tails=tail,
                 )

@@ -91,30 +91,27 @@ def candidate_prefixes(
     fresh event) keep every step."""
     first = dict(first_tokens) if not reuse_prefix_scores else {}
     stored = _by_prefix(c_tails)
-    out = [
-        CandidatePrefix(
-            p.a,
-            p.b,
-            p.score,
-            p.score if reuse_prefix_scores else None,
-            min(p.score - first[p.a], 0.0) if p.a in first else None,
-            stored.get((p.a, p.b)),
+
+    def candidate(a: int, b: int, offline: float, head: float | None) -> CandidatePrefix:
+        """One rule for the snapshot's prefixes and the extras: ``head`` is the stored
+        log P(a, b) under the snapshot's history (None: the worker did not score it)."""
+        return CandidatePrefix(
+            a,
+            b,
+            offline,
+            head if reuse_prefix_scores else None,
+            min(head - first[a], 0.0) if head is not None and a in first else None,
+            stored.get((a, b)),
         )
-        for p in snapshot
-    ]
+
+    out = [candidate(p.a, p.b, p.score, p.score) for p in snapshot]
     seen = {(p.a, p.b) for p in snapshot}
     fill = min((p.score for p in snapshot), default=0.0)
     heads = {(p.a, p.b): p.score for p in extra_heads}
     for a, b in extra:
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
-        head = heads.get((a, b))
-        if reuse_prefix_scores:
-            out.append(CandidatePrefix(a, b, fill, head, c_scores=stored.get((a, b))))
-            continue
-        tail = min(head - first[a], 0.0) if head is not None and a in first else None
-        out.append(CandidatePrefix(a, b, fill, None, tail, stored.get((a, b))))
+        if (a, b) not in seen:
+            seen.add((a, b))
+            out.append(candidate(a, b, fill, heads.get((a, b))))
     return out
 
 
