@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -144,52 +146,27 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     assert serving.weights.covisit == tuning["best"]["covisit"]
     assert serving.covisit_version is not None  # the catalog carries its co-visitation table
 
-    out = tmp_path / "ta.json"
-    result = run_cli(
-        *[
-            "eval",
-            "--model",
-            str(model),
-            *common,
-            "--out",
-            str(out),
-            "--mode",
-            "think-ahead",
-            "--prefixes",
-            "8",
-            "--limit",
-            "60",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())["rows"]
-    label, row = next((k, v) for k, v in rows.items() if k.startswith("served answer"))
+    label, row, rows = served_row(model, common, tmp_path / "ta.json")
     assert row["invalid_items"] == 0 and row["users"] == 60
     assert "item-level candidates" in label
     assert any("item-level" in m for m in row["prefix_coverage"])
     assert {"co-visitation (train split)", "popularity (train split)"} <= set(rows)
 
     # one event behind the snapshot: what the worker stored (the extras' too) reused, real vLLM
-    stale = tmp_path / "stale.json"
+    label, row, _ = served_row(model, common, tmp_path / "stale.json", "--stale-events", "1")
+    assert "reused" in label and row["invalid_items"] == 0 and row["users"] == 60
+
+
+def served_row(
+    model: Path, common: list[str], out: Path, *extra: str
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``thinkahead eval --mode think-ahead`` on 60 sampled users (M = 8): the served row's
+    label and metrics, and every row."""
     result = run_cli(
-        *[
-            "eval",
-            "--model",
-            str(model),
-            *common,
-            "--out",
-            str(stale),
-            "--mode",
-            "think-ahead",
-            "--prefixes",
-            "8",
-            "--limit",
-            "60",
-            "--stale-events",
-            "1",
-        ],
+        *["eval", "--model", str(model), *common, "--out", str(out), "--mode", "think-ahead"],
+        *["--prefixes", "8", "--limit", "60", *extra],
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads(stale.read_text())["rows"]
+    rows = json.loads(out.read_text())["rows"]
     label, row = next((k, v) for k, v in rows.items() if k.startswith("served answer"))
-    assert "reused" in label and row["invalid_items"] == 0 and row["users"] == 60
+    return label, row, rows
