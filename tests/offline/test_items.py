@@ -93,6 +93,20 @@ def test_top_items_exclude_the_history_and_rank_best_first(world: tuple[Path, Pa
     assert after & {"15", "16", "17"}  # what the walk does next
 
 
+def test_a_users_vector_does_not_depend_on_the_rest_of_its_batch(
+    world: tuple[Path, Path, Path],
+) -> None:
+    """The worker batches users of every length: a short history padded to a long one's width
+    must score exactly as alone (padding is masked out of attention, not just zeroed)."""
+    catalog_dir, model_dir, _ = world
+    model = ItemModel.load(model_dir / "items", Catalog.load(catalog_dir))
+    short, long = [3, 4, 5], list(range(1, 19))
+    together = model.user_vectors([short, long])
+    alone = np.concatenate([model.user_vectors([short]), model.user_vectors([long])])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(together[0], together[1])
+
+
 def test_a_model_for_another_catalog_is_refused(
     world: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
