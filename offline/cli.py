@@ -515,7 +515,7 @@ def covisit_build(
     typer.echo(
         f"co-visitation {table.version} -> {catalog}/covisit.npz: "
         f"{int(table.offsets[-1])} neighbours over {len(table.item_ids)} items "
-        f"({table.parameters['pairs']} transitions)"
+        f"({table.parameters['pairs']} pairs within {table.parameters['window']} steps)"
     )
 
 

@@ -1,8 +1,17 @@
 """Build the co-visitation neighbour table (``service.contracts.covisit``) from users' sequences.
 
 Successor counts with predecessors at ``predecessor_weight``, top ``top_n`` per item, counted
-with a sparse matrix so the cost is linear in interactions. Benchmarks pass ``holdout_last=2``
-so each user's validation and test items are not counted (no leakage).
+with a sparse matrix so the cost is linear in interactions. An item j that follows i at
+distance d <= ``window`` in a sequence counts ``distance_decay ** (d - 1)``.
+
+The defaults were chosen on Beauty's validation split (8,000 users, the co-visitation ranking
+alone): direct successors with predecessors at 0.5 (the afternoon baseline's counts) R@10 .0935
+/ N@10 .0603; 5 steps at 0.5 decay .1031 / .0649; the same with predecessors at 0.25 .1050 /
+.0668 (10 steps .1055 / .0672, 0.1 .1041 / .0669, 0 .1035 / .0664, dividing by the neighbour's
+popularity^0.25 lower). Test moved the same way (.0720 / .0452 -> .0798 / .0497).
+
+Benchmarks pass ``holdout_last=2`` so each user's validation and test items are not counted
+(no leakage).
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from service.contracts.covisit import CovisitTable
 from service.contracts.manifest import file_hash, sha256_hex
 
 DEFAULT_TOP_N = 50
-DEFAULT_PREDECESSOR_WEIGHT = 0.5
+DEFAULT_PREDECESSOR_WEIGHT = 0.25
+DEFAULT_WINDOW = 5
+DEFAULT_DISTANCE_DECAY = 0.5
 
 
 def build_covisit(
@@ -27,20 +38,26 @@ def build_covisit(
     *,
     top_n: int = DEFAULT_TOP_N,
     predecessor_weight: float = DEFAULT_PREDECESSOR_WEIGHT,
+    window: int = DEFAULT_WINDOW,
+    distance_decay: float = DEFAULT_DISTANCE_DECAY,
     holdout_last: int = 0,
     data_hash: str | None = None,
 ) -> CovisitTable:
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     prev: list[int] = []
     nxt: list[int] = []
+    weight: list[float] = []
     for seq in sequences.truncated(holdout_last).items:
         rows = [catalog.row_of[i] for i in seq if i in catalog.row_of]
-        prev.extend(rows[:-1])
-        nxt.extend(rows[1:])
+        for d in range(1, min(window, len(rows) - 1) + 1):
+            prev.extend(rows[:-d])
+            nxt.extend(rows[d:])
+            weight.extend([distance_decay ** (d - 1)] * (len(rows) - d))
     n = len(catalog)
-    ones = np.ones(len(prev), dtype=np.float64)
-    follows = sp.coo_matrix((ones, (prev, nxt)), shape=(n, n)).tocsr()
+    follows = sp.coo_matrix((np.asarray(weight, np.float64), (prev, nxt)), shape=(n, n)).tocsr()
     counts = (follows + predecessor_weight * follows.T).tocsr()
     counts.setdiag(0)  # an item repeated back to back is not its own neighbour
     counts.eliminate_zeros()
@@ -61,6 +78,8 @@ def build_covisit(
     parameters: dict[str, object] = {
         "top_n": top_n,
         "predecessor_weight": predecessor_weight,
+        "window": window,
+        "distance_decay": distance_decay,
         "holdout_last": holdout_last,
         "data_hash": data_hash,
         "pairs": len(prev),

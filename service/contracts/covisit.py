@@ -1,8 +1,9 @@
 """Item-to-item co-visitation: the contract both sides share.
 
 Offline, ``thinkahead catalog build`` (or ``thinkahead covisit build``) counts, over users'
-sequences, how often item j directly follows item i (predecessors at half weight) and keeps the
-top-N neighbours of every item: ``covisit.npz`` beside the catalog, with its own version. The
+sequences, how often item j follows item i within a few steps (nearer steps weigh more,
+predecessors at a quarter weight; ``offline.catalog.covisit``) and keeps the top-N neighbours of
+every item: ``covisit.npz`` beside the catalog, with its own version. The
 think-ahead worker publishes the table with each snapshot, one Redis value per item
 (``ta:snap:{sid}:cv:{<item_id>}``), so it shards with the keyspace and flips with the snapshot.
 

@@ -219,8 +219,16 @@ async def test_a_fresh_event_costs_one_a_step_instead_of_a_b_step_per_first_toke
             b_steps = [r for r in sent if r.prompt[-1] in a_tokens]
             answers[reuse] = (ranking(rec), b_steps, len(sent))
     ranked, b_steps, requests = answers[True]
-    snapshot_a = {int(ids.a[p.a]) for p in value.prefixes}
-    assert not [r for r in b_steps if r.prompt[-1] in snapshot_a]  # none for snapshot a's
+    # b steps only for prefixes the worker did not score (neighbours of the fresh event)
+    a_of = {int(t): a for a, t in enumerate(ids.a)}
+    b_of = {int(t): b for b, t in enumerate(ids.b)}
+
+    def asked(steps: list[ScoreRequest]) -> set[tuple[int, int]]:
+        return {(a_of[r.prompt[-1]], b_of[w]) for r in steps for w in r.want}
+
+    stored = {(p.a, p.b) for p in value.prefixes} | {(h.a, h.b) for h in value.covisit_heads}
+    assert not asked(b_steps) & stored, asked(b_steps) & stored
+    assert asked(answers[False][1]) & stored  # without reuse they are asked again
     assert answers[False][1] and requests < answers[False][2]
     assert [i for i, _ in ranked] == [i for i, _ in answers[False][0]]
     assert [s for _, s in ranked] == pytest.approx([s for _, s in answers[False][0]], abs=1e-9)

@@ -34,7 +34,7 @@ SEQS = Sequences(
 
 def test_table_counts_successors_and_half_weighted_predecessors() -> None:
     cat = catalog()
-    table = build_covisit(cat, SEQS, top_n=50)
+    table = build_covisit(cat, SEQS, top_n=50, window=1, predecessor_weight=0.5)
     lookup = table.as_mapping()
     # i1 -> i2 three times; i2 -> i1 once (half weight); i1 is never its own neighbour
     n1 = dict(zip(lookup["i1"].item_ids, lookup["i1"].scores, strict=True))
@@ -46,6 +46,22 @@ def test_table_counts_successors_and_half_weighted_predecessors() -> None:
         history = [i for i in seq[:2] if i != "unknown"]
         ours = covisit_scores(history, lookup, set(history))
         assert set(top_scored(ours, 3)) <= set(baseline.recommend(history, 8))
+
+
+def test_items_further_apart_count_less_and_beyond_the_window_not_at_all() -> None:
+    seqs = Sequences(["u"], [["i0", "i1", "i2", "i3"]])
+    lookup = build_covisit(
+        catalog(), seqs, top_n=50, window=2, distance_decay=0.5, predecessor_weight=0.5
+    ).as_mapping()
+    n0 = dict(zip(lookup["i0"].item_ids, lookup["i0"].scores, strict=True))
+    assert n0 == {"i1": 1.0, "i2": 0.5}  # i3 is 3 steps on: outside the window
+    n3 = dict(zip(lookup["i3"].item_ids, lookup["i3"].scores, strict=True))
+    assert n3 == {"i2": 0.5, "i1": 0.25}  # predecessors at half weight, decayed the same
+    # the defaults count further than direct successors
+    wide = build_covisit(catalog(), seqs, top_n=50).as_mapping()
+    assert "i3" in wide["i0"].item_ids
+    with pytest.raises(ValueError, match="window"):
+        build_covisit(catalog(), seqs, window=0)
 
 
 def test_top_n_truncates_holdout_drops_the_last_items_and_versions_differ() -> None:
