@@ -10,6 +10,7 @@ from typing import Any
 from offline.errors import InputError
 from offline.evaluate import (
     Ranked,
+    covisit_table_ranking,
     covisitation_baseline,
     popularity_baseline,
     rank_full,
@@ -133,6 +134,10 @@ def run_eval(
         else f"decoder ({mode}, {engine}, beam {beam})"
     )
     rows = {label: report_row(ranked, examples), **baseline_rows(data, examples, split, k)}
+    covisit = load_covisit(catalog_dir, catalog)
+    if covisit:
+        table = covisit_table_ranking(catalog, covisit, examples, k)
+        rows[COVISIT_TABLE_ROW] = {m: round(v, 5) for m, v in table.items()}
     report = {
         "created_at": utc_now(),
         "split": split,
@@ -151,6 +156,7 @@ def run_eval(
 
 
 MODES = ("full", "think-ahead", "items")
+COVISIT_TABLE_ROW = "co-visitation table (the catalog's, as the fallback serves it)"
 ITEM_MODEL_ROW = "item-level model alone (SASRec, softmax over items), full ranking"
 
 

@@ -334,6 +334,27 @@ def covisitation_baseline(
     return ranking_metrics(ranked, [e.target for e in examples])
 
 
+def covisit_table_ranking(
+    catalog: Catalog,
+    neighbours: Mapping[str, Neighbours],
+    examples: Sequence[Example],
+    k: int,
+) -> dict[str, float]:
+    """The catalog's co-visitation table alone, scored as the service scores it (the freshest
+    items' neighbours, recency-weighted, history excluded), popular items filling the rest:
+    what ``fallback_covisitation`` serves."""
+    popular = [catalog.item_ids[int(r)] for r in catalog.rows_by_popularity]
+    ranked = []
+    for e in examples:
+        seen = set(e.history)
+        scores = covisit_scores(e.history, neighbours, seen)
+        top = sorted(scores, key=lambda i: (-scores[i], i))[:k]
+        taken = seen | set(top)
+        top += [i for i in popular[: k + len(taken)] if i not in taken][: k - len(top)]
+        ranked.append(top)
+    return ranking_metrics(ranked, [e.target for e in examples])
+
+
 def popularity_baseline(train: Sequences, examples: Sequence[Example], k: int) -> dict[str, float]:
     """The most popular training items the user has not interacted with."""
     counts = Counter(item for seq in train.items for item in seq)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis
 
+from offline.eval_cli import COVISIT_TABLE_ROW
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.contracts.model import ServingConfig
 from service.contracts.snapshot import Keyspace, UserPrefixes
@@ -151,6 +152,7 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     assert "item-level candidates" in label
     assert any("item-level" in m for m in row["prefix_coverage"])
     assert {"co-visitation (train split)", "popularity (train split)"} <= set(rows)
+    assert rows[COVISIT_TABLE_ROW]["users"] == 60  # what the co-visitation fallback serves
 
     # one event behind the snapshot: what the worker stored (the extras' too) reused, real vLLM
     label, row, _ = served_row(model, common, tmp_path / "stale.json", "--stale-events", "1")

@@ -7,7 +7,8 @@ import pytest
 
 from offline.baselines import CoVisitation
 from offline.catalog.covisit import build_covisit
-from offline.data import Sequences
+from offline.data import Example, Sequences
+from offline.evaluate import covisit_table_ranking
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import CovisitError, CovisitTable, covisit_scores, top_scored
 from service.contracts.manifest import CatalogManifest
@@ -82,3 +83,20 @@ def test_table_file_round_trip_refuses_another_catalog(tmp_path) -> None:  # typ
     assert loaded.version == table.version and loaded.as_mapping() == table.as_mapping()
     with pytest.raises(CovisitError, match="built for catalog cv"):
         CovisitTable.load(tmp_path, cat.item_ids, "other")
+
+
+def test_the_tables_ranking_is_what_the_fallback_serves_topped_up_by_popularity() -> None:
+    cat = catalog()
+    lookup = build_covisit(cat, SEQS, top_n=50, window=1).as_mapping()
+    history = ["i6", "i7"]
+    ours = covisit_scores(history, lookup, set(history))
+    best = top_scored(ours, 8)
+    # the target is the table's best item: a hit at rank 1
+    hit = covisit_table_ranking(cat, lookup, [Example("u", history, best[0])], 10)
+    assert hit["recall@10"] == 1.0 and hit["ndcg@10"] == 1.0
+    # an item the table never reaches is found among the popular fill, never in the history
+    outside = next(i for i in cat.item_ids if i not in ours and i not in history)
+    found = covisit_table_ranking(cat, lookup, [Example("u", history, outside)], 8)
+    assert found["recall@10"] == 1.0 and found["ndcg@10"] < 1.0
+    missing = covisit_table_ranking(cat, lookup, [Example("u", history, "i6")], 10)
+    assert missing["recall@10"] == 0.0  # history items are never recommended
