@@ -56,12 +56,12 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int]:
 
 
 SERVING_FILE = "serving.json"
-# Without a serving.json: what `thinkahead tune-blend` chose on Beauty's validation split for the
-# full-softmax item model (benchmarks/beauty/serving.json), so another data set is served as
-# Beauty's validation said, tuned on nothing of its own.
+# Without a serving.json: what `thinkahead tune-blend` chose on Beauty's validation split with
+# the 5-step co-visitation table and the full-softmax item model (benchmarks/beauty/serving.json),
+# so another data set is served as Beauty's validation said, tuned on nothing of its own.
 DEFAULT_COVISIT_CANDIDATES = 10
 DEFAULT_AFFINITY_CANDIDATES = 0
-DEFAULT_WEIGHTS = FusionWeights(offline=1.0, covisit=16.0, popularity=0.0, affinity=8.0)
+DEFAULT_WEIGHTS = FusionWeights(offline=0.5, covisit=8.0, popularity=0.0, affinity=1.0)
 
 
 class ServingConfig(BaseModel):
