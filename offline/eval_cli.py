@@ -101,6 +101,7 @@ def run_eval(
     examples, data = select_examples(interactions, split, info.max_history, limit)
     if mode == "items":
         return _write_item_model_report(model_dir, catalog, info, item_model, examples, split, out)
+    covisit = load_covisit(catalog_dir, catalog)
     if engine == "torch" and mode == "full":
         ranked = rank_full_torch(model_dir, info, catalog, examples, k, beam, progress)
     else:
@@ -117,7 +118,7 @@ def run_eval(
                 prefixes,
                 beam,
                 serving,
-                load_covisit(catalog_dir, catalog),
+                covisit,
                 stale_events=stale_events,
                 progress=progress,
                 reuse_snapshot_b=reuse_snapshot_b,
@@ -134,7 +135,6 @@ def run_eval(
         else f"decoder ({mode}, {engine}, beam {beam})"
     )
     rows = {label: report_row(ranked, examples), **baseline_rows(data, examples, split, k)}
-    covisit = load_covisit(catalog_dir, catalog)
     if covisit:
         table = covisit_table_ranking(catalog, covisit, examples, k)
         rows[COVISIT_TABLE_ROW] = {m: round(v, 5) for m, v in table.items()}

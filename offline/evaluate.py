@@ -35,7 +35,7 @@ from service.contracts.affinity import NO_AFFINITY
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
-from service.contracts.covisit import Neighbours, covisit_scores
+from service.contracts.covisit import Neighbours, covisit_scores, top_scored
 from service.contracts.fusion import FusionWeights, ItemFeatures, extra_prefixes, rank_fused
 from service.contracts.model import ModelInfo, ServingConfig
 from service.contracts.packed import pack_scored, unpack_scored
@@ -347,22 +347,21 @@ def covisit_table_ranking(
     ranked = []
     for e in examples:
         seen = set(e.history)
-        scores = covisit_scores(e.history, neighbours, seen)
-        top = sorted(scores, key=lambda i: (-scores[i], i))[:k]
-        taken = seen | set(top)
-        top += [i for i in popular[: k + len(taken)] if i not in taken][: k - len(top)]
-        ranked.append(top)
+        top = top_scored(covisit_scores(e.history, neighbours, seen), k)
+        ranked.append(top + _unseen(popular, seen | set(top), k - len(top)))
     return ranking_metrics(ranked, [e.target for e in examples])
+
+
+def _unseen(popular: Sequence[str], taken: set[str], n: int) -> list[str]:
+    """The first ``n`` items of ``popular`` not in ``taken``."""
+    return [i for i in popular[: n + len(taken)] if i not in taken][:n]
 
 
 def popularity_baseline(train: Sequences, examples: Sequence[Example], k: int) -> dict[str, float]:
     """The most popular training items the user has not interacted with."""
     counts = Counter(item for seq in train.items for item in seq)
     popular = [item for item, _ in counts.most_common()]
-    ranked = []
-    for e in examples:
-        seen = set(e.history)
-        ranked.append([i for i in popular[: k + len(seen)] if i not in seen][:k])
+    ranked = [_unseen(popular, set(e.history), k) for e in examples]
     return ranking_metrics(ranked, [e.target for e in examples])
 
 

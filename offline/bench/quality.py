@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from offline.eval_cli import COVISIT_TABLE_ROW
 from service.contracts.manifest import ModelManifest, utc_now, write_json_atomic
 from service.contracts.model import load_serving_config
 
@@ -21,8 +22,6 @@ PUBLISHED: dict[str, tuple[float, float]] = {
     "SASRec (sampled softmax, 256 negatives)": (0.0921, 0.0531),
     "eSASRec": (0.0928, 0.0523),
 }
-# the eval's row of the co-visitation table the service falls back to: ours, not a baseline
-COVISIT_TABLE = "co-visitation table"
 COLUMNS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 BEAUTY_COMMANDS = [
     "B=../shared/data/beauty",
@@ -76,12 +75,11 @@ def build_quality_report(
     for name, row in _rows(items_report).items():
         if name.startswith("item-level"):
             rows[name] = {**row, "kind": "ours"}
-    for name, row in _rows(served_report).items():
-        if name.startswith(COVISIT_TABLE):
-            rows[name] = {**row, "kind": "ours"}
-    for name, row in _rows(served_report).items():
-        if not name.startswith(("served", COVISIT_TABLE)):
-            rows[name] = {**row, "kind": "baseline"}
+    # the rest of the served report: the table the service falls back to (ours) first, then the
+    # baselines
+    others = [(n, r) for n, r in _rows(served_report).items() if not n.startswith("served")]
+    for name, row in sorted(others, key=lambda nr: nr[0] != COVISIT_TABLE_ROW):
+        rows[name] = {**row, "kind": "ours" if name == COVISIT_TABLE_ROW else "baseline"}
     if refit is not None:
         for name, row in _rows(json.loads(Path(refit).read_text())).items():
             if name.startswith("served"):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from offline.bench.quality import PUBLISHED, build_quality_report
+from offline.eval_cli import COVISIT_TABLE_ROW
 from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import ModelManifest
 from service.contracts.model import ServingConfig
@@ -40,7 +41,7 @@ def test_report_lists_ours_baselines_and_published_rows(tmp_path: Path) -> None:
                 "rows": {
                     "served answer (think-ahead M=32, fused score)": {**ROW, "invalid_items": 0},
                     "co-visitation (train split)": ROW,
-                    "co-visitation table (the catalog's, as the fallback serves it)": ROW,
+                    COVISIT_TABLE_ROW: ROW,
                 },
             }
         )
@@ -51,7 +52,7 @@ def test_report_lists_ours_baselines_and_published_rows(tmp_path: Path) -> None:
     kinds = {name: row["kind"] for name, row in report["rows"].items()}
     assert kinds["served answer (think-ahead M=32, fused score)"] == "ours"
     assert kinds["co-visitation (train split)"] == "baseline"
-    assert kinds["co-visitation table (the catalog's, as the fallback serves it)"] == "ours"
+    assert kinds[COVISIT_TABLE_ROW] == "ours"
     assert kinds["decoder (full, torch, beam 20), decoder alone"] == "ours"
     assert all(kinds[name] == "published" for name in PUBLISHED)
     text = (tmp_path / "out" / "quality.md").read_text()
