@@ -33,18 +33,16 @@ class ItemModelConfig(BaseModel):
 
 
 def attention_mask(real: torch.Tensor, heads: int) -> torch.Tensor:
-    """(batch, length) bool of real items -> (batch * heads, length, length) additive mask: each
-    position sees itself and the real items before it, never padding. Without the padding part
-    a user's vector would depend on how long the other histories in its batch are (training
-    batches hold similar lengths, the worker's batches do not: 1% of test R@10 on Beauty)."""
+    """(batch, length) bool of real items -> (batch * heads, length, length), True where
+    attention is blocked: each position sees itself and the real items before it, never
+    padding. Without the padding part a user's vector would depend on how long the other
+    histories in its batch are (training batches hold similar lengths, the worker's batches do
+    not: 1% of test R@10 on Beauty)."""
     length = real.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
-    allowed = causal & real[:, None, :]
     # a padded query has no real key before it: it keeps itself (its output is zeroed anyway)
-    allowed |= torch.eye(length, dtype=torch.bool, device=real.device)
-    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=real.device)
-    mask.masked_fill_(~allowed, float("-inf"))
-    return mask.repeat_interleave(heads, dim=0)
+    itself = torch.eye(length, dtype=torch.bool, device=real.device)
+    return ~((causal & real[:, None, :]) | itself).repeat_interleave(heads, dim=0)
 
 
 class ItemSequenceModel(nn.Module):
