@@ -180,6 +180,13 @@ def train_cmd(
     val_users: Annotated[int, typer.Option(help="validation sample (0 = all)")] = _train_default(
         "val_users"
     ),
+    test_shaped_validation: Annotated[
+        bool,
+        typer.Option(
+            help="withhold the validation sample's last training item from training, so that "
+            "selection sees a history ending in an item unseen in that context, as test does"
+        ),
+    ] = _train_default("test_shaped_validation"),
     max_minutes: Annotated[
         float | None, typer.Option(help="stop after this long")
     ] = _train_default("max_minutes"),
@@ -210,6 +217,7 @@ def train_cmd(
         lr=lr,
         patience=patience,
         val_users=val_users,
+        test_shaped_validation=test_shaped_validation,
         max_minutes=max_minutes,
         refit=refit,
         resume=resume,

@@ -133,3 +133,15 @@ def leave_one_out(seqs: Sequences, max_history: int = MAX_HISTORY) -> Split:
         test,
         Sequences(seqs.users, refit_items, seqs.source),
     )
+
+
+def withhold_last(train: Sequences, users: set[str]) -> Sequences:
+    """``train`` with the last item of each of ``users``' sequences withheld. Trained on this, a
+    model meets those users' validation examples as it meets the test case: the history ends in
+    an item it never saw in the user's context (the protocol's validation history is a sequence
+    trained on as it stands)."""
+    items = [
+        seq[:-1] if user in users else seq
+        for user, seq in zip(train.users, train.items, strict=True)
+    ]
+    return Sequences(train.users, items, train.source)

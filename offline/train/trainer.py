@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
-from offline.data import Example, leave_one_out, read_interactions
+from offline.data import Example, leave_one_out, read_interactions, withhold_last
 from offline.decode.torch_beam import beam_search_batch
 from offline.errors import InputError
 from offline.fsutil import atomic_directory
@@ -53,7 +53,7 @@ class Prepared:
     ids: TokenIds
     train: list[Encoded]
     train_codes: list[list[Code]]
-    valid: list[Example]
+    valid: list[Example]  # the selection sample: empty for refits
     unknown_items: int
     data_hash: str
 
@@ -71,18 +71,23 @@ def prepare(
     split = leave_one_out(seqs, cfg.max_history)
     tok = save_tokenizer(catalog.codebook_size, tokenizer_dir)
     ids = TokenIds.from_vocab(tok.get_vocab(), catalog.codebook_size)
+    if cfg.refit:
+        valid, train_seqs = [], split.train_and_valid
+    else:
+        valid = _validation_sample(split.valid, cfg.val_users, cfg.seed)
+        train_seqs = split.train
+        if cfg.test_shaped_validation:
+            train_seqs = withhold_last(train_seqs, {e.user for e in valid})
     sequences: list[list[Code]] = []
     unknown = 0
-    for items in (split.train_and_valid if cfg.refit else split.train).items:
+    for items in train_seqs.items:
         codes, missing = codes_for(catalog, items)
         unknown += missing
         sequences.extend(windows(codes, cfg.max_history))
     encoded = [encode(w, ids) for w in sequences]
     if not encoded:
         raise InputError(interactions, "no training sequence with two or more catalog items")
-    return Prepared(
-        catalog, ids, encoded, sequences, split.valid, unknown, file_hash(Path(interactions))
-    )
+    return Prepared(catalog, ids, encoded, sequences, valid, unknown, file_hash(Path(interactions)))
 
 
 def augmented(data: Prepared, p: float, rng: np.random.Generator) -> list[Encoded]:
@@ -213,7 +218,7 @@ def train(
         )
         steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs
-        sample = [] if cfg.refit else _validation_sample(data.valid, cfg.val_users, cfg.seed)
+        sample = data.valid
         ckpt = Checkpoint(checkpoint_path(out_dir), run_identity(cfg, data))
         state = ckpt.load() if cfg.resume else None
         if state is not None:

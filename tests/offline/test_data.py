@@ -8,7 +8,7 @@ import pytest
 
 from offline.baselines import CoVisitation
 from offline.catalog.items import read_items
-from offline.data import Sequences, leave_one_out, read_interactions
+from offline.data import Sequences, leave_one_out, read_interactions, withhold_last
 from offline.errors import InputError
 from offline.metrics import ranking_metrics
 
@@ -56,6 +56,18 @@ def test_leave_one_out_protocol() -> None:
     (test,) = split.test
     assert valid.target == "58" and valid.history == [str(i) for i in range(8, 58)]
     assert test.target == "59" and test.history == [str(i) for i in range(9, 59)]
+
+
+def test_withheld_last_items_make_validation_test_shaped() -> None:
+    seqs = Sequences(["u", "v"], [list("abcde"), list("fghij")])
+    split = leave_one_out(seqs)
+    train = withhold_last(split.train, {"u"})
+    assert train.items == [list("ab"), list("fgh")]  # u's "c" is withheld, v untouched
+    valid_u = split.valid[0]
+    # u's validation history ends in the withheld item, as a test history ends in the
+    # validation item: never seen followed in training
+    assert valid_u.history == list("abc") and valid_u.history[-1] not in train.items[0]
+    assert split.test[0].history == list("abcd")
 
 
 @pytest.mark.parametrize(

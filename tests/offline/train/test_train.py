@@ -64,6 +64,37 @@ def test_trained_model_beats_chance_on_its_validation_sample(tiny_world) -> None
     assert manifest.metrics["validation"]["recall@10"] > 0.1
 
 
+def test_selection_sample_trains_without_its_last_training_item(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from offline.train.trainer import TrainConfig, prepare
+
+    catalog = Catalog.load(tiny_world.catalog_dir)
+    cfg = TrainConfig(preset="tiny", val_users=30)
+    shaped = prepare(tiny_world.catalog_dir, tiny_world.interactions_csv, cfg, tmp_path / "a")
+    protocol = prepare(
+        tiny_world.catalog_dir,
+        tiny_world.interactions_csv,
+        cfg.model_copy(update={"test_shaped_validation": False}),
+        tmp_path / "b",
+    )
+    assert [e.user for e in shaped.valid] == [e.user for e in protocol.valid]
+    assert len(shaped.valid) == 30
+    # Short synthetic sequences are one window each: the protocol trains on every sampled
+    # history as it stands, the test-shaped run on none of them.
+    for e in shaped.valid:
+        history = catalog.codes_of(e.history)[0]
+        if len(history) >= 2:  # shorter ones train nothing either way
+            assert protocol.train_codes.count(history) - shaped.train_codes.count(history) == 1
+    lost = sum(map(len, protocol.train_codes)) - sum(map(len, shaped.train_codes))
+    assert lost == 30
+    refit = prepare(
+        tiny_world.catalog_dir,
+        tiny_world.interactions_csv,
+        cfg.model_copy(update={"refit": True}),
+        tmp_path / "c",
+    )
+    assert refit.valid == []  # a refit selects nothing: it withholds nothing
+
+
 def test_model_for_another_catalog_is_refused(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     other = tmp_path / "catalog"
     shutil.copytree(tiny_world.catalog_dir, other)
