@@ -7,9 +7,10 @@ vector, looks up the user's best items in an index over the item vectors
 (:mod:`offline.items.index`) and stores them with their scores in the user's snapshot value,
 where they join the candidates and the fused score (``service.contracts.affinity``).
 
-Configuration as in the eSASRec benchmark for Beauty: 64-d item embeddings tied between input
-and output, learned positions, one causal self-attention block with one head, history 50;
-dropout 0.5 by default (``offline.items.config``), as SASRec for the sparse Amazon sets.
+Configuration as in the eSASRec benchmark for Beauty: item embeddings tied between input and
+output (256-d by default, ``offline.items.config``), learned positions, one causal
+self-attention block with one head, history 50; dropout 0.5 by default, as SASRec for the sparse
+Amazon sets.
 """
 
 from __future__ import annotations

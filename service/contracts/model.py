@@ -57,11 +57,12 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int]:
 
 SERVING_FILE = "serving.json"
 # Without a serving.json: what `thinkahead tune-blend` chose on Beauty's validation split with
-# the 5-step co-visitation table and the full-softmax item model (benchmarks/beauty/serving.json),
-# so another data set is served as Beauty's validation said, tuned on nothing of its own.
+# the 5-step co-visitation table and the 256-d full-softmax item model
+# (benchmarks/beauty/serving.json), so another data set is served as Beauty's validation said,
+# tuned on nothing of its own.
 DEFAULT_COVISIT_CANDIDATES = 10
-DEFAULT_AFFINITY_CANDIDATES = 0
-DEFAULT_WEIGHTS = FusionWeights(offline=0.5, covisit=8.0, popularity=0.0, affinity=1.0)
+DEFAULT_AFFINITY_CANDIDATES = 10
+DEFAULT_WEIGHTS = FusionWeights(offline=0.0, covisit=4.0, popularity=0.1, affinity=2.0)
 
 
 class ServingConfig(BaseModel):
@@ -72,7 +73,7 @@ class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     # Without a serving.json (no tune-blend run for this model): what tune-blend learned on
-    # Beauty's validation split (3,000 users, 12-epoch decoder + item-level model, 2026-12-02),
+    # Beauty's validation split (3,000 users, 12-epoch decoder + item-level model, 2026-12-03),
     # the defaults for any catalog. Without an item-level model the affinity terms are 0.
     weights: FusionWeights = Field(default_factory=lambda: DEFAULT_WEIGHTS)
     covisit_candidates: int = Field(default=DEFAULT_COVISIT_CANDIDATES, ge=0)

@@ -29,6 +29,7 @@ import grpc
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, between, events, task
 from locust.contrib.fasthttp import FastHttpUser
+
 from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
 from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
 

@@ -17,9 +17,9 @@ import pytest
 import pytest_asyncio
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
 from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
-
 from service.api.auth import hash_key
 from service.contracts.manifest import SnapshotManifest
 from service.contracts.snapshot import Keyspace
@@ -340,7 +340,12 @@ async def test_engine_breaker_opens_then_recovers_with_no_request(
 ) -> None:
     engine, breaker = svc.engine, svc.runtime.core.breaker
     headers = bearer(BACKEND_KEY)
-    body = {"user_id": "cold-breaker-user", "k": 3}
+    # the largest budget: a loaded machine must not turn the healthy answer into a fallback
+    body = {
+        "user_id": "cold-breaker-user",
+        "k": 3,
+        "budget_ms": svc.settings.recommend.max_budget_ms,
+    }
     healthy = (await http.post("/v1/recommend", json=body, headers=headers)).json()
     assert healthy["source"] == "full_decode"  # cold user, engine up
     engine.down = True

@@ -12,9 +12,9 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+
 from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
 from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
-
 from tests.fake_engine import FakeEngine, write_tiny_artifacts
 from tests.helpers import RedisProcess
 from tests.inproc import BACKEND_KEY, InProc, bearer, make_settings, serve_in_process, write_keys
