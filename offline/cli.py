@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from offline.catalog.covisit import DEFAULT_TOP_N
 from offline.errors import InputError
@@ -25,7 +26,13 @@ from service.contracts.answers import DEFAULT_ANSWER_ITEMS
 from service.contracts.catalog import CatalogError
 from service.contracts.manifest import ManifestError
 
-USER_ERRORS: tuple[type[Exception], ...] = (InputError, CatalogError, ManifestError)
+# ValidationError: a setting out of range (a training config built from the options)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    InputError,
+    CatalogError,
+    ManifestError,
+    ValidationError,
+)
 INPUT_ERROR_EXIT = 2
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Think-Ahead recommendation.")
@@ -180,6 +187,13 @@ def train_cmd(
     val_users: Annotated[int, typer.Option(help="validation sample (0 = all)")] = _train_default(
         "val_users"
     ),
+    embed_dropout: Annotated[
+        float, typer.Option(help="dropout on the input token embeddings")
+    ] = _train_default("embed_dropout"),
+    item_dropout: Annotated[
+        float,
+        typer.Option(help="each epoch, drop each history item of a training sequence with this p"),
+    ] = _train_default("item_dropout"),
     test_shaped_validation: Annotated[
         bool,
         typer.Option(
@@ -217,6 +231,8 @@ def train_cmd(
         lr=lr,
         patience=patience,
         val_users=val_users,
+        embed_dropout=embed_dropout,
+        item_dropout=item_dropout,
         test_shaped_validation=test_shaped_validation,
         max_minutes=max_minutes,
         refit=refit,

@@ -23,6 +23,13 @@ from service.engine.base import (
     pick,
 )
 
+# A connection the engine drops while httpcore sets it up can surface from anyio's socket stream
+# as an AttributeError (its raw socket already gone: `'NoneType' object has no attribute
+# 'getpeername'`, seen when the fault tests kill the engine under TLS load, httpcore 1.0.9 /
+# anyio 4.16) instead of an httpx error. Either way the engine is unreachable: the caller's
+# fallback, never a 500.
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, OSError, AttributeError)
+
 
 def completion_body(model: str, request: ScoreRequest) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -57,32 +64,36 @@ class RemoteVllmEngine:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
         )
 
+    async def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        try:
+            return await self._client.request(method, path, json=body)
+        except TRANSPORT_ERRORS as exc:
+            raise EngineError(f"remote engine unreachable: {type(exc).__name__}: {exc}") from exc
+
     async def _served_model(self) -> str:
         if self._model is None:
-            reply = await self._client.get("/v1/models")
-            reply.raise_for_status()
+            reply = await self._request("GET", "/v1/models")
+            if reply.status_code != 200:
+                raise EngineError(f"remote engine answered {reply.status_code} to /v1/models")
             self._model = reply.json()["data"][0]["id"]
         return self._model
 
     async def _one(self, model: str, request: ScoreRequest) -> TokenLogprobs:
-        reply = await self._client.post("/v1/completions", json=completion_body(model, request))
+        reply = await self._request("POST", "/v1/completions", completion_body(model, request))
         if reply.status_code != 200:
             raise EngineError(f"remote engine answered {reply.status_code}: {reply.text[:200]}")
         return pick(parse_logprobs(reply.json()), request)
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
-        try:
-            model = await self._served_model()
-            return list(await asyncio.gather(*(self._one(model, r) for r in requests)))
-        except httpx.HTTPError as exc:
-            raise EngineError(f"remote engine unreachable: {type(exc).__name__}: {exc}") from exc
+        model = await self._served_model()
+        return list(await asyncio.gather(*(self._one(model, r) for r in requests)))
 
     async def check_health(self) -> bool:
         try:
-            reply = await self._client.get("/health")
-            return reply.status_code == 200
-        except httpx.HTTPError:
+            reply = await self._request("GET", "/health")
+        except EngineError:
             return False
+        return reply.status_code == 200
 
     def is_dead(self) -> bool:
         return False  # a remote deployment restarts on its own; ours needs no restart for it

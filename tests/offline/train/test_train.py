@@ -204,3 +204,28 @@ def test_malloc_thresholds_can_be_pinned() -> None:
     # in a child: the thresholds are process-wide and would slow the rest of the session
     code = "from offline.train.memory import fix_malloc_thresholds as f; assert f()"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_train_cli_takes_the_recipe_options_and_refuses_bad_ones(
+    tiny_world, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from offline.cli import app
+
+    args = [
+        "train",
+        "--catalog", str(tiny_world.catalog_dir),
+        "--interactions", str(tiny_world.interactions_csv),
+        "--preset", "tiny", "--epochs", "1", "--val-users", "20", "--no-progress",
+    ]  # fmt: skip
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad"), "--item-dropout", "1.5"])
+    assert bad.exit_code == 2 and "item_dropout" in bad.output  # one line, no traceback
+    assert not (tmp_path / "bad").exists()
+    ok = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "m"), "--embed-dropout", "0.2", "--item-dropout", "0"]
+    )
+    assert ok.exit_code == 0, ok.output
+    params = ModelManifest.load(tmp_path / "m").parameters
+    assert (params["embed_dropout"], params["item_dropout"]) == (0.2, 0.0)
+    assert params["test_shaped_validation"] is True

@@ -1,0 +1,60 @@
+"""The remote engine's transport failures become EngineError (the caller's fallback), whatever
+the HTTP stack raises for them; the integration test over a real server is
+tests/integration/test_remote_engine.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from service.engine.base import EngineError, ScoreRequest
+from service.engine.remote import RemoteVllmEngine
+
+REQUEST = ScoreRequest(prompt=(1, 2, 3), allowed=(4, 5), want=(4,))
+
+
+def engine_over(handler: Callable[[httpx.Request], httpx.Response]) -> RemoteVllmEngine:
+    engine = RemoteVllmEngine("http://engine", "v1", "model", timeout_s=1)
+    engine._client = httpx.AsyncClient(
+        base_url="http://engine", transport=httpx.MockTransport(handler)
+    )
+    return engine
+
+
+def dropped_mid_connect(request: httpx.Request) -> httpx.Response:
+    # what anyio's socket stream raised when a killed engine dropped a TLS connection
+    raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+
+
+def refused(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+def unavailable(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(503, text="loading")
+
+
+@pytest.mark.parametrize(
+    ("handler", "needle"),
+    [
+        (dropped_mid_connect, "unreachable: AttributeError"),
+        (refused, "unreachable: ConnectError"),
+        (unavailable, "answered 503"),
+    ],
+)
+async def test_transport_failures_are_engine_errors(handler, needle: str) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_over(handler)
+    with pytest.raises(EngineError, match=needle):
+        await engine.score([REQUEST])
+    assert await engine.check_health() is False
+    await engine.close()
+
+
+async def test_served_model_lookup_failure_is_an_engine_error() -> None:
+    engine = engine_over(unavailable)
+    engine._model = None
+    with pytest.raises(EngineError, match="503 to /v1/models"):
+        await engine.score([REQUEST])
+    await engine.close()
