@@ -4,8 +4,8 @@ Causal LM over each user's training sequence (history capped at ``max_history`` 
 the a/b/c tokens of every item after the first, each softmax restricted to its level's tokens
 (what constrained decoding renormalises over). Early stopping on validation Recall@10 of a
 fixed user sample, decoded by the batched reference beam search; the sample's last training
-items are withheld from training so that its histories are shaped like test's. The result is a Hugging Face
-model directory (config, safetensors, tokenizer) plus ``manifest.json``.
+items are withheld from training so that its histories are shaped like test's. The result is a
+Hugging Face model directory (config, safetensors, tokenizer) plus ``manifest.json``.
 """
 
 from __future__ import annotations
