@@ -143,6 +143,12 @@ def _train_default(name: str) -> Any:
     return TrainConfig.model_fields[name].default
 
 
+def _train_help(name: str) -> str | None:
+    from offline.train.config import TrainConfig
+
+    return TrainConfig.model_fields[name].description
+
+
 def _items_default(name: str) -> Any:
     from offline.items.config import ItemTrainConfig
 
@@ -195,11 +201,7 @@ def train_cmd(
         typer.Option(help="each epoch, drop each history item of a training sequence with this p"),
     ] = _train_default("item_dropout"),
     test_shaped_validation: Annotated[
-        bool,
-        typer.Option(
-            help="withhold the validation sample's last training item from training, so that "
-            "selection sees a history ending in an item unseen in that context, as test does"
-        ),
+        bool, typer.Option(help=_train_help("test_shaped_validation"))
     ] = _train_default("test_shaped_validation"),
     max_minutes: Annotated[
         float | None, typer.Option(help="stop after this long")

@@ -219,7 +219,6 @@ def train(
         )
         steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs
-        sample = data.valid
         ckpt = Checkpoint(checkpoint_path(out_dir), run_identity(cfg, data))
         state = ckpt.load() if cfg.resume else None
         if state is not None:
@@ -263,8 +262,8 @@ def train(
                 if state.step % 20 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             metrics = (
-                evaluate_examples(model, data.catalog, data.ids, sample, cfg.val_beam)
-                if sample
+                evaluate_examples(model, data.catalog, data.ids, data.valid, cfg.val_beam)
+                if data.valid
                 else {}
             )
             row = {

@@ -54,7 +54,12 @@ def parse_logprobs(payload: dict[str, Any]) -> dict[int, float]:
 
 class RemoteVllmEngine:
     def __init__(
-        self, base_url: str, model_version: str, model: str | None, timeout_s: float
+        self,
+        base_url: str,
+        model_version: str,
+        model: str | None,
+        timeout_s: float,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.model_version = model_version
         self._model = model
@@ -62,6 +67,7 @@ class RemoteVllmEngine:
             base_url=base_url.rstrip("/"),
             timeout=timeout_s,
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+            transport=transport,
         )
 
     async def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:

@@ -15,12 +15,12 @@ from service.engine.remote import RemoteVllmEngine
 REQUEST = ScoreRequest(prompt=(1, 2, 3), allowed=(4, 5), want=(4,))
 
 
-def engine_over(handler: Callable[[httpx.Request], httpx.Response]) -> RemoteVllmEngine:
-    engine = RemoteVllmEngine("http://engine", "v1", "model", timeout_s=1)
-    engine._client = httpx.AsyncClient(
-        base_url="http://engine", transport=httpx.MockTransport(handler)
+def engine_over(
+    handler: Callable[[httpx.Request], httpx.Response], model: str | None = "model"
+) -> RemoteVllmEngine:
+    return RemoteVllmEngine(
+        "http://engine", "v1", model, timeout_s=1, transport=httpx.MockTransport(handler)
     )
-    return engine
 
 
 def dropped_mid_connect(request: httpx.Request) -> httpx.Response:
@@ -53,8 +53,7 @@ async def test_transport_failures_are_engine_errors(handler, needle: str) -> Non
 
 
 async def test_served_model_lookup_failure_is_an_engine_error() -> None:
-    engine = engine_over(unavailable)
-    engine._model = None
+    engine = engine_over(unavailable, model=None)
     with pytest.raises(EngineError, match="503 to /v1/models"):
         await engine.score([REQUEST])
     await engine.close()
