@@ -18,6 +18,13 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(default=200, ge=0)
     embed_dropout: float = Field(default=0.1, ge=0, lt=1)
     item_dropout: float = Field(default=0.1, ge=0, lt=1, description="augmentation, per epoch")
+    residual_dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="dropout on each block's attention and MLP output before it joins the "
+        "residual stream (Llama has none; SASRec's recipe has it); training only",
+    )
     bf16: bool | None = Field(default=None, description="bf16 autocast; None: where native")
     max_history: int = Field(default=MAX_HISTORY, ge=1)
     val_users: int = Field(default=3000, ge=0, description="validation sample for early stopping")

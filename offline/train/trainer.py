@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
@@ -111,6 +112,25 @@ def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
     for level, table in enumerate((ids.a, ids.b, ids.c)):
         masks[level, torch.from_numpy(table)] = True
     return masks
+
+
+def residual_dropout(model: LlamaForCausalLM, p: float) -> list[RemovableHandle]:
+    """Dropout on what each decoder block's attention and MLP add to the residual stream, as a
+    training-time hook: the saved model stays a plain Llama that vLLM loads unchanged."""
+    if p <= 0:
+        return []
+
+    def attention(module: torch.nn.Module, _: object, out: tuple[torch.Tensor, ...]) -> object:
+        return (F.dropout(out[0], p, module.training), *out[1:])
+
+    def mlp(module: torch.nn.Module, _: object, out: torch.Tensor) -> torch.Tensor:
+        return F.dropout(out, p, module.training)
+
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.self_attn.register_forward_hook(attention))
+        handles.append(layer.mlp.register_forward_hook(mlp))
+    return handles
 
 
 def item_loss(
@@ -212,6 +232,7 @@ def train(
         vocab = padded_vocab(max(data.ids.index_of) + 1)
         config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
         model = LlamaForCausalLM(config)
+        residual_dropout(model, cfg.residual_dropout)
         masks = level_masks(data.ids, vocab)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16()
         opt = torch.optim.AdamW(
