@@ -203,6 +203,9 @@ def train_cmd(
     residual_dropout: Annotated[
         float, typer.Option(help=_train_help("residual_dropout"))
     ] = _train_default("residual_dropout"),
+    trie_softmax: Annotated[bool, typer.Option(help=_train_help("trie_softmax"))] = _train_default(
+        "trie_softmax"
+    ),
     test_shaped_validation: Annotated[
         bool, typer.Option(help=_train_help("test_shaped_validation"))
     ] = _train_default("test_shaped_validation"),
@@ -239,6 +242,7 @@ def train_cmd(
         embed_dropout=embed_dropout,
         item_dropout=item_dropout,
         residual_dropout=residual_dropout,
+        trie_softmax=trie_softmax,
         test_shaped_validation=test_shaped_validation,
         max_minutes=max_minutes,
         refit=refit,

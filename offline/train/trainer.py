@@ -2,7 +2,8 @@
 
 Causal LM over each user's training sequence (history capped at ``max_history`` items), loss on
 the a/b/c tokens of every item after the first, each softmax restricted to its level's tokens
-(what constrained decoding renormalises over). Early stopping on validation Recall@10 of a
+or, with ``trie_softmax``, to the catalog trie's children of the item's prefix (what constrained
+decoding renormalises over). Early stopping on validation Recall@10 of a
 fixed user sample, decoded by the batched reference beam search; the sample's last training
 items are withheld from training so that its histories are shaped like test's. The result is a
 Hugging Face model directory (config, safetensors, tokenizer) plus ``manifest.json``.
@@ -41,6 +42,7 @@ from offline.train.dataset import Encoded, batches, encode, windows
 from offline.train.memory import fix_malloc_thresholds
 from offline.train.presets import PRESETS, padded_vocab
 from offline.train.tokenizer import save_tokenizer
+from offline.train.trie_masks import LabelMasks, label_masks
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.manifest import ModelManifest, file_hash, sha256_hex
@@ -107,13 +109,6 @@ def augmented(data: Prepared, p: float, rng: np.random.Generator) -> list[Encode
     return out
 
 
-def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
-    masks = torch.zeros((3, vocab), dtype=torch.bool)
-    for level, table in enumerate((ids.a, ids.b, ids.c)):
-        masks[level, torch.from_numpy(table)] = True
-    return masks
-
-
 def residual_dropout(model: LlamaForCausalLM, p: float) -> list[RemovableHandle]:
     """Dropout on what each decoder block's attention and MLP add to the residual stream, as a
     training-time hook: the saved model stays a plain Llama that vLLM loads unchanged."""
@@ -136,7 +131,7 @@ def residual_dropout(model: LlamaForCausalLM, p: float) -> list[RemovableHandle]
 def item_loss(
     model: LlamaForCausalLM,
     batch: tuple[torch.Tensor, ...],
-    masks: torch.Tensor,
+    allowed: LabelMasks,
     embed_dropout: float,
 ) -> torch.Tensor:
     ids, attn, labels, levels = batch
@@ -146,7 +141,7 @@ def item_loss(
     hidden = model.model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state
     sel = labels != -100
     logits = model.lm_head(hidden[sel]).float()
-    logits = logits.masked_fill(~masks[levels[sel]], float("-inf"))
+    logits = logits.masked_fill(~allowed.masks(ids, levels, sel), float("-inf"))
     return F.cross_entropy(logits, labels[sel])
 
 
@@ -233,7 +228,7 @@ def train(
         config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
         model = LlamaForCausalLM(config)
         residual_dropout(model, cfg.residual_dropout)
-        masks = level_masks(data.ids, vocab)
+        allowed = label_masks(data.catalog, data.ids, vocab, cfg.trie_softmax)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16()
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
@@ -273,7 +268,7 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(state.step, total_steps, cfg)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = item_loss(model, batch, masks, cfg.embed_dropout)
+                    loss = item_loss(model, batch, allowed, cfg.embed_dropout)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

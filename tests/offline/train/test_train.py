@@ -249,7 +249,7 @@ def test_train_cli_takes_the_recipe_options_and_refuses_bad_ones(
     ok = CliRunner().invoke(
         app,
         [*args, "--out", str(tmp_path / "m"), "--embed-dropout", "0.2", "--item-dropout", "0",
-         "--residual-dropout", "0.3"],
+         "--residual-dropout", "0.3", "--trie-softmax"],
     )  # fmt: skip
     assert ok.exit_code == 0, ok.output
     params = ModelManifest.load(tmp_path / "m").parameters
@@ -258,4 +258,4 @@ def test_train_cli_takes_the_recipe_options_and_refuses_bad_ones(
         0.0,
         0.3,
     )
-    assert params["test_shaped_validation"] is True
+    assert params["test_shaped_validation"] is True and params["trie_softmax"] is True
