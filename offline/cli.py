@@ -200,12 +200,6 @@ def train_cmd(
         float,
         typer.Option(help="each epoch, drop each history item of a training sequence with this p"),
     ] = _train_default("item_dropout"),
-    residual_dropout: Annotated[
-        float, typer.Option(help=_train_help("residual_dropout"))
-    ] = _train_default("residual_dropout"),
-    trie_softmax: Annotated[bool, typer.Option(help=_train_help("trie_softmax"))] = _train_default(
-        "trie_softmax"
-    ),
     test_shaped_validation: Annotated[
         bool, typer.Option(help=_train_help("test_shaped_validation"))
     ] = _train_default("test_shaped_validation"),
@@ -241,8 +235,6 @@ def train_cmd(
         val_users=val_users,
         embed_dropout=embed_dropout,
         item_dropout=item_dropout,
-        residual_dropout=residual_dropout,
-        trie_softmax=trie_softmax,
         test_shaped_validation=test_shaped_validation,
         max_minutes=max_minutes,
         refit=refit,

@@ -18,19 +18,6 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(default=200, ge=0)
     embed_dropout: float = Field(default=0.1, ge=0, lt=1)
     item_dropout: float = Field(default=0.1, ge=0, lt=1, description="augmentation, per epoch")
-    residual_dropout: float = Field(
-        default=0.0,
-        ge=0,
-        lt=1,
-        description="dropout on each block's attention and MLP output before it joins the "
-        "residual stream (Llama has none; SASRec's recipe has it); training only",
-    )
-    trie_softmax: bool = Field(
-        default=False,
-        description="each label's softmax over the catalog trie's children of the item's prefix "
-        "(the distribution constrained decoding scores: the item's exact probability) instead "
-        "of over every token of its level",
-    )
     bf16: bool | None = Field(default=None, description="bf16 autocast; None: where native")
     max_history: int = Field(default=MAX_HISTORY, ge=1)
     val_users: int = Field(default=3000, ge=0, description="validation sample for early stopping")

@@ -2,8 +2,7 @@
 
 Causal LM over each user's training sequence (history capped at ``max_history`` items), loss on
 the a/b/c tokens of every item after the first, each softmax restricted to its level's tokens
-or, with ``trie_softmax``, to the catalog trie's children of the item's prefix (what constrained
-decoding renormalises over). Early stopping on validation Recall@10 of a
+(what constrained decoding renormalises over). Early stopping on validation Recall@10 of a
 fixed user sample, decoded by the batched reference beam search; the sample's last training
 items are withheld from training so that its histories are shaped like test's. The result is a
 Hugging Face model directory (config, safetensors, tokenizer) plus ``manifest.json``.
@@ -20,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
@@ -42,7 +40,6 @@ from offline.train.dataset import Encoded, batches, encode, windows
 from offline.train.memory import fix_malloc_thresholds
 from offline.train.presets import PRESETS, padded_vocab
 from offline.train.tokenizer import save_tokenizer
-from offline.train.trie_masks import LabelMasks, label_masks
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.manifest import ModelManifest, file_hash, sha256_hex
@@ -109,29 +106,17 @@ def augmented(data: Prepared, p: float, rng: np.random.Generator) -> list[Encode
     return out
 
 
-def residual_dropout(model: LlamaForCausalLM, p: float) -> list[RemovableHandle]:
-    """Dropout on what each decoder block's attention and MLP add to the residual stream, as a
-    training-time hook: the saved model stays a plain Llama that vLLM loads unchanged."""
-    if p <= 0:
-        return []
-
-    def attention(module: torch.nn.Module, _: object, out: tuple[torch.Tensor, ...]) -> object:
-        return (F.dropout(out[0], p, module.training), *out[1:])
-
-    def mlp(module: torch.nn.Module, _: object, out: torch.Tensor) -> torch.Tensor:
-        return F.dropout(out, p, module.training)
-
-    handles = []
-    for layer in model.model.layers:
-        handles.append(layer.self_attn.register_forward_hook(attention))
-        handles.append(layer.mlp.register_forward_hook(mlp))
-    return handles
+def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
+    masks = torch.zeros((3, vocab), dtype=torch.bool)
+    for level, table in enumerate((ids.a, ids.b, ids.c)):
+        masks[level, torch.from_numpy(table)] = True
+    return masks
 
 
 def item_loss(
     model: LlamaForCausalLM,
     batch: tuple[torch.Tensor, ...],
-    allowed: LabelMasks,
+    masks: torch.Tensor,
     embed_dropout: float,
 ) -> torch.Tensor:
     ids, attn, labels, levels = batch
@@ -141,7 +126,7 @@ def item_loss(
     hidden = model.model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state
     sel = labels != -100
     logits = model.lm_head(hidden[sel]).float()
-    logits = logits.masked_fill(~allowed.masks(ids, levels, sel), float("-inf"))
+    logits = logits.masked_fill(~masks[levels[sel]], float("-inf"))
     return F.cross_entropy(logits, labels[sel])
 
 
@@ -227,8 +212,7 @@ def train(
         vocab = padded_vocab(max(data.ids.index_of) + 1)
         config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
         model = LlamaForCausalLM(config)
-        residual_dropout(model, cfg.residual_dropout)
-        allowed = label_masks(data.catalog, data.ids, vocab, cfg.trie_softmax)
+        masks = level_masks(data.ids, vocab)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16()
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
@@ -268,7 +252,7 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(state.step, total_steps, cfg)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = item_loss(model, batch, allowed, cfg.embed_dropout)
+                    loss = item_loss(model, batch, masks, cfg.embed_dropout)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

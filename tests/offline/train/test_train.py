@@ -3,7 +3,6 @@ transformers and tied to its catalog."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -198,29 +197,6 @@ def test_refit_trains_on_validation_items_for_the_given_epochs(tiny_world, tmp_p
     assert manifest.parameters["train_items"] > plain.parameters["train_items"]
 
 
-def test_residual_dropout_acts_in_training_only_and_leaves_a_plain_llama() -> None:
-    from offline.train.trainer import residual_dropout
-
-    torch.manual_seed(0)
-    no_attention_dropout = dataclasses.replace(PRESETS["tiny"], dropout=0.0)
-    model = LlamaForCausalLM(no_attention_dropout.config(vocab_size=64, bos=0, eos=1, pad=2))
-    ids = torch.randint(3, 64, (2, 12))
-    model.eval()
-    plain = model(ids).logits
-    keys = set(model.state_dict())
-    handles = residual_dropout(model, 0.5)
-    assert len(handles) == 2 * len(model.model.layers)
-    assert set(model.state_dict()) == keys  # nothing saved: vLLM loads the same model
-    assert torch.equal(model(ids).logits, plain)  # eval: the hooks are identities
-    model.train()
-    first, second = model(ids).logits, model(ids).logits
-    assert not torch.allclose(first, plain) and not torch.allclose(first, second)
-    for handle in handles:
-        handle.remove()
-    assert torch.equal(model(ids).logits, model(ids).logits)  # no dropout left at all
-    assert residual_dropout(model, 0.0) == []
-
-
 def test_malloc_thresholds_can_be_pinned() -> None:
     import subprocess
     import sys
@@ -247,15 +223,9 @@ def test_train_cli_takes_the_recipe_options_and_refuses_bad_ones(
     assert bad.exit_code == 2 and "item_dropout" in bad.output  # one line, no traceback
     assert not (tmp_path / "bad").exists()
     ok = CliRunner().invoke(
-        app,
-        [*args, "--out", str(tmp_path / "m"), "--embed-dropout", "0.2", "--item-dropout", "0",
-         "--residual-dropout", "0.3", "--trie-softmax"],
-    )  # fmt: skip
+        app, [*args, "--out", str(tmp_path / "m"), "--embed-dropout", "0.2", "--item-dropout", "0"]
+    )
     assert ok.exit_code == 0, ok.output
     params = ModelManifest.load(tmp_path / "m").parameters
-    assert (params["embed_dropout"], params["item_dropout"], params["residual_dropout"]) == (
-        0.2,
-        0.0,
-        0.3,
-    )
-    assert params["test_shaped_validation"] is True and params["trie_softmax"] is True
+    assert (params["embed_dropout"], params["item_dropout"]) == (0.2, 0.0)
+    assert params["test_shaped_validation"] is True
