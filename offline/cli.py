@@ -194,12 +194,11 @@ def train_cmd(
         "val_users"
     ),
     embed_dropout: Annotated[
-        float, typer.Option(help="dropout on the input token embeddings")
+        float, typer.Option(help=_train_help("embed_dropout"))
     ] = _train_default("embed_dropout"),
-    item_dropout: Annotated[
-        float,
-        typer.Option(help="each epoch, drop each history item of a training sequence with this p"),
-    ] = _train_default("item_dropout"),
+    item_dropout: Annotated[float, typer.Option(help=_train_help("item_dropout"))] = _train_default(
+        "item_dropout"
+    ),
     test_shaped_validation: Annotated[
         bool, typer.Option(help=_train_help("test_shaped_validation"))
     ] = _train_default("test_shaped_validation"),

@@ -16,16 +16,22 @@ class TrainConfig(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=200, ge=0)
-    embed_dropout: float = Field(default=0.1, ge=0, lt=1)
-    item_dropout: float = Field(default=0.1, ge=0, lt=1, description="augmentation, per epoch")
+    embed_dropout: float = Field(
+        default=0.1, ge=0, lt=1, description="dropout on the input token embeddings"
+    )
+    item_dropout: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="each epoch, drop each history item of a training sequence with this p",
+    )
     bf16: bool | None = Field(default=None, description="bf16 autocast; None: where native")
     max_history: int = Field(default=MAX_HISTORY, ge=1)
     val_users: int = Field(default=3000, ge=0, description="validation sample for early stopping")
     test_shaped_validation: bool = Field(
         default=True,
         description="withhold the validation sample's last training item from training, so that "
-        "selection sees the test case's shape: a history ending in an item unseen in that context "
-        "(the protocol's validation did not rank decoder recipes: +8% there, +0% on test)",
+        "selection sees the test case's shape: a history ending in an item unseen in that context",
     )
     val_beam: int = Field(default=20, ge=10)
     patience: int = Field(default=3, ge=1)
