@@ -44,12 +44,43 @@ def completion_body(model: str, request: ScoreRequest) -> dict[str, Any]:
     return body
 
 
-def parse_logprobs(payload: dict[str, Any]) -> dict[int, float]:
+# What indexing a JSON value of the wrong shape raises (`top.items()` on a list, ...).
+MALFORMED: tuple[type[Exception], ...] = (
+    KeyError,
+    IndexError,
+    TypeError,
+    ValueError,
+    AttributeError,
+)
+
+
+def parse_logprobs(payload: Any) -> dict[int, float]:
     try:
         top = payload["choices"][0]["logprobs"]["top_logprobs"][0]
         return {int(tok.split(":", 1)[1]): float(lp) for tok, lp in top.items()}
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+    except MALFORMED as exc:
         raise EngineError(f"unexpected completions payload: {exc!r}") from exc
+
+
+def parse_model_id(payload: Any) -> str:
+    try:
+        model = payload["data"][0]["id"]
+    except MALFORMED as exc:
+        raise EngineError(f"unexpected /v1/models payload: {exc!r}") from exc
+    if not isinstance(model, str) or not model:
+        raise EngineError(f"unexpected /v1/models payload: model id {model!r}")
+    return model
+
+
+def json_body(reply: httpx.Response) -> Any:
+    """The reply's JSON; a body that is not JSON (a proxy's error page, a truncated reply) is
+    the engine failing, not a bug of ours: the caller's fallback, never a 500."""
+    try:
+        return reply.json()
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise EngineError(
+            f"remote engine sent a body that is not JSON: {reply.text[:200]!r}"
+        ) from exc
 
 
 class RemoteVllmEngine:
@@ -81,14 +112,14 @@ class RemoteVllmEngine:
             reply = await self._request("GET", "/v1/models")
             if reply.status_code != 200:
                 raise EngineError(f"remote engine answered {reply.status_code} to /v1/models")
-            self._model = reply.json()["data"][0]["id"]
+            self._model = parse_model_id(json_body(reply))
         return self._model
 
     async def _one(self, model: str, request: ScoreRequest) -> TokenLogprobs:
         reply = await self._request("POST", "/v1/completions", completion_body(model, request))
         if reply.status_code != 200:
             raise EngineError(f"remote engine answered {reply.status_code}: {reply.text[:200]}")
-        return pick(parse_logprobs(reply.json()), request)
+        return pick(parse_logprobs(json_body(reply)), request)
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
         model = await self._served_model()

@@ -57,3 +57,49 @@ async def test_served_model_lookup_failure_is_an_engine_error() -> None:
     with pytest.raises(EngineError, match="503 to /v1/models"):
         await engine.score([REQUEST])
     await engine.close()
+
+
+def replies(status: int, body: bytes) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda request: httpx.Response(status, content=body)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"<html>502 Bad Gateway</html>", "not JSON"),
+        (b'{"choices": [{"logprobs": {"top_logprobs": [["4", -0.1]]}}]}', "unexpected completions"),
+        (b'{"choices": [{"logprobs": {"top_logprobs": [{"4": -0.1}]}}]}', "unexpected completions"),
+        (b'{"choices": []}', "unexpected completions"),
+        (b"[1, 2]", "unexpected completions"),
+    ],
+)
+async def test_malformed_completion_replies_are_engine_errors(body: bytes, needle: str) -> None:
+    engine = engine_over(replies(200, body))
+    with pytest.raises(EngineError, match=needle):
+        await engine.score([REQUEST])
+    await engine.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"not json", "not JSON"),
+        (b'{"data": []}', "unexpected /v1/models"),
+        (b'{"data": [{"id": null}]}', "model id None"),
+    ],
+)
+async def test_malformed_models_replies_are_engine_errors(body: bytes, needle: str) -> None:
+    engine = engine_over(replies(200, body), model=None)
+    with pytest.raises(EngineError, match=needle):
+        await engine.score([REQUEST])
+    await engine.close()
+
+
+async def test_a_well_formed_reply_is_read() -> None:
+    # the parsing above rejects only what is malformed: token 4's log-prob comes through
+    top = b'{"token_id:4": -0.25, "token_id:5": -2.0}'
+    body = b'{"choices": [{"logprobs": {"top_logprobs": [' + top + b"]}}]}"
+    engine = engine_over(replies(200, body))
+    (scored,) = await engine.score([REQUEST])
+    await engine.close()
+    assert scored[4] == pytest.approx(-0.25)
