@@ -26,6 +26,7 @@ from offline.data import Example, leave_one_out, read_interactions, withhold_las
 from offline.decode.torch_beam import beam_search_batch
 from offline.errors import InputError
 from offline.fsutil import atomic_directory
+from offline.items.artifact import ItemModel
 from offline.metrics import TOP_K, ranking_metrics
 from offline.train.checkpoint import (
     Checkpoint,
@@ -36,7 +37,8 @@ from offline.train.checkpoint import (
     run_identity,
 )
 from offline.train.config import TrainConfig
-from offline.train.dataset import Encoded, batches, encode, windows
+from offline.train.dataset import Batch, Encoded, batches, encode, windows
+from offline.train.distill import LevelTargets, Teacher, distilled_loss, level_tokens
 from offline.train.memory import fix_malloc_thresholds
 from offline.train.presets import PRESETS, padded_vocab
 from offline.train.tokenizer import save_tokenizer
@@ -91,19 +93,24 @@ def prepare(
     return Prepared(catalog, ids, encoded, sequences, valid, unknown, file_hash(Path(interactions)))
 
 
-def augmented(data: Prepared, p: float, rng: np.random.Generator) -> list[Encoded]:
+def augmented(
+    data: Prepared, p: float, rng: np.random.Generator
+) -> tuple[list[list[Code]], list[Encoded]]:
     """Item dropout: each epoch drops each item of a training sequence with probability p
     (keeping at least two), so the model cannot lean on one exact context; p = 0 is a no-op."""
     if p <= 0:
-        return data.train
-    out = []
+        return data.train_codes, data.train
+    codes, encoded = [], []
     for seq, enc in zip(data.train_codes, data.train, strict=True):
         keep = rng.random(len(seq)) >= p
         if keep.all() or keep.sum() < 2:
-            out.append(enc)
+            codes.append(seq)
+            encoded.append(enc)
         else:
-            out.append(encode([c for c, k in zip(seq, keep, strict=True) if k], data.ids))
-    return out
+            kept = [c for c, k in zip(seq, keep, strict=True) if k]
+            codes.append(kept)
+            encoded.append(encode(kept, data.ids))
+    return codes, encoded
 
 
 def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
@@ -113,11 +120,19 @@ def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
     return masks
 
 
+@dataclass(frozen=True)
+class Distillation:
+    targets: LevelTargets
+    tokens: tuple[torch.Tensor, torch.Tensor]  # the a and b token ids
+    alpha: float
+
+
 def item_loss(
     model: LlamaForCausalLM,
-    batch: tuple[torch.Tensor, ...],
+    batch: Batch,
     masks: torch.Tensor,
     embed_dropout: float,
+    distill: Distillation | None = None,
 ) -> torch.Tensor:
     ids, attn, labels, levels = batch
     embeds = model.get_input_embeddings()(ids)
@@ -127,7 +142,11 @@ def item_loss(
     sel = labels != -100
     logits = model.lm_head(hidden[sel]).float()
     logits = logits.masked_fill(~masks[levels[sel]], float("-inf"))
-    return F.cross_entropy(logits, labels[sel])
+    if distill is None:
+        return F.cross_entropy(logits, labels[sel])
+    return distilled_loss(
+        logits.log_softmax(dim=-1), labels[sel], distill.targets, distill.tokens, distill.alpha
+    )
 
 
 def length_batches(lengths: list[int], beam: int, budget: int) -> list[list[int]]:
@@ -213,6 +232,12 @@ def train(
         config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
         model = LlamaForCausalLM(config)
         masks = level_masks(data.ids, vocab)
+        teacher = (
+            Teacher(ItemModel.load(cfg.teacher, data.catalog), data.catalog, cfg.distill_top_k)
+            if cfg.teacher is not None
+            else None
+        )
+        tokens = level_tokens(data.ids)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16()
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
@@ -239,20 +264,26 @@ def train(
             model.train()
             t0 = time.monotonic()
             losses = []
+            epoch_codes, epoch_encoded = augmented(data, cfg.item_dropout, rng)
             bar = tqdm(
-                batches(
-                    augmented(data, cfg.item_dropout, rng), cfg.batch_size, data.ids.pad or 0, rng
-                ),
+                batches(epoch_encoded, cfg.batch_size, data.ids.pad or 0, rng),
                 total=steps_per_epoch,
                 desc=f"epoch {epoch}",
                 disable=not progress,
                 unit="batch",
             )
-            for batch in bar:
+            for chunk, batch in bar:
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(state.step, total_steps, cfg)
+                distill = (
+                    Distillation(
+                        teacher.targets([epoch_codes[i] for i in chunk]), tokens, cfg.distill_alpha
+                    )
+                    if teacher is not None
+                    else None
+                )
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = item_loss(model, batch, masks, cfg.embed_dropout)
+                    loss = item_loss(model, batch, masks, cfg.embed_dropout, distill)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -322,6 +353,7 @@ def train(
                 "train_seconds": seconds,
                 "peak_rss_gb": round(peak_rss_gb(), 2),
                 "refit": cfg.refit,
+                "teacher_version": teacher.version if teacher is not None else None,
                 "resumed_after_epoch": resumed_after,
                 "interactions": str(interactions),
             },
