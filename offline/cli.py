@@ -202,13 +202,6 @@ def train_cmd(
     test_shaped_validation: Annotated[
         bool, typer.Option(help=_train_help("test_shaped_validation"))
     ] = _train_default("test_shaped_validation"),
-    teacher: Annotated[Path | None, typer.Option(help=_train_help("teacher"))] = None,
-    distill_alpha: Annotated[
-        float, typer.Option(help=_train_help("distill_alpha"))
-    ] = _train_default("distill_alpha"),
-    distill_top_k: Annotated[int, typer.Option(help=_train_help("distill_top_k"))] = _train_default(
-        "distill_top_k"
-    ),
     max_minutes: Annotated[
         float | None, typer.Option(help="stop after this long")
     ] = _train_default("max_minutes"),
@@ -242,9 +235,6 @@ def train_cmd(
         embed_dropout=embed_dropout,
         item_dropout=item_dropout,
         test_shaped_validation=test_shaped_validation,
-        teacher=teacher,
-        distill_alpha=distill_alpha,
-        distill_top_k=distill_top_k,
         max_minutes=max_minutes,
         refit=refit,
         resume=resume,

@@ -57,14 +57,10 @@ def encode(codes: Sequence[Code], ids: TokenIds) -> Encoded:
     return Encoded(input_ids, labels, levels)
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # ids, mask, labels, levels
-
-
 def batches(
     encoded: Sequence[Encoded], batch_size: int, pad: int, rng: np.random.Generator | None
-) -> Iterator[tuple[np.ndarray, Batch]]:
-    """Right-padded batches of similar length (sorted, then chunked, chunks shuffled), each
-    with the indices of the sequences it holds."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded batches of similar length (sorted, then chunked, chunks shuffled)."""
     order = np.argsort([len(e.input_ids) for e in encoded], kind="stable")
     if rng is not None:
         # Shuffle within length ties so batches differ between epochs.
@@ -86,4 +82,4 @@ def batches(
             labels[row, :n] = torch.from_numpy(e.labels)
             levels[row, :n] = torch.from_numpy(e.levels)
             mask[row, :n] = 1
-        yield chunk, (ids, mask, labels, levels)
+        yield ids, mask, labels, levels

@@ -26,7 +26,6 @@ from offline.data import Example, leave_one_out, read_interactions, withhold_las
 from offline.decode.torch_beam import beam_search_batch
 from offline.errors import InputError
 from offline.fsutil import atomic_directory
-from offline.items.artifact import ItemModel
 from offline.metrics import TOP_K, ranking_metrics
 from offline.train.checkpoint import (
     Checkpoint,
@@ -37,8 +36,7 @@ from offline.train.checkpoint import (
     run_identity,
 )
 from offline.train.config import TrainConfig
-from offline.train.dataset import Batch, Encoded, batches, encode, windows
-from offline.train.distill import LevelTargets, Teacher, distilled_loss, level_tokens
+from offline.train.dataset import Encoded, batches, encode, windows
 from offline.train.memory import fix_malloc_thresholds
 from offline.train.presets import PRESETS, padded_vocab
 from offline.train.tokenizer import save_tokenizer
@@ -93,24 +91,19 @@ def prepare(
     return Prepared(catalog, ids, encoded, sequences, valid, unknown, file_hash(Path(interactions)))
 
 
-def augmented(
-    data: Prepared, p: float, rng: np.random.Generator
-) -> tuple[list[list[Code]], list[Encoded]]:
+def augmented(data: Prepared, p: float, rng: np.random.Generator) -> list[Encoded]:
     """Item dropout: each epoch drops each item of a training sequence with probability p
     (keeping at least two), so the model cannot lean on one exact context; p = 0 is a no-op."""
     if p <= 0:
-        return data.train_codes, data.train
-    codes, encoded = [], []
+        return data.train
+    out = []
     for seq, enc in zip(data.train_codes, data.train, strict=True):
         keep = rng.random(len(seq)) >= p
         if keep.all() or keep.sum() < 2:
-            codes.append(seq)
-            encoded.append(enc)
+            out.append(enc)
         else:
-            kept = [c for c, k in zip(seq, keep, strict=True) if k]
-            codes.append(kept)
-            encoded.append(encode(kept, data.ids))
-    return codes, encoded
+            out.append(encode([c for c, k in zip(seq, keep, strict=True) if k], data.ids))
+    return out
 
 
 def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
@@ -120,19 +113,11 @@ def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
     return masks
 
 
-@dataclass(frozen=True)
-class Distillation:
-    targets: LevelTargets
-    tokens: tuple[torch.Tensor, torch.Tensor]  # the a and b token ids
-    alpha: float
-
-
 def item_loss(
     model: LlamaForCausalLM,
-    batch: Batch,
+    batch: tuple[torch.Tensor, ...],
     masks: torch.Tensor,
     embed_dropout: float,
-    distill: Distillation | None = None,
 ) -> torch.Tensor:
     ids, attn, labels, levels = batch
     embeds = model.get_input_embeddings()(ids)
@@ -142,11 +127,7 @@ def item_loss(
     sel = labels != -100
     logits = model.lm_head(hidden[sel]).float()
     logits = logits.masked_fill(~masks[levels[sel]], float("-inf"))
-    if distill is None:
-        return F.cross_entropy(logits, labels[sel])
-    return distilled_loss(
-        logits.log_softmax(dim=-1), labels[sel], distill.targets, distill.tokens, distill.alpha
-    )
+    return F.cross_entropy(logits, labels[sel])
 
 
 def length_batches(lengths: list[int], beam: int, budget: int) -> list[list[int]]:
@@ -232,12 +213,6 @@ def train(
         config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
         model = LlamaForCausalLM(config)
         masks = level_masks(data.ids, vocab)
-        teacher = (
-            Teacher(ItemModel.load(cfg.teacher, data.catalog), data.catalog, cfg.distill_top_k)
-            if cfg.teacher is not None
-            else None
-        )
-        tokens = level_tokens(data.ids)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16()
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
@@ -264,26 +239,20 @@ def train(
             model.train()
             t0 = time.monotonic()
             losses = []
-            epoch_codes, epoch_encoded = augmented(data, cfg.item_dropout, rng)
             bar = tqdm(
-                batches(epoch_encoded, cfg.batch_size, data.ids.pad or 0, rng),
+                batches(
+                    augmented(data, cfg.item_dropout, rng), cfg.batch_size, data.ids.pad or 0, rng
+                ),
                 total=steps_per_epoch,
                 desc=f"epoch {epoch}",
                 disable=not progress,
                 unit="batch",
             )
-            for chunk, batch in bar:
+            for batch in bar:
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(state.step, total_steps, cfg)
-                distill = (
-                    Distillation(
-                        teacher.targets([epoch_codes[i] for i in chunk]), tokens, cfg.distill_alpha
-                    )
-                    if teacher is not None
-                    else None
-                )
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = item_loss(model, batch, masks, cfg.embed_dropout, distill)
+                    loss = item_loss(model, batch, masks, cfg.embed_dropout)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -353,7 +322,6 @@ def train(
                 "train_seconds": seconds,
                 "peak_rss_gb": round(peak_rss_gb(), 2),
                 "refit": cfg.refit,
-                "teacher_version": teacher.version if teacher is not None else None,
                 "resumed_after_epoch": resumed_after,
                 "interactions": str(interactions),
             },
