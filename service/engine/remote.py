@@ -72,17 +72,6 @@ def parse_model_id(payload: Any) -> str:
     return model
 
 
-def json_body(reply: httpx.Response) -> Any:
-    """The reply's JSON; a body that is not JSON (a proxy's error page, a truncated reply) is
-    the engine failing, not a bug of ours: the caller's fallback, never a 500."""
-    try:
-        return reply.json()
-    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise EngineError(
-            f"remote engine sent a body that is not JSON: {reply.text[:200]!r}"
-        ) from exc
-
-
 class RemoteVllmEngine:
     def __init__(
         self,
@@ -107,19 +96,29 @@ class RemoteVllmEngine:
         except TRANSPORT_ERRORS as exc:
             raise EngineError(f"remote engine unreachable: {type(exc).__name__}: {exc}") from exc
 
+    async def _json(self, method: str, path: str, body: Any = None) -> Any:
+        """The JSON of a 200 reply. Any other status, or a body that is not JSON (a proxy's
+        error page, a truncated reply), is the engine failing: the caller's fallback."""
+        reply = await self._request(method, path, body)
+        if reply.status_code != 200:
+            raise EngineError(
+                f"remote engine answered {reply.status_code} to {path}: {reply.text[:200]!r}"
+            )
+        try:
+            return reply.json()
+        except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise EngineError(
+                f"remote engine sent {path} a body that is not JSON: {reply.text[:200]!r}"
+            ) from exc
+
     async def _served_model(self) -> str:
         if self._model is None:
-            reply = await self._request("GET", "/v1/models")
-            if reply.status_code != 200:
-                raise EngineError(f"remote engine answered {reply.status_code} to /v1/models")
-            self._model = parse_model_id(json_body(reply))
+            self._model = parse_model_id(await self._json("GET", "/v1/models"))
         return self._model
 
     async def _one(self, model: str, request: ScoreRequest) -> TokenLogprobs:
-        reply = await self._request("POST", "/v1/completions", completion_body(model, request))
-        if reply.status_code != 200:
-            raise EngineError(f"remote engine answered {reply.status_code}: {reply.text[:200]}")
-        return pick(parse_logprobs(json_body(reply)), request)
+        payload = await self._json("POST", "/v1/completions", completion_body(model, request))
+        return pick(parse_logprobs(payload), request)
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
         model = await self._served_model()

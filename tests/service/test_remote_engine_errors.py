@@ -32,8 +32,11 @@ def refused(request: httpx.Request) -> httpx.Response:
     raise httpx.ConnectError("connection refused", request=request)
 
 
-def unavailable(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(503, text="loading")
+def replies(status: int, body: bytes) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda request: httpx.Response(status, content=body)
+
+
+unavailable = replies(503, b"loading")
 
 
 @pytest.mark.parametrize(
@@ -41,7 +44,7 @@ def unavailable(request: httpx.Request) -> httpx.Response:
     [
         (dropped_mid_connect, "unreachable: AttributeError"),
         (refused, "unreachable: ConnectError"),
-        (unavailable, "answered 503"),
+        (unavailable, "answered 503 to /v1/completions"),
     ],
 )
 async def test_transport_failures_are_engine_errors(handler, needle: str) -> None:  # type: ignore[no-untyped-def]
@@ -57,10 +60,6 @@ async def test_served_model_lookup_failure_is_an_engine_error() -> None:
     with pytest.raises(EngineError, match="503 to /v1/models"):
         await engine.score([REQUEST])
     await engine.close()
-
-
-def replies(status: int, body: bytes) -> Callable[[httpx.Request], httpx.Response]:
-    return lambda request: httpx.Response(status, content=body)
 
 
 @pytest.mark.parametrize(
