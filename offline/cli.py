@@ -83,8 +83,11 @@ def catalog_build(
     cf_idf: Annotated[bool, typer.Option(help="idf-weight the user x item matrix")] = False,
     cf_kind: Annotated[
         str,
-        typer.Option(help="user-item (SVD of who bought what) or transitions (what follows what)"),
-    ] = "user-item",
+        typer.Option(
+            help="transitions (what follows what: next items share prefixes) or user-item "
+            "(SVD of who bought what)"
+        ),
+    ] = "transitions",
     holdout_last: Annotated[
         int, typer.Option(help="ignore each user's last N interactions (benchmarks: 2)")
     ] = 0,

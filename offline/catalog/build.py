@@ -57,7 +57,7 @@ def build_catalog(
     cf_dim: int = 64,
     cf_weight: float = 1.0,
     cf_idf: bool = False,
-    cf_kind: str = "user-item",
+    cf_kind: str = "transitions",
     holdout_last: int = 0,
     seed: int = 0,
     iters: int = DEFAULT_ITERS,
@@ -71,7 +71,9 @@ def build_catalog(
     Vectors: MiniLM embeddings of the item texts (or the rows of ``embeddings``, a .npy),
     L2-normalised; with ``interactions`` and ``cf_weight`` > 0, concatenated with ``cf_weight``
     times CF vectors from the interactions minus each user's last ``holdout_last`` items (so a
-    benchmark can build without seeing its validation / test targets). Popularity counts the
+    benchmark can build without seeing its validation / test targets): ``cf_kind``
+    "transitions" embeds what follows what (items a user takes next share prefixes, which is
+    what the decoder predicts), "user-item" who bought what. Popularity counts the
     same truncated interactions. ``precision`` ("auto", "float32", "bfloat16") is MiniLM's
     compute precision; "auto" takes bfloat16 where the CPU has it natively.
     """

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import svds
+from scipy.sparse.linalg import eigsh, svds
 
 from offline.data import Sequences
 
@@ -85,10 +85,10 @@ def transition_vectors(
     """(N, dim') item vectors from sequential co-occurrence, rows L2-normalised.
 
     Items that follow one another within ``window`` steps (weight 1/distance, both directions)
-    form a symmetric graph; its normalised adjacency D^-1/2 A D^-1/2 is factorised (truncated
-    SVD, which for a symmetric matrix is its eigendecomposition up to sign) and item i's vector
-    is row i of U * sqrt(S). This is co-visitation embedded: items a user is likely to take
-    next end up near each other, so they share semantic-ID prefixes.
+    form a symmetric graph; item i's vector is row i of U * sqrt(L), the eigenvectors of its
+    normalised adjacency D^-1/2 A D^-1/2 with the largest eigenvalues L (a spectral embedding).
+    This is co-visitation embedded: items a user is likely to take next end up near each other,
+    so they share semantic-ID prefixes.
     """
     row_of = {item: i for i, item in enumerate(item_ids)}
     rows: list[int] = []
@@ -115,12 +115,15 @@ def transition_vectors(
     norm = sp.diags(inv_sqrt) @ adj @ sp.diags(inv_sqrt)
     rank = min(dim, n - 1)
     rng = np.random.default_rng(seed)
-    u, s, _ = svds(norm.tocsr(), k=rank, v0=rng.standard_normal(n), solver="arpack")
-    order = np.argsort(-s, kind="stable")
-    u, s = u[:, order], s[order]
+    # Largest algebraic eigenvalues, not largest singular values: an SVD would also take the
+    # most negative eigenvalues, whose eigenvectors point items that follow one another apart
+    # (A -> B pairs make the graph partly bipartite).
+    lam, u = eigsh(norm.tocsr(), k=rank, which="LA", v0=rng.standard_normal(n))
+    order = np.argsort(-lam, kind="stable")
+    lam, u = np.clip(lam[order], 0.0, None), u[:, order]
     signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(rank)])
     u *= np.where(signs == 0, 1.0, signs)[None, :]
-    vectors = u * np.sqrt(s)[None, :]
+    vectors = u * np.sqrt(lam)[None, :]
     vectors[degree == 0] = 0.0
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors = np.where(norms > 1e-12, vectors / np.where(norms > 1e-12, norms, 1.0), 0.0)

@@ -142,7 +142,7 @@ def test_interactions_give_cf_popularity_and_unknown_counts(
     assert report["interactions_used"] == 40 * 6 - 2 * 40 + 1  # u0's last two: 1 known, 1 not
     catalog = Catalog.load(out)
     assert catalog.popularity.sum() == report["interactions_used"]
-    assert catalog.manifest.embedding_model == "user-vectors:vectors.npy+cf8"
+    assert catalog.manifest.embedding_model == "user-vectors:vectors.npy+seq8"
     assert catalog.manifest.parameters["holdout_last"] == 2
     assert report["vector_dim"] == 16 + 8
     assert len({catalog.code_at(r) for r in range(N)}) == N
@@ -190,9 +190,22 @@ def test_failed_write_keeps_the_previous_catalog_and_no_temp_dir(
     assert leftovers(tmp_path) == ["out"]
 
 
-def test_idf_weighted_cf(
-    tmp_path: Path, items_csv: Path, vectors_npy: Path, interactions_csv: Path
+CF_OPTIONS = {
+    # transitions is the default kind
+    "transitions": ({}, "+seq4", {"cf_kind": "transitions", "cf_weight": 1.0}),
+    "idf-weighted user-item": (
+        {"cf_kind": "user-item", "cf_idf": True, "cf_weight": 0.5},
+        "+cf4",
+        {"cf_kind": "user-item", "cf_idf": True, "cf_weight": 0.5},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CF_OPTIONS))
+def test_cf_options_are_built_and_recorded(
+    tmp_path: Path, items_csv: Path, vectors_npy: Path, interactions_csv: Path, case: str
 ) -> None:
+    options, suffix, recorded = CF_OPTIONS[case]
     report = build_catalog(
         items_csv,
         tmp_path / "out",
@@ -200,12 +213,36 @@ def test_idf_weighted_cf(
         embeddings=vectors_npy,
         interactions=interactions_csv,
         cf_dim=4,
-        cf_idf=True,
-        cf_weight=0.5,
+        **options,
     )
-    assert report["embedding_model"].endswith("+cf4") and report["collisions_after"] == 0
+    assert report["embedding_model"].endswith(suffix) and report["collisions_after"] == 0
     params = CatalogManifest.load(tmp_path / "out").parameters
-    assert params["cf_idf"] is True and params["cf_weight"] == 0.5
+    assert {key: params[key] for key in recorded} == recorded
+
+
+BAD_CF = {
+    "kind": ({"cf_kind": "bought-together"}, "cf_kind must be user-item or transitions"),
+    "dim": ({"cf_dim": 0}, "cf_dim must be >= 1"),
+    "negative weight": ({"cf_weight": -1.0}, "cf_weight must be a finite number >= 0"),
+    "nan weight": ({"cf_weight": float("nan")}, "cf_weight must be a finite number >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CF))
+def test_bad_cf_options(
+    tmp_path: Path, items_csv: Path, vectors_npy: Path, interactions_csv: Path, case: str
+) -> None:
+    options, message = BAD_CF[case]
+    with pytest.raises(InputError, match=message):
+        build_catalog(
+            items_csv,
+            tmp_path / "out",
+            codebook_size=K,
+            embeddings=vectors_npy,
+            interactions=interactions_csv,
+            **options,
+        )
+    assert leftovers(tmp_path) == []
 
 
 BAD_ITEMS = {
