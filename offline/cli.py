@@ -80,7 +80,9 @@ def catalog_build(
     cf_weight: Annotated[
         float, typer.Option(help="weight of the CF part (0 = content only)")
     ] = 1.0,
-    cf_idf: Annotated[bool, typer.Option(help="idf-weight the user x item matrix")] = False,
+    cf_idf: Annotated[
+        bool, typer.Option(help="idf-weight the user x item matrix (--cf-kind user-item)")
+    ] = False,
     cf_kind: Annotated[
         str,
         typer.Option(

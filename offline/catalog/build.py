@@ -87,6 +87,11 @@ def build_catalog(
         raise InputError(None, f"holdout_last must be >= 0, got {holdout_last}")
     if cf_kind not in ("user-item", "transitions"):
         raise InputError(None, f"cf_kind must be user-item or transitions, got {cf_kind!r}")
+    if cf_idf and cf_kind != "user-item":
+        raise InputError(
+            None,
+            f"cf_idf weights the user x item matrix: use it with cf_kind user-item, not {cf_kind}",
+        )
     if cf_dim < 1:
         raise InputError(None, f"cf_dim must be >= 1, got {cf_dim}")
     if cf_weight < 0 or not np.isfinite(cf_weight):

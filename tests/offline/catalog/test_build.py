@@ -223,6 +223,7 @@ def test_cf_options_are_built_and_recorded(
 BAD_CF = {
     "kind": ({"cf_kind": "bought-together"}, "cf_kind must be user-item or transitions"),
     "dim": ({"cf_dim": 0}, "cf_dim must be >= 1"),
+    "idf without user-item": ({"cf_idf": True}, "use it with cf_kind user-item, not transitions"),
     "negative weight": ({"cf_weight": -1.0}, "cf_weight must be a finite number >= 0"),
     "nan weight": ({"cf_weight": float("nan")}, "cf_weight must be a finite number >= 0"),
 }
