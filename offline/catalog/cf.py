@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh, svds
 
+from offline.catalog.embed import l2_normalise
 from offline.data import Sequences
 
 
@@ -68,15 +69,8 @@ def cf_vectors(matrix: sp.spmatrix, dim: int = 64, idf: bool = False, seed: int 
     _, s, vt = svds(binary, k=rank, v0=v0, solver="arpack")
     order = np.argsort(-s, kind="stable")
     s, vt = s[order], vt[order]
-    # Singular vectors are defined up to sign: make each component's largest entry positive.
-    signs = np.sign(vt[np.arange(rank), np.argmax(np.abs(vt), axis=1)])
-    vt *= np.where(signs == 0, 1.0, signs)[:, None]
-    vectors = vt.T * s[None, :]
     has_interactions = np.diff(binary.tocsc().indptr) > 0
-    vectors[~has_interactions] = 0.0
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    vectors = np.where(norms > 1e-12, vectors / np.where(norms > 1e-12, norms, 1.0), 0.0)
-    return vectors.astype(np.float32)
+    return _item_vectors(vt.T, s, empty=~has_interactions)
 
 
 def transition_vectors(
@@ -121,10 +115,15 @@ def transition_vectors(
     lam, u = eigsh(norm.tocsr(), k=rank, which="LA", v0=rng.standard_normal(n))
     order = np.argsort(-lam, kind="stable")
     lam, u = np.clip(lam[order], 0.0, None), u[:, order]
-    signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(rank)])
-    u *= np.where(signs == 0, 1.0, signs)[None, :]
-    vectors = u * np.sqrt(lam)[None, :]
-    vectors[degree == 0] = 0.0
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    vectors = np.where(norms > 1e-12, vectors / np.where(norms > 1e-12, norms, 1.0), 0.0)
-    return vectors.astype(np.float32)
+    return _item_vectors(u, np.sqrt(lam), empty=degree == 0)
+
+
+def _item_vectors(basis: np.ndarray, scale: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """Rows of ``basis`` (items x components) times ``scale`` per component, ``empty`` items
+    zeroed, rows L2-normalised. Singular / eigen vectors are defined up to sign: each
+    component's largest entry is made positive, so the catalog does not depend on the solver's
+    choice."""
+    signs = np.sign(basis[np.argmax(np.abs(basis), axis=0), np.arange(basis.shape[1])])
+    vectors = basis * np.where(signs == 0, 1.0, signs)[None, :] * scale[None, :]
+    vectors[empty] = 0.0
+    return l2_normalise(vectors)

@@ -32,16 +32,22 @@ def cosine(v: np.ndarray) -> np.ndarray:
     return v @ v.T  # rows are L2-normalised
 
 
-def test_transition_vectors_put_items_that_follow_one_another_together() -> None:
-    vectors = transition_vectors(walks(), ITEMS, dim=GROUPS)
+def assert_grouped(vectors: np.ndarray) -> None:
+    """Unit rows, one direction per group, groups orthogonal, no direction for the unseen item."""
     seen = vectors[: GROUPS * PER_GROUP]
-    assert vectors.shape == (len(ITEMS), GROUPS) and vectors.dtype == np.float32
     assert np.allclose(np.linalg.norm(seen, axis=1), 1.0, atol=1e-5)
-    assert not vectors[-1].any()  # an item nobody moved to or from has no direction
+    assert not vectors[-1].any()
+    groups = [group_of(i) for i in ITEMS[:-1]]
+    same = np.equal.outer(groups, groups)
     sim = cosine(seen)
-    same = np.equal.outer([group_of(i) for i in ITEMS[:-1]], [group_of(i) for i in ITEMS[:-1]])
     assert sim[same].min() > 0.99
     assert np.abs(sim[~same]).max() < 0.05
+
+
+def test_transition_vectors_put_items_that_follow_one_another_together() -> None:
+    vectors = transition_vectors(walks(), ITEMS, dim=GROUPS)
+    assert vectors.shape == (len(ITEMS), GROUPS) and vectors.dtype == np.float32
+    assert_grouped(vectors)
 
 
 def test_transition_vectors_on_a_chain_follow_the_window() -> None:
@@ -57,7 +63,7 @@ def test_transition_vectors_on_a_chain_follow_the_window() -> None:
     assert abs(steps3[0, 11]) < 0.1  # the far end is unrelated either way
 
 
-def test_transition_vectors_are_deterministic_and_seeded() -> None:
+def test_transition_vectors_are_deterministic() -> None:
     a = transition_vectors(walks(), ITEMS, dim=GROUPS, seed=3)
     b = transition_vectors(walks(), ITEMS, dim=GROUPS, seed=3)
     assert np.array_equal(a, b)
@@ -71,13 +77,7 @@ def test_transition_vectors_without_transitions_are_empty() -> None:
 def test_cf_vectors_group_items_bought_by_the_same_users() -> None:
     counts = count_interactions(walks(), ITEMS)
     assert counts.unknown_interactions == 60 and counts.unknown_items == 1
-    vectors = cf_vectors(counts.matrix, dim=GROUPS)
-    seen = vectors[: GROUPS * PER_GROUP]
-    assert not vectors[-1].any()
-    sim = cosine(seen)
-    same = np.equal.outer([group_of(i) for i in ITEMS[:-1]], [group_of(i) for i in ITEMS[:-1]])
-    assert sim[same].min() > 0.99
-    assert np.abs(sim[~same]).max() < 0.05
+    assert_grouped(cf_vectors(counts.matrix, dim=GROUPS))
 
 
 @pytest.mark.parametrize("idf", [False, True])
