@@ -594,16 +594,19 @@ def quality_report_cmd(
     model: Annotated[Path, typer.Option(help="model directory (manifest, serving.json)")],
     out: Annotated[Path, typer.Option(help="directory for quality.md and quality.json")],
     refit: Annotated[
-        Path | None, typer.Option(help="`eval --mode think-ahead` report of a refit model")
+        list[Path] | None,
+        typer.Option(help="`eval` report (think-ahead or full) of a refit model (repeat)"),
     ] = None,
     items: Annotated[
         Path | None, typer.Option(help="`eval --mode items` report (the item-level model alone)")
     ] = None,
 ) -> None:
     """The quality report: our rows beside co-visitation, popularity and published figures."""
-    from offline.bench.quality import BEAUTY_COMMANDS, build_quality_report
+    from offline.bench.quality import BEAUTY_COMMANDS, REFIT_COMMANDS, build_quality_report
 
-    build_quality_report(served, decoder, model, out, BEAUTY_COMMANDS, refit=refit, items=items)
+    # with refit reports the last command, the report's own, gains them
+    commands = BEAUTY_COMMANDS[:-1] + REFIT_COMMANDS if refit else BEAUTY_COMMANDS
+    build_quality_report(served, decoder, model, out, commands, refit=refit or (), items=items)
     typer.echo((out / "quality.md").read_text())
 
 

@@ -85,3 +85,33 @@ def test_the_item_level_model_alone_is_one_of_our_rows(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "quality.md").read_text()
     assert "2 x item-level score" in text and "best 20 items" in text
     assert "800,000 parameters" in text and "best epoch 7 of 9" in text
+
+
+def test_refit_reports_add_their_served_and_decoder_rows_marked_refit(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    ServingConfig(weights=FusionWeights(covisit=4.0), covisit_candidates=10).write(model)
+    served, decoder = tmp_path / "served.json", tmp_path / "decoder.json"
+    served.write_text(json.dumps({"users": 3, "split": "test", "rows": {"served answer": ROW}}))
+    decoder.write_text(json.dumps({"rows": {"decoder (full)": ROW}}))
+    refit_manifest = {"parameters": {"refit": True, "epochs": 12, "train_seconds": 1320.0}}
+    refit_served, refit_decoder = tmp_path / "refit-served.json", tmp_path / "refit-decoder.json"
+    refit_rows = {"served answer": {**ROW, "recall@10": 0.1}, "co-visitation (train split)": ROW}
+    refit_served.write_text(
+        json.dumps({"model_version": "r1", "model_manifest": refit_manifest, "rows": refit_rows})
+    )
+    refit_decoder.write_text(
+        json.dumps({"model_version": "r1", "rows": {"decoder (full)": {**ROW, "ndcg@10": 0.06}}})
+    )
+    report = build_quality_report(
+        served, decoder, model, tmp_path / "out", [], refit=[refit_served, refit_decoder]
+    )
+    rows = report["rows"]
+    assert rows["served answer"]["recall@10"] == 0.08 and rows["served answer"]["kind"] == "ours"
+    assert rows["served answer, refit on train + validation"]["recall@10"] == 0.1
+    assert rows["decoder (full), refit on train + validation"]["ndcg@10"] == 0.06
+    assert {rows[n]["kind"] for n in rows if n.endswith("refit on train + validation")} == {"refit"}
+    # the refit report's baselines are the same as the selection report's: not repeated
+    assert not any(n.startswith("co-visitation") and "refit" in n for n in rows)
+    text = (tmp_path / "out" / "quality.md").read_text()
+    assert "| served answer, refit on train + validation | *refit* |" in text
+    assert "serving model r1" in text and "exactly 12 epochs in 22.0 minutes" in text
