@@ -306,10 +306,14 @@ def train_items_cmd(
     )
     manifest = train_item_model(Catalog.load(catalog), interactions, out, cfg, refit, progress)
     best = manifest.training["best"]
+    chosen = (
+        "refit on train + validation"
+        if refit
+        else f"val R@10 {best.get('recall@10', 0):.4f} N@10 {best.get('ndcg@10', 0):.4f}"
+    )
     typer.echo(
         f"item model {manifest.version} -> {out}\n  best epoch {manifest.best_epoch}: "
-        f"val R@10 {best.get('recall@10', float('nan')):.4f} "
-        f"N@10 {best.get('ndcg@10', float('nan')):.4f}; {manifest.training['seconds']:.0f}s, "
+        f"{chosen}; {manifest.training['seconds']:.0f}s, "
         f"peak RSS {manifest.training['peak_rss_gb']:.1f} GB"
     )
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from typer.testing import CliRunner
 
+from offline.cli import app
 from offline.data import leave_one_out, read_interactions
 from offline.evaluate import popularity_baseline
 from offline.items.artifact import ItemModel, ItemModelError
@@ -77,6 +79,28 @@ def test_the_sampled_softmax_of_large_catalogs_learns_the_walk_too(
     manifest = train_item_model(catalog, interactions, tmp_path / "items", cfg, False, False)
     assert manifest.training["loss"] == "sampled softmax, 20 negatives"
     assert manifest.training["best"]["recall@10"] > 0.6
+
+
+def test_a_refit_trains_on_validation_too_for_exactly_its_epochs(
+    world: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    catalog_dir, _, interactions = world
+    out = tmp_path / "refit"
+    result = CliRunner().invoke(
+        app,
+        [
+            *("train-items", "--catalog", str(catalog_dir), "--interactions", str(interactions)),
+            *("--out", str(out), "--refit", "--epochs", "3", "--dim", "16", "--no-progress"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "refit on train + validation" in result.output and "nan" not in result.output
+    training = ItemModel.load(out, Catalog.load(catalog_dir)).manifest.training
+    split = leave_one_out(read_interactions(interactions))
+    assert training["refit"] is True
+    assert training["train_sequences"] == sum(len(s) > 1 for s in split.train_and_valid.items)
+    assert [row["epoch"] for row in training["epochs"]] == [1, 2, 3]  # no early stop
+    assert not any("recall@10" in row for row in training["epochs"])  # validation is trained on
 
 
 def test_top_items_exclude_the_history_and_rank_best_first(world: tuple[Path, Path, Path]) -> None:
