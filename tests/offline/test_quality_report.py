@@ -95,7 +95,11 @@ def test_refit_reports_add_their_served_and_decoder_rows_marked_refit(tmp_path: 
     decoder.write_text(json.dumps({"rows": {"decoder (full)": ROW}}))
     refit_manifest = {"parameters": {"refit": True, "epochs": 12, "train_seconds": 1320.0}}
     refit_served, refit_decoder = tmp_path / "refit-served.json", tmp_path / "refit-decoder.json"
-    refit_rows = {"served answer": {**ROW, "recall@10": 0.1}, "co-visitation (train split)": ROW}
+    refit_rows = {
+        "served answer": {**ROW, "recall@10": 0.1},
+        "co-visitation (train split)": ROW,
+        COVISIT_TABLE_ROW: {**ROW, "recall@10": 0.09},
+    }
     refit_served.write_text(
         json.dumps({"model_version": "r1", "model_manifest": refit_manifest, "rows": refit_rows})
     )
@@ -109,9 +113,15 @@ def test_refit_reports_add_their_served_and_decoder_rows_marked_refit(tmp_path: 
     assert rows["served answer"]["recall@10"] == 0.08 and rows["served answer"]["kind"] == "ours"
     assert rows["served answer, refit on train + validation"]["recall@10"] == 0.1
     assert rows["decoder (full), refit on train + validation"]["ndcg@10"] == 0.06
+    assert rows[f"{COVISIT_TABLE_ROW}, refit on train + validation"]["recall@10"] == 0.09
     assert {rows[n]["kind"] for n in rows if n.endswith("refit on train + validation")} == {"refit"}
-    # the refit report's baselines are the same as the selection report's: not repeated
-    assert not any(n.startswith("co-visitation") and "refit" in n for n in rows)
+    # the refit report's baselines are the selection report's: not repeated
+    assert "co-visitation (train split), refit on train + validation" not in rows
+    assert [n for n in rows if rows[n]["kind"] == "refit"] == [
+        "served answer, refit on train + validation",
+        "decoder (full), refit on train + validation",
+        f"{COVISIT_TABLE_ROW}, refit on train + validation",
+    ]
     text = (tmp_path / "out" / "quality.md").read_text()
     assert "| served answer, refit on train + validation | *refit* |" in text
     assert "serving model r1" in text and "exactly 12 epochs in 22.0 minutes" in text
