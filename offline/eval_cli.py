@@ -27,7 +27,6 @@ from service.contracts.covisit import CovisitTable, Neighbours
 from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import utc_now, write_json_atomic
 from service.contracts.model import (
-    DEFAULT_COVISIT_CANDIDATES,
     ServingConfig,
     load_model_info,
     load_serving_config,
@@ -227,23 +226,26 @@ def tune_blend(
         model_dir, catalog, item_model, candidates=max(AFFINITY_CANDIDATES_GRID)
     )
     t0 = time.monotonic()
-    users, _ = think_ahead_candidates(
-        batch,
-        info,
-        catalog,
-        examples,
-        k,
-        prefixes,
-        beam,
-        covisit,
-        max(CANDIDATES_GRID),
-        prune=None,
-        progress=progress,
-        items=items,
+    # as the service meets users: the history of their snapshot, and one event past it
+    users, fresh = (
+        think_ahead_candidates(
+            batch,
+            info,
+            catalog,
+            examples,
+            k,
+            prefixes,
+            beam,
+            covisit,
+            max(CANDIDATES_GRID),
+            prune=None,
+            stale_events=stale_events,
+            progress=progress,
+            items=items,
+        )[0]
+        for stale_events in (0, 1)
     )
-    # fresh events need their neighbours among the candidates, whatever validation says
-    floor = min(DEFAULT_COVISIT_CANDIDATES, max(CANDIDATES_GRID)) if covisit else 0
-    trials = grid_search(users, k, min_covisit_candidates=floor)
+    trials = grid_search(users, k, fresh=fresh)
     best = trials[0]
     decoder_only = next(
         t
@@ -256,14 +258,13 @@ def tune_blend(
         affinity_candidates=best.affinity_candidates,
         covisit_version=table.version if table is not None else None,
         item_model_version=items.model.version if items is not None else None,
-        chosen_on=f"validation split, {len(examples)} users: the fewest extra candidates "
-        f"(at least {floor} co-visitation candidates) within 1% of the best NDCG@{k} over a "
-        f"grid of {len(trials)} settings",
+        chosen_on=f"validation split, {len(examples)} users, each scored unchanged and one "
+        f"event past its snapshot: the fewest extra candidates within 1% of the best mean "
+        f"NDCG@{k} over a grid of {len(trials)} settings",
         created_at=utc_now(),
         tuning={
             "best": best.row(),
             "grid_best_ndcg@10": round(max(t.ndcg for t in trials), 5),
-            "min_covisit_candidates": floor,
             "decoder_only": decoder_only.row(),
             "top": [t.row() for t in trials[:10]],
             "prefixes": prefixes,

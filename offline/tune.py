@@ -2,13 +2,16 @@
 
 Every candidate of every validation user is scored once by the engine (no pruning); the grid
 over weights and co-visitation / item-level candidate counts is then pure array arithmetic: the
-target's rank under weights w is the number of candidates that outscore it.
+target's rank under weights w is the number of candidates that outscore it. The users are
+scored twice, as the service meets them: with the history their snapshot was computed from,
+and one event past it (the fresh-event path, where the event's co-visitation neighbours are
+the candidates the snapshot lacks); a setting is judged by the mean of the two.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +35,8 @@ class Trial:
     affinity_candidates: int
     recall: float
     ndcg: float
+    # (path, recall, ndcg) of each way the users were scored, when more than one
+    paths: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def candidates(self) -> int:
@@ -45,7 +50,21 @@ class Trial:
             "affinity_candidates": self.affinity_candidates,
             "recall@10": round(self.recall, 5),
             "ndcg@10": round(self.ndcg, 5),
+            **{f"{path} ndcg@10": round(ndcg, 5) for path, _, ndcg in self.paths},
         }
+
+    @classmethod
+    def mean_of(cls, paths: Mapping[str, Trial]) -> Trial:
+        """One setting judged over several ways of scoring the same users."""
+        first = next(iter(paths.values()))
+        return cls(
+            first.weights,
+            first.covisit_candidates,
+            first.affinity_candidates,
+            float(np.mean([t.recall for t in paths.values()])),
+            float(np.mean([t.ndcg for t in paths.values()])),
+            tuple((path, t.recall, t.ndcg) for path, t in paths.items()),
+        )
 
 
 class CandidateMatrix:
@@ -119,42 +138,46 @@ class CandidateMatrix:
         )
 
 
+FRESH_PATH = "one event behind"
+UNCHANGED_PATH = "unchanged"
+
+
 def grid_search(
     users: Sequence[UserCandidates],
     k: int = TOP_K,
     tolerance: float = 0.01,
-    min_covisit_candidates: int = 0,
+    fresh: Sequence[UserCandidates] | None = None,
 ) -> list[Trial]:
     """Every grid point, the chosen one first: the fewest extra candidates (co-visitation and
     item-level; each costs engine work online) among the settings within ``tolerance``
     (relative) of the best NDCG@k; then by NDCG@k, Recall@k, and the simpler setting. Item-level
     terms are searched only when the users carry item-level scores.
 
-    ``min_covisit_candidates``: settings with fewer co-visitation candidates are listed but
-    never chosen. The validation users' snapshots are computed from the very history they are
-    scored under, so the split cannot price what those candidates are for: the neighbours of
-    an event the snapshot has not seen (on Beauty's validation the item-level candidates made
-    them look redundant)."""
-    matrix = CandidateMatrix(users)
-    with_items = any(u.features.affinity.ranked for u in users)
+    ``fresh``: the same users scored one event past their snapshot (the service's fresh-event
+    path); each setting's metrics are then the mean over both paths. Without it the grid cannot
+    price the co-visitation candidates, whose purpose is the neighbours of an event the
+    snapshot has not seen (a snapshot of the scored history already holds its prefixes)."""
+    matrices = {UNCHANGED_PATH: CandidateMatrix(users)}
+    if fresh is not None:
+        matrices[FRESH_PATH] = CandidateMatrix(fresh)
+    with_items = any(u.features.affinity.ranked for u in [*users, *(fresh or ())])
     affinity_grid = AFFINITY_GRID if with_items else (0.0,)
     affinity_candidates = AFFINITY_CANDIDATES_GRID if with_items else (0,)
-    trials = [
-        matrix.metrics(FusionWeights(offline=o, covisit=c, popularity=p, affinity=a), n, m, k)
-        for o, c, p, a, n, m in itertools.product(
-            OFFLINE_GRID,
-            COVISIT_GRID,
-            POPULARITY_GRID,
-            affinity_grid,
-            CANDIDATES_GRID,
-            affinity_candidates,
-        )
-    ]
-    eligible = [t for t in trials if t.covisit_candidates >= min_covisit_candidates] or trials
-    best_ndcg = max(t.ndcg for t in eligible)
+    trials = []
+    for o, c, p, a, n, m in itertools.product(
+        OFFLINE_GRID,
+        COVISIT_GRID,
+        POPULARITY_GRID,
+        affinity_grid,
+        CANDIDATES_GRID,
+        affinity_candidates,
+    ):
+        weights = FusionWeights(offline=o, covisit=c, popularity=p, affinity=a)
+        by_path = {path: mx.metrics(weights, n, m, k) for path, mx in matrices.items()}
+        trials.append(by_path[UNCHANGED_PATH] if fresh is None else Trial.mean_of(by_path))
+    best_ndcg = max(t.ndcg for t in trials)
     trials.sort(
         key=lambda t: (
-            t.covisit_candidates < min_covisit_candidates,
             t.ndcg < best_ndcg * (1 - tolerance),
             t.candidates if t.ndcg >= best_ndcg * (1 - tolerance) else 0,
             -t.ndcg,

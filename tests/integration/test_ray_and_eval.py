@@ -144,6 +144,9 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     # the recorded choice is within 1% of the grid's best on validation, no worse than the decoder
     assert tuning["best"]["ndcg@10"] >= 0.99 * tuning["grid_best_ndcg@10"]
     assert tuning["best"]["ndcg@10"] >= tuning["decoder_only"]["ndcg@10"]
+    # judged on both paths the service meets users on (the mean of the two)
+    paths = (tuning["best"]["unchanged ndcg@10"], tuning["best"]["one event behind ndcg@10"])
+    assert abs(tuning["best"]["ndcg@10"] - sum(paths) / 2) < 1e-4
     assert serving.weights.covisit == tuning["best"]["covisit"]
     assert serving.covisit_version is not None  # the catalog carries its co-visitation table
 

@@ -12,7 +12,8 @@ from tests.helpers import tiny_catalog
 # tiny catalog: i0 (0,0,0) i1 (0,0,1) i2 (0,1,0) i3 (1,0,0) i4 (1,0,2)
 
 
-def user(target: str) -> UserCandidates:
+def user(target: str, covisit: dict[str, float] | None = None) -> UserCandidates:
+    """``covisit``: the co-visitation scores of the history's neighbours (default: i4's)."""
     catalog = tiny_catalog()
     scored = [
         ScoredCode((0, 0, 0), -0.5, -0.5),
@@ -23,7 +24,7 @@ def user(target: str) -> UserCandidates:
     return UserCandidates(
         target=target,
         scored=scored,
-        features=ItemFeatures(catalog, {"i4": 50.0}),
+        features=ItemFeatures(catalog, {"i4": 50.0} if covisit is None else covisit),
         snapshot_ab={(0, 0), (0, 1)},
         covisit_ab=[(1, 0)],
     )
@@ -71,9 +72,18 @@ def test_item_level_scores_are_searched_when_users_carry_them() -> None:
     assert users[0].ranked(chosen.weights, 1, 0, 10)[0] == (1, 0, 0)
 
 
-def test_a_floor_of_co_visitation_candidates_is_kept_for_fresh_events() -> None:
-    """Validation cannot price the neighbours of an event the snapshot has not seen: below the
-    floor a setting is listed, never chosen."""
-    trials = grid_search([user("i0")] * 3, k=1, min_covisit_candidates=10)
-    assert trials[0].covisit_candidates >= 10 and trials[0].recall == 1.0
-    assert any(t.covisit_candidates == 0 for t in trials)
+def test_the_fresh_event_path_prices_the_co_visitation_candidates() -> None:
+    """Scored with its snapshot's own history, the target sits under a snapshot prefix and the
+    grid needs no co-visitation candidate; one event past the snapshot it is reachable only
+    through the event's neighbours, so judged on both paths the grid takes them, and reports
+    each path's NDCG."""
+    unchanged = [user("i0", covisit={})] * 3  # the snapshot's history: no fresh neighbours
+    assert grid_search(unchanged, k=1)[0].covisit_candidates == 0
+    trials = grid_search(unchanged, k=1, fresh=[user("i4")] * 3)
+    chosen = trials[0]
+    assert chosen.covisit_candidates == 10 and chosen.weights.covisit > 0
+    assert chosen.recall == 1.0
+    row = chosen.row()
+    assert row["unchanged ndcg@10"] == 1.0 and row["one event behind ndcg@10"] == 1.0
+    without = next(t for t in trials if t.covisit_candidates == 0 and t.weights == chosen.weights)
+    assert dict((p, r) for p, r, _ in without.paths) == {"unchanged": 1.0, "one event behind": 0.0}
