@@ -249,11 +249,7 @@ def train_cmd(
     manifest = train(catalog, interactions, out, cfg, progress=progress)
     best = manifest.metrics["validation"]
     params = manifest.parameters
-    chosen = (
-        "refit on train + validation"
-        if refit
-        else f"val R@10 {best.get('recall@10', 0):.4f} N@10 {best.get('ndcg@10', 0):.4f}"
-    )
+    chosen = _chosen_by(refit, best)
     typer.echo(
         f"model {manifest.model_version} -> {out}\n  best epoch {best.get('epoch')}: {chosen}; "
         f"{params['train_seconds']:.0f}s, peak RSS {params['peak_rss_gb']:.1f} GB"
@@ -306,16 +302,19 @@ def train_items_cmd(
     )
     manifest = train_item_model(Catalog.load(catalog), interactions, out, cfg, refit, progress)
     best = manifest.training["best"]
-    chosen = (
-        "refit on train + validation"
-        if refit
-        else f"val R@10 {best.get('recall@10', 0):.4f} N@10 {best.get('ndcg@10', 0):.4f}"
-    )
+    chosen = _chosen_by(refit, best)
     typer.echo(
         f"item model {manifest.version} -> {out}\n  best epoch {manifest.best_epoch}: "
         f"{chosen}; {manifest.training['seconds']:.0f}s, "
         f"peak RSS {manifest.training['peak_rss_gb']:.1f} GB"
     )
+
+
+def _chosen_by(refit: bool, best: dict[str, Any]) -> str:
+    """What picked a trained model's epoch, for the train commands' last line."""
+    if refit:
+        return "refit on train + validation"
+    return f"val R@10 {best.get('recall@10', 0):.4f} N@10 {best.get('ndcg@10', 0):.4f}"
 
 
 @app.command("eval")

@@ -55,8 +55,10 @@ class Trial:
 
     @classmethod
     def mean_of(cls, paths: Mapping[str, Trial]) -> Trial:
-        """One setting judged over several ways of scoring the same users."""
+        """One setting judged over several ways of scoring the same users (one way: itself)."""
         first = next(iter(paths.values()))
+        if len(paths) == 1:
+            return first
         return cls(
             first.weights,
             first.covisit_candidates,
@@ -173,8 +175,9 @@ def grid_search(
         affinity_candidates,
     ):
         weights = FusionWeights(offline=o, covisit=c, popularity=p, affinity=a)
-        by_path = {path: mx.metrics(weights, n, m, k) for path, mx in matrices.items()}
-        trials.append(by_path[UNCHANGED_PATH] if fresh is None else Trial.mean_of(by_path))
+        trials.append(
+            Trial.mean_of({path: mx.metrics(weights, n, m, k) for path, mx in matrices.items()})
+        )
     best_ndcg = max(t.ndcg for t in trials)
     trials.sort(
         key=lambda t: (

@@ -108,16 +108,12 @@ def build_quality_report(
     for name, row in sorted(others, key=lambda nr: nr[0] != COVISIT_TABLE_ROW):
         rows[name] = {**row, "kind": "ours" if name == COVISIT_TABLE_ROW else "baseline"}
     refit_reports = [json.loads(Path(path).read_text()) for path in refit]
+    refit_rows = [(n, r) for report in refit_reports for n, r in _rows(report).items()]
     # served, decoder, then the table (a refit's catalog counts the validation transitions)
-    refit_order = ("served", "decoder", COVISIT_TABLE_ROW)
-    refit_rows = [
-        (name, row)
-        for refit_report in refit_reports
-        for name, row in _rows(refit_report).items()
-        if name.startswith(refit_order)
-    ]
-    for name, row in sorted(refit_rows, key=lambda nr: _first_match(nr[0], refit_order)):
-        rows[f"{name}{REFIT_SUFFIX}"] = {**row, "kind": "refit"}
+    for prefix in ("served", "decoder", COVISIT_TABLE_ROW):
+        for name, row in refit_rows:
+            if name.startswith(prefix):
+                rows[f"{name}{REFIT_SUFFIX}"] = {**row, "kind": "refit"}
     for name, (r10, n10) in PUBLISHED.items():
         rows[name] = {"recall@10": r10, "ndcg@10": n10, "kind": "published"}
     params = manifest.parameters
@@ -211,10 +207,6 @@ def _item_model_lines(item_model: dict[str, Any] | None) -> list[str]:
         f"{t.get('seconds', 0) / 60:.1f} minutes, peak RSS {t.get('peak_rss_gb')} GB.",
         "",
     ]
-
-
-def _first_match(name: str, prefixes: Sequence[str]) -> int:
-    return next(i for i, prefix in enumerate(prefixes) if name.startswith(prefix))
 
 
 def _refit_training(refit_reports: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
