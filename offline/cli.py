@@ -707,41 +707,6 @@ def bench_cmd(
     typer.echo(f"seconds: {report['seconds']}")
 
 
-@app.command("engine-profile")
-@user_errors
-def engine_profile_cmd(
-    model: Annotated[Path, typer.Option(help="model directory")],
-    catalog: Annotated[Path, typer.Option(help="catalog directory")],
-    interactions: Annotated[Path, typer.Option(help="interactions CSV")],
-    out: Annotated[Path, typer.Option(help="report directory")],
-    rounds: Annotated[int, typer.Option(help="timed rounds per request set")] = 50,
-    warmup: Annotated[int, typer.Option(help="untimed rounds per set first")] = 5,
-    only: Annotated[
-        str, typer.Option(help="comma-separated parts of variant names (default: all)")
-    ] = "",
-    timeout: Annotated[float, typer.Option(help="seconds per variant process")] = 300.0,
-) -> None:
-    """One engine round (1 request, a think-ahead round, a full-decode step) under engine
-    paths, preloads, thread and engine settings, each in a fresh process; beside the
-    plain-PyTorch floor. Writes engine-round.json and engine-round.md."""
-    import sys
-
-    from offline.bench.engine_round import profile_engine_round
-
-    profile_engine_round(
-        model,
-        catalog,
-        interactions,
-        out,
-        rounds=rounds,
-        warmup=warmup,
-        only=[o.strip() for o in only.split(",") if o.strip()],
-        timeout_s=timeout,
-        command=" ".join(["thinkahead", *sys.argv[1:]]),
-    )
-    typer.echo(f"report -> {out / 'engine-round.md'}")
-
-
 @app.command("demo")
 def demo_cmd(
     work: Annotated[Path, typer.Option(help="work directory (generated files only)")] = Path(

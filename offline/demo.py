@@ -202,7 +202,7 @@ def _tour(
     from offline.data import read_interactions
     from offline.items.config import ItemTrainConfig
     from offline.items.train import train_item_model
-    from offline.thinkahead.prefixes import ITEMS_DIR
+    from offline.thinkahead.entries import ITEMS_DIR
     from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
     from offline.train.trainer import TrainConfig, train
     from service.contracts.catalog import Catalog

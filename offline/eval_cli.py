@@ -10,17 +10,18 @@ from typing import Any
 from offline.errors import InputError
 from offline.evaluate import (
     Ranked,
+    ThinkAheadEval,
     covisit_table_ranking,
     covisitation_baseline,
     popularity_baseline,
     rank_full,
-    rank_think_ahead,
+    rank_served,
     report_row,
     select_examples,
     think_ahead_candidates,
 )
 from offline.metrics import TOP_K
-from offline.thinkahead.prefixes import ItemSource
+from offline.thinkahead.entries import ItemSource
 from offline.tune import AFFINITY_CANDIDATES_GRID, CANDIDATES_GRID, grid_search
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import CovisitTable, Neighbours
@@ -31,6 +32,7 @@ from service.contracts.model import (
     load_model_info,
     load_serving_config,
 )
+from service.contracts.think_ahead import ScoringSettings
 
 
 def rank_full_torch(
@@ -95,8 +97,14 @@ def run_eval(
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
     serving = load_serving_config(model_dir)
+    overrides: dict[str, Any] = {
+        "prefixes": prefixes,
+        "reuse_snapshot_b": reuse_snapshot_b,
+        "reuse_snapshot_c": reuse_snapshot_c,
+    }
     if covisit_candidates is not None:
-        serving = serving.model_copy(update={"covisit_candidates": covisit_candidates})
+        overrides["covisit_candidates"] = covisit_candidates
+    scoring = serving.scoring(**overrides)
     examples, data = select_examples(interactions, split, info.max_history, limit)
     if mode == "items":
         return _write_item_model_report(model_dir, catalog, info, item_model, examples, split, out)
@@ -108,27 +116,14 @@ def run_eval(
         if mode == "full":
             ranked = rank_full(batch, info, catalog, examples, k, beam, progress=progress)
         else:
-            ranked = rank_think_ahead(
-                batch,
-                info,
-                catalog,
-                examples,
-                k,
-                prefixes,
-                beam,
-                serving,
-                covisit,
-                stale_events=stale_events,
-                progress=progress,
-                reuse_snapshot_b=reuse_snapshot_b,
-                items=ItemSource.load(model_dir, catalog, item_model),
-                reuse_snapshot_c=reuse_snapshot_c,
-            )
+            spec = ThinkAheadEval(scoring, beam, k, stale_events=stale_events, progress=progress)
+            items = ItemSource.load(model_dir, catalog, item_model)
+            ranked = rank_served(batch, info, catalog, examples, spec, covisit, items)
     reused = reused_steps(reuse_snapshot_b, reuse_snapshot_c)
     stale = f", snapshot {stale_events} event(s) behind{reused}" if stale_events else ""
     label = (
-        f"served answer (think-ahead M={prefixes} + {serving.covisit_candidates} "
-        f"co-visitation + {serving.affinity_candidates} item-level candidates, "
+        f"served answer (think-ahead M={prefixes} + {scoring.covisit_candidates} "
+        f"co-visitation + {scoring.affinity_candidates} item-level candidates, "
         f"fused score{stale})"
         if mode == "think-ahead"
         else f"decoder ({mode}, {engine}, beam {beam})"
@@ -147,6 +142,7 @@ def run_eval(
         "model_manifest": info.manifest.model_dump(mode="json", exclude={"metrics"}),
         "validation_at_training": info.manifest.metrics.get("validation"),
         "serving": serving.model_dump(mode="json") if mode == "think-ahead" else None,
+        "scoring": scoring.model_dump(mode="json") if mode == "think-ahead" else None,
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "rows": rows,
     }
@@ -222,8 +218,12 @@ def tune_blend(
     table = CovisitTable.load_optional(catalog_dir, catalog.item_ids, catalog.version)
     covisit = table.as_mapping() if table is not None else {}
     batch = batch_engine(engine, model_dir, info)
-    items = ItemSource.load(
-        model_dir, catalog, item_model, candidates=max(AFFINITY_CANDIDATES_GRID)
+    items = ItemSource.load(model_dir, catalog, item_model)
+    # every candidate the grid can reach, scored once
+    widest = ScoringSettings(
+        covisit_candidates=max(CANDIDATES_GRID),
+        affinity_candidates=max(AFFINITY_CANDIDATES_GRID) if items is not None else 0,
+        prefixes=prefixes,
     )
     t0 = time.monotonic()
     # as the service meets users: the history of their snapshot, and one event past it
@@ -233,15 +233,11 @@ def tune_blend(
             info,
             catalog,
             examples,
-            k,
-            prefixes,
-            beam,
+            ThinkAheadEval(
+                widest, beam, k, stale_events=stale_events, prune=False, progress=progress
+            ),
             covisit,
-            max(CANDIDATES_GRID),
-            prune=None,
-            stale_events=stale_events,
-            progress=progress,
-            items=items,
+            items,
         )[0]
         for stale_events in (0, 1)
     )

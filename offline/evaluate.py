@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +22,17 @@ from tqdm.auto import tqdm
 
 from offline.baselines import CoVisitation
 from offline.data import Example, Sequences, leave_one_out, read_interactions
-from offline.metrics import ranking_metrics
-from offline.thinkahead.prefixes import (
-    CovisitSource,
-    ItemSource,
-    StoredScores,
-    compute_prefixes,
-    score_plans,
-    stored_scores,
-)
-from service.contracts.affinity import NO_AFFINITY
+from offline.metrics import TOP_K, ranking_metrics
+from offline.thinkahead.entries import CovisitSource, ItemSource, Thinker
+from offline.thinkahead.prefixes import score_plans
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.covisit import Neighbours, covisit_scores, top_scored
-from service.contracts.fusion import FusionWeights, ItemFeatures, extra_prefixes, rank_fused
-from service.contracts.model import ModelInfo, ServingConfig
-from service.contracts.packed import pack_scored, unpack_scored
-from service.contracts.scoring import (
-    ScoredCode,
-    candidate_prefixes,
-    combine,
-    plan_item_scoring,
-    plan_think_ahead,
-)
+from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
+from service.contracts.model import ModelInfo
+from service.contracts.scoring import ScoredCode
+from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
 from service.engine.base import BatchEngine
 
@@ -121,9 +108,9 @@ class UserCandidates:
     target: str
     scored: list[ScoredCode]
     features: ItemFeatures
-    snapshot_ab: set[tuple[int, int]]
-    covisit_ab: list[tuple[int, int]]  # best first
-    affinity_ab: list[tuple[int, int]] = field(default_factory=list)  # best first
+    snapshot_ab: frozenset[tuple[int, int]]
+    covisit_ab: tuple[tuple[int, int], ...]  # best first
+    affinity_ab: tuple[tuple[int, int], ...] = ()  # best first
 
     def ranked(
         self,
@@ -142,126 +129,86 @@ class UserCandidates:
         return [code for code, _ in rank_fused(scored, self.features, weights)[:k]]
 
 
+@dataclass(frozen=True)
+class ThinkAheadEval:
+    """How ``thinkahead eval --mode think-ahead`` and ``tune-blend`` meet the users: the
+    worker's entry for the history minus its last ``stale_events`` items, then the service's
+    online step over the fresh history. ``prune`` False scores every candidate (to learn the
+    weights)."""
+
+    scoring: ScoringSettings
+    beam: int
+    k: int = TOP_K
+    stale_events: int = 0
+    prune: bool = True
+    batch_users: int = 128
+    progress: bool = True
+
+
 def think_ahead_candidates(
     engine: BatchEngine,
     model: ModelInfo,
     catalog: Catalog,
     examples: Sequence[Example],
-    k: int,
-    prefixes: int,
-    beam: int,
+    spec: ThinkAheadEval,
     covisit: Mapping[str, Neighbours],
-    covisit_candidates: int,
-    prune: FusionWeights | None,
-    stale_events: int = 0,
-    batch_users: int = 128,
-    progress: bool = True,
-    reuse_snapshot_b: bool = True,
     items: ItemSource | None = None,
-    reuse_snapshot_c: bool = True,
 ) -> tuple[list[UserCandidates], dict[str, float]]:
-    """The architecture as served, per user: top-M prefixes from a 2-token beam search over
-    the history minus its last ``stale_events`` items (the worker), then the online step over
-    the fresh history (``service.contracts.scoring.plan_think_ahead``), with the co-visitation
-    neighbours of the fresh last items among the candidates.
-
-    ``prune``: the served weights, bounding prefixes out of the top k exactly as the service
-    does; None scores every candidate (to learn the weights). ``reuse_snapshot_b`` and
-    ``reuse_snapshot_c``: as the service's settings, when the history moved past the
-    snapshot's (the c's are computed for the stale history as the worker stores them; with an
-    unchanged history they equal the engine's, so they are not computed). ``items``: the
-    item-level model the worker stores each user's best items from (candidates:
-    ``items.candidates``)."""
+    """The architecture as served, per user: the worker's entry (``Thinker``) for the stale
+    history, then the service's plan (``ThinkAheadScorer``) over the fresh one, with the
+    co-visitation neighbours of the fresh last items among the candidates. The entry's stored
+    scores are computed only for a stale history: with an unchanged one the online step asks
+    the engine the same questions."""
+    scorer = ThinkAheadScorer(catalog, model.token_ids, spec.scoring)
+    prefixes = spec.scoring.prefixes
+    thinker = Thinker(
+        engine,
+        scorer,
+        model.version,
+        beam=max(spec.beam, prefixes),
+        covisit=CovisitSource(covisit),
+        items=items,
+        c_tails=spec.scoring.reuse_snapshot_c,
+        stored=spec.stale_events > 0,
+    )
     covered = {m: 0 for m in (8, 16, 32, prefixes) if m <= prefixes}
     with_covisit = with_extra = 0
     out: list[UserCandidates] = []
-    ids = model.token_ids
     for start in tqdm(
-        range(0, len(examples), batch_users), desc="think-ahead", disable=not progress, unit="batch"
+        range(0, len(examples), spec.batch_users),
+        desc="think-ahead",
+        disable=not spec.progress,
+        unit="batch",
     ):
-        chunk = examples[start : start + batch_users]
+        chunk = examples[start : start + spec.batch_users]
         fresh = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
-        stale = [h[: len(h) - stale_events] if stale_events else h for h in fresh]
-        offline = compute_prefixes(engine, ids, catalog, stale, max(beam, prefixes), prefixes)
-        affinities = (
-            items.affinities(catalog, stale) if items is not None else [NO_AFFINITY] * len(chunk)
-        )
-        # what the worker stored for the stale history (none needed for an unchanged one)
-        stored = (
-            stored_scores(
-                engine,
-                ids,
-                catalog,
-                stale,
-                offline,
-                prefixes if reuse_snapshot_c else 0,
-                CovisitSource(covisit, covisit_candidates),
-                affinities,
-                items.candidates if items is not None else 0,
-            )
-            if stale_events
-            else [StoredScores((), (), ()) for _ in chunk]
-        )
+        stale = [h[: len(h) - spec.stale_events] if spec.stale_events else h for h in fresh]
         plans = []
-        for e, history, result, affinity, kept in zip(
-            chunk, fresh, offline, affinities, stored, strict=True
-        ):
-            tail = unpack_scored(pack_scored(kept.c_tails))  # float32, as the service reads
-            target = catalog.code_of(e.target)
-            ranked_ab = [(p.a, p.b) for p in result.prefixes]
-            for m in covered:
-                covered[m] += target is not None and target[:2] in ranked_ab[:m]
-            scores = covisit_scores(e.history, covisit, set(e.history))
-            features = ItemFeatures(catalog, scores, affinity)
-            covisit_ab = extra_prefixes(catalog, scores, covisit_candidates)
-            affinity_ab = affinity.prefixes(items.candidates if items is not None else 0)
-            extra_ab = extra_prefixes(
-                catalog,
-                scores,
-                covisit_candidates,
-                affinity,
-                items.candidates if items is not None else 0,
+        for e, history, value in zip(chunk, fresh, thinker.entries(stale), strict=True):
+            plan = scorer.plan(
+                value,
+                history,
+                covisit_scores(e.history, covisit, set(e.history)),
+                spec.k,
+                unchanged=spec.stale_events == 0,
+                prune=spec.prune,
             )
-            with_covisit += target is not None and target[:2] in {*ranked_ab, *covisit_ab}
-            with_extra += target is not None and target[:2] in {*ranked_ab, *extra_ab}
-            prompt, constraint = ids.history(history), Constraint(catalog, history)
-            first = kept.first_tokens if reuse_snapshot_b else ()
-            if prune is None:  # every candidate scored, no bound: to learn the weights
-                plan = plan_item_scoring(
-                    prompt,
-                    candidate_prefixes(
-                        result.prefixes,
-                        extra_ab,
-                        stale_events == 0,
-                        kept.heads,
-                        first_tokens=first,
-                        c_tails=tail,
-                    ),
-                    constraint,
-                    ids,
-                    top_c=k,
-                )
-            else:
-                plan = plan_think_ahead(
-                    prompt,
-                    result.prefixes,
-                    extra_ab,
-                    constraint,
-                    ids,
-                    k,
-                    prune,
-                    features,
-                    unchanged=stale_events == 0,
-                    covisit_heads=kept.heads,
-                    first_tokens=first,
-                    c_tails=tail,
-                )
+            target = catalog.code_of(e.target)
+            ranked_ab = [(p.a, p.b) for p in value.prefixes]
+            if target is not None:
+                for m in covered:
+                    covered[m] += target[:2] in ranked_ab[:m]
+                with_covisit += target[:2] in {*ranked_ab, *plan.covisit_ab}
+                with_extra += target[:2] in {*ranked_ab, *plan.covisit_ab, *plan.affinity_ab}
             plans.append(plan)
             out.append(
-                UserCandidates(e.target, [], features, set(ranked_ab), covisit_ab, affinity_ab)
+                UserCandidates(
+                    e.target, [], plan.features, plan.snapshot_ab, plan.covisit_ab, plan.affinity_ab
+                )
             )
-        for plan, part, user in zip(plans, score_plans(engine, plans), out[start:], strict=True):
-            user.scored = combine(plan, part, ids)
+        parts = score_plans(engine, [p.scoring for p in plans])
+        for plan, part, user in zip(plans, parts, out[start:], strict=True):
+            user.scored = scorer.scored(plan, part)
     n = max(len(examples), 1)
     coverage: dict[str, float] = {f"M={m}": round(c / n, 5) for m, c in sorted(covered.items())}
     coverage[f"M={prefixes} + co-visitation"] = round(with_covisit / n, 5)
@@ -285,44 +232,19 @@ def rank_candidates(
     return ranked, invalid
 
 
-def rank_think_ahead(
+def rank_served(
     engine: BatchEngine,
     model: ModelInfo,
     catalog: Catalog,
     examples: Sequence[Example],
-    k: int,
-    prefixes: int,
-    beam: int,
-    serving: ServingConfig,
+    spec: ThinkAheadEval,
     covisit: Mapping[str, Neighbours],
-    stale_events: int = 0,
-    batch_users: int = 128,
-    progress: bool = True,
-    reuse_snapshot_b: bool = True,
     items: ItemSource | None = None,
-    reuse_snapshot_c: bool = True,
 ) -> Ranked:
     """The served ranking (fused score, served weights and pruning) for every example."""
     t0 = time.monotonic()
-    users, coverage = think_ahead_candidates(
-        engine,
-        model,
-        catalog,
-        examples,
-        k,
-        prefixes,
-        beam,
-        covisit,
-        serving.covisit_candidates,
-        prune=serving.weights,
-        stale_events=stale_events,
-        batch_users=batch_users,
-        progress=progress,
-        reuse_snapshot_b=reuse_snapshot_b,
-        items=items,
-        reuse_snapshot_c=reuse_snapshot_c,
-    )
-    ranked, invalid = rank_candidates(catalog, users, serving.weights, k)
+    users, coverage = think_ahead_candidates(engine, model, catalog, examples, spec, covisit, items)
+    ranked, invalid = rank_candidates(catalog, users, spec.scoring.weights, spec.k)
     return Ranked(ranked, invalid, time.monotonic() - t0, coverage)
 
 

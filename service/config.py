@@ -4,16 +4,22 @@ between nested sections (``THINKAHEAD_REDIS__URL``); CLI flags override."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import MAX_HISTORY
+from service.contracts.model import ServingConfig
+from service.contracts.think_ahead import ScoringSettings
 from service.engine.vllm_engine import VllmOptions
 
 MAX_LIST_ITEMS = 200  # hard cap of id lists in one request (the API schema documents it)
+
+
+def _describe(name: str) -> str | None:
+    return ScoringSettings.model_fields[name].description
 
 
 class RedisSettings(BaseModel):
@@ -94,21 +100,30 @@ class RecommendSettings(BaseModel):
         ge=0,
         description="items whose co-visitation neighbours are cached in-process (per snapshot)",
     )
-    reuse_snapshot_b: bool = Field(
-        default=True,
-        description="after fresh events, reuse log P(b | a) from the snapshot: one engine "
-        "request for the first tokens instead of one per distinct first token",
-    )
-    reuse_snapshot_c: bool = Field(
-        default=True,
-        description="reuse log P(c | a, b) stored in the snapshot, renormalised over the c's "
-        "still allowed: no engine request for the c step of a snapshot prefix whose allowed "
-        "c's were all stored (exact for an unchanged history)",
-    )
+    # the scoring's own descriptions: one wording for the setting, the job and the flags
+    reuse_snapshot_b: bool = Field(default=True, description=_describe("reuse_snapshot_b"))
+    reuse_snapshot_c: bool = Field(default=True, description=_describe("reuse_snapshot_c"))
     full_decode_beam: int = Field(default=20, ge=1)
     max_list_items: int = Field(default=MAX_LIST_ITEMS, ge=1, le=MAX_LIST_ITEMS)
     max_in_flight: int = Field(default=64, ge=1)
     exclude_history: bool = True
+
+    def scoring(self, serving: ServingConfig) -> ScoringSettings:
+        """The think-ahead scoring this service runs: the model's serving.json with these
+        settings' overrides on top."""
+        overrides: dict[str, Any] = {
+            "prefixes": self.max_prefixes,
+            "exclude_history": self.exclude_history,
+            "reuse_snapshot_b": self.reuse_snapshot_b,
+            "reuse_snapshot_c": self.reuse_snapshot_c,
+        }
+        learned = {
+            "weights": self.fusion,
+            "covisit_candidates": self.covisit_candidates,
+            "affinity_candidates": self.affinity_candidates,
+        }
+        overrides |= {name: v for name, v in learned.items() if v is not None}
+        return serving.scoring(**overrides)
 
     @model_validator(mode="after")
     def _budgets(self) -> RecommendSettings:

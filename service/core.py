@@ -24,8 +24,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from service.config import RecommendSettings
-from service.contracts.affinity import NO_AFFINITY, Affinity
-from service.contracts.answers import AnswerScoring, unpack_answer
+from service.contracts.answers import unpack_answer
 from service.contracts.beam import BeamSearch, run_searches_async
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
@@ -37,12 +36,11 @@ from service.contracts.covisit import (
     covisit_scores,
     recent_items,
 )
-from service.contracts.fusion import FusionWeights, ItemFeatures, extra_prefixes, rank_fused
+from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
 from service.contracts.manifest import SnapshotManifest
 from service.contracts.model import ModelInfo
-from service.contracts.packed import unpack_scored
-from service.contracts.scoring import plan_think_ahead, rank_think_ahead
 from service.contracts.snapshot import CorruptValue, Prefix, UserPrefixes, history_digest
+from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
 from service.engine.base import Engine, EngineError, ScoreRequest, TokenLogprobs
 from service.engine.breaker import CircuitBreaker
@@ -189,6 +187,7 @@ class Recommender:
         store: SnapshotStore,
         watcher: SnapshotWatcher,
         settings: RecommendSettings,
+        scoring: ScoringSettings,
         metrics: Metrics,
         max_snapshot_age_s: float,
         breaker: CircuitBreaker | None = None,
@@ -199,6 +198,7 @@ class Recommender:
         self.store = store
         self.watcher = watcher
         self.settings = settings
+        self.scorer = ThinkAheadScorer(catalog, model.token_ids, scoring)
         self.metrics = metrics
         self.max_snapshot_age_s = max_snapshot_age_s
         self.in_flight = 0
@@ -266,10 +266,8 @@ class Recommender:
         history, _unknown = self.catalog.codes_of(fresh)
         history = history[-self.model.max_history :]
         excluded_ids = set(q.exclude_item_ids) | (
-            set(fresh) if self.settings.exclude_history else set()
+            set(fresh) if self.scorer.settings.exclude_history else set()
         )
-        excluded = list(history) if self.settings.exclude_history else []
-        excluded += self.catalog.codes_of(q.exclude_item_ids)[0]
         ctx = _Request(
             q=q,
             clock=clock,
@@ -277,7 +275,9 @@ class Recommender:
             snapshot_id=snapshot_id,
             snapshot_value=read.snapshot_value,
             history=history,
-            constraint=Constraint(self.catalog, excluded),
+            constraint=self.scorer.constraint(
+                history, self.catalog.codes_of(q.exclude_item_ids)[0]
+            ),
             prompt=self.model.token_ids.history(history),
             manifest=active.manifest if usable and active is not None else None,
             fresh_ids=fresh,
@@ -398,19 +398,15 @@ class Recommender:
             clock.decode_s += elapsed
             self.metrics.stage_seconds.labels("decode").observe(elapsed)
 
-    @property
-    def weights(self) -> FusionWeights:
-        return self.settings.fusion or FusionWeights()
+    def use_scoring(self, settings: ScoringSettings) -> None:
+        """Score with ``settings`` from the next request on."""
+        self.scorer = ThinkAheadScorer(self.catalog, self.model.token_ids, settings)
 
-    def answer_scoring(self, manifest: SnapshotManifest) -> AnswerScoring:
+    def answer_scoring(self, manifest: SnapshotManifest) -> ScoringSettings:
         """How this service scores an unchanged user under ``manifest``'s snapshot."""
-        return AnswerScoring(
-            weights=self.weights,
-            covisit_candidates=self.settings.covisit_candidates or 0,
-            prefixes=min(self.settings.max_prefixes, manifest.prefixes_per_user),
-            exclude_history=self.settings.exclude_history,
-            affinity_candidates=self.settings.affinity_candidates or 0,
-        )
+        settings = self.scorer.settings
+        prefixes = min(settings.prefixes, manifest.prefixes_per_user)
+        return settings.model_copy(update={"prefixes": prefixes})
 
     def _stored_answer(self, ctx: _Request) -> list[ScoredItem] | None:
         """The snapshot's whole answer, when this request would be scored exactly as the
@@ -436,32 +432,16 @@ class Recommender:
         if stored:
             self.metrics.precomputed_answers.inc()
             return self._answer(ctx, stored, Source.THINK_AHEAD, None), None
-        q = ctx.q
-        weights = self.weights
-        affinity = self._affinity(value)
-        covisit = await self._request_covisit(ctx)
-        features = ItemFeatures(self.catalog, covisit, affinity)
-        plan = plan_think_ahead(
-            ctx.prompt,
-            value.prefixes[: self.settings.max_prefixes],
-            extra_prefixes(
-                self.catalog,
-                covisit,
-                self.settings.covisit_candidates or 0,
-                affinity,
-                self.settings.affinity_candidates or 0,
-            ),
-            ctx.constraint,
-            self.model.token_ids,
-            q.k,
-            weights,
-            features,
+        plan = self.scorer.plan(
+            value,
+            ctx.history,
+            await self._request_covisit(ctx),
+            ctx.q.k,
+            constraint=ctx.constraint,
             unchanged=ctx.unchanged,
-            covisit_heads=value.covisit_heads,
-            first_tokens=value.first_tokens if self.settings.reuse_snapshot_b else (),
-            c_tails=self._c_tails(value),
+            on_corrupt=self._corrupt,
         )
-        if not plan.prefixes:
+        if plan.empty:
             return None, "prefixes_excluded"
         try:
             results = await self._score(plan.requests, ctx.clock) if plan.requests else []
@@ -470,31 +450,22 @@ class Recommender:
         except EngineError as exc:
             log.warning("event=engine_error request_id=%s error=%s", ctx.request_id, exc)
             return None, "engine_unavailable"
-        ranked = rank_think_ahead(plan, results, self.model.token_ids, features, weights)
-        items = self._items(ranked, q.k)
+        items = self._items(self.scorer.rank(plan, results), ctx.q.k)
         if not items:
             return None, "prefixes_excluded"
         return self._answer(ctx, items, Source.THINK_AHEAD, None), None
 
-    def _c_tails(self, value: UserPrefixes) -> list[tuple[Code, float]]:
-        """The stored log P(c | a, b) when reused; none (and counted) when the blob is damaged:
-        the c steps then run as without them."""
-        if not self.settings.reuse_snapshot_c or not value.c_tails:
-            return []
-        return self._unpacked("snapshot_c", unpack_scored, value.c_tails, [])
-
-    def _affinity(self, value: UserPrefixes) -> Affinity:
-        """The user's stored item-level scores; none (and counted) when the blob is damaged."""
-        return self._unpacked("snapshot_affinity", Affinity.unpack, value.affinity, NO_AFFINITY)
+    def _corrupt(self, key_type: str, exc: ValueError) -> None:
+        """A damaged packed field of a snapshot value: counted and logged; the request goes on
+        as if the field were absent."""
+        self.metrics.corrupt_values.labels(key_type).inc()
+        log.warning("event=corrupt_value what=%s error=%s", key_type, exc)
 
     def _unpacked(self, key_type: str, unpack: Callable[[bytes], T], raw: bytes, default: T) -> T:
-        """One packed field of a snapshot value; ``default`` (counted, logged) when it is
-        damaged, so the request goes on as if the field were absent."""
         try:
             return unpack(raw)
         except ValueError as exc:
-            self.metrics.corrupt_values.labels(key_type).inc()
-            log.warning("event=corrupt_value what=%s error=%s", key_type, exc)
+            self._corrupt(key_type, exc)
             return default
 
     async def _full_decode(self, ctx: _Request) -> list[ScoredItem]:
@@ -538,7 +509,9 @@ class Recommender:
     def _covisit_items(self, ctx: _Request, covisit: dict[str, float]) -> list[ScoredItem]:
         """The fused score's terms that need no engine, over the co-visitation neighbours."""
         features = ItemFeatures(self.catalog, covisit)
-        weights = FusionWeights(covisit=1.0, popularity=min(self.weights.popularity, 1.0))
+        weights = FusionWeights(
+            covisit=1.0, popularity=min(self.scorer.settings.weights.popularity, 1.0)
+        )
         scored = [
             (code, 0.0, 0.0)
             for item in covisit

@@ -92,16 +92,7 @@ def make_engine(settings: Settings, model: ModelInfo) -> Engine:
 async def open_runtime(settings: Settings, engine: Engine | None = None) -> AsyncIterator[Runtime]:
     catalog = Catalog.load(settings.catalog_dir)
     model = load_model_info(settings.model_dir, catalog)
-    recommend = settings.recommend
-    serving = load_serving_config(settings.model_dir)
-    if recommend.fusion is None:
-        recommend = recommend.model_copy(update={"fusion": serving.weights})
-    if recommend.covisit_candidates is None:
-        recommend = recommend.model_copy(update={"covisit_candidates": serving.covisit_candidates})
-    if recommend.affinity_candidates is None:
-        recommend = recommend.model_copy(
-            update={"affinity_candidates": serving.affinity_candidates}
-        )
+    scoring = settings.recommend.scoring(load_serving_config(settings.model_dir))
     metrics = Metrics()
     metrics.build.info(
         {"version": __version__, "model_version": model.version, "catalog_version": catalog.version}
@@ -125,7 +116,8 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         engine,
         store,
         watcher,
-        recommend,
+        settings.recommend,
+        scoring,
         metrics,
         settings.redis.max_snapshot_age_s,
         breaker,

@@ -13,17 +13,14 @@ import numpy as np
 
 from offline.decode.torch_engine import TorchBatchEngine
 from offline.metrics import TOP_K
-from offline.thinkahead.prefixes import CovisitSource
-from service.contracts.affinity import Affinity
+from offline.thinkahead.entries import CovisitSource
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.covisit import covisit_scores
-from service.contracts.fusion import ItemFeatures, extra_prefixes
-from service.contracts.model import ModelInfo, ServingConfig
-from service.contracts.packed import unpack_scored
-from service.contracts.scoring import plan_think_ahead, rank_think_ahead
+from service.contracts.model import ModelInfo
 from service.contracts.snapshot import UserPrefixes
+from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
 
 
@@ -37,49 +34,26 @@ def floor_rows(
     engine: TorchBatchEngine,
     model: ModelInfo,
     catalog: Catalog,
-    serving: ServingConfig,
+    scoring: ScoringSettings,
     covisit: CovisitSource | None,
     users: Sequence[tuple[list[Code], UserPrefixes]],
     fresh_item: str,
-    prefixes: int,
     k: int = TOP_K,
     full_decode_beam: int = 20,
-    reuse_snapshot_b: bool = True,
-    reuse_snapshot_c: bool = True,
 ) -> list[dict[str, Any]]:
     """p50 / p99 ms and engine requests per recommend for the bench's three scenarios, planned
-    as the service plans them with its default settings."""
+    as the service plans them with ``scoring``."""
     ids = model.token_ids
+    scorer = ThinkAheadScorer(catalog, ids, scoring)
     neighbours = covisit.neighbours if covisit is not None else {}
 
     def think_ahead(history: list[Code], value: UserPrefixes, recent: list[str]) -> int:
         items = [i for c in history if (i := catalog.item_at(c)) is not None] + recent
         codes = catalog.codes_of(items)[0][-model.max_history :]
         scores = covisit_scores(items, neighbours, set(items))
-        affinity = Affinity.unpack(value.affinity)
-        features = ItemFeatures(catalog, scores, affinity)
-        plan = plan_think_ahead(
-            ids.history(codes),
-            value.prefixes[:prefixes],
-            extra_prefixes(
-                catalog,
-                scores,
-                serving.covisit_candidates,
-                affinity,
-                serving.affinity_candidates,
-            ),
-            Constraint(catalog, codes),
-            ids,
-            k,
-            serving.weights,
-            features,
-            unchanged=not recent,
-            covisit_heads=value.covisit_heads,
-            first_tokens=value.first_tokens if reuse_snapshot_b else (),
-            c_tails=unpack_scored(value.c_tails) if reuse_snapshot_c else (),
-        )
+        plan = scorer.plan(value, codes, scores, k, unchanged=not recent)
         results = engine.score_batch(plan.requests) if plan.requests else []
-        rank_think_ahead(plan, results, ids, features, serving.weights)
+        scorer.rank(plan, results)
         return len(plan.requests)
 
     def full_decode(history: list[Code], recent: list[str]) -> int:

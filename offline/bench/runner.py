@@ -22,8 +22,9 @@ from offline.bench.report import write_report
 from offline.bench.server_latency import scrape_buckets, server_latency
 from offline.eval_cli import baseline_rows, load_covisit
 from offline.evaluate import (
+    ThinkAheadEval,
     rank_full,
-    rank_think_ahead,
+    rank_served,
     report_row,
     select_examples,
 )
@@ -55,20 +56,10 @@ def quality(
     rows: dict[str, Any] = {}
     full = rank_full(engine, info, catalog, examples, 10, beam, progress=progress)
     rows[f"full decode (3 tokens, beam {beam})"] = report_row(full, examples)
+    scoring = serving.scoring(prefixes=prefixes)
     for stale in (0, 1, 3):
-        ranked = rank_think_ahead(
-            engine,
-            info,
-            catalog,
-            examples,
-            10,
-            prefixes,
-            prefixes,
-            serving,
-            covisit,
-            stale_events=stale,
-            progress=progress,
-        )
+        spec = ThinkAheadEval(scoring, prefixes, TOP_K, stale_events=stale, progress=progress)
+        ranked = rank_served(engine, info, catalog, examples, spec, covisit)
         name = f"think-ahead (M={prefixes}, " + ("fresh)" if not stale else f"stale by {stale})")
         rows[name] = report_row(ranked, examples)
     rows.update(baseline_rows(data, examples, "test", TOP_K))
@@ -229,19 +220,16 @@ def measure_floor(
     raws = client.mget([keys.user(snapshot_id, u) for u, _ in chosen])
     values = [(h, UserPrefixes.decode(raw)) for (_, h), raw in zip(chosen, raws, strict=True)]
     engine = TorchBatchEngine(model_dir, run.model.token_ids)
-    served = RecommendSettings()
+    served = RecommendSettings(max_prefixes=prefixes)
     return floor_rows(
         engine,
         run.model,
         run.catalog,
-        load_serving_config(model_dir),
+        served.scoring(load_serving_config(model_dir)),
         run.covisit,
         values,
         fresh_item,
-        prefixes,
         full_decode_beam=served.full_decode_beam,
-        reuse_snapshot_b=served.reuse_snapshot_b,
-        reuse_snapshot_c=served.reuse_snapshot_c,
     )
 
 

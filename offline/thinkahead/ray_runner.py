@@ -15,16 +15,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from offline.thinkahead.prefixes import CovisitSource
+from offline.thinkahead.entries import CovisitSource
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
 from offline.thinkahead.worker import (
     Summary,
     ThinkAheadJob,
     ThinkAheadRun,
-    answer_scoring,
     item_source,
     local_engine_factory,
+    make_thinker,
     process_shard,
+    scoring_settings,
 )
 from service.contracts.catalog import Catalog
 from service.contracts.model import load_model_info
@@ -37,13 +38,18 @@ class ShardWorker:
     def __init__(
         self, model_dir: str, catalog_dir: str, redis_url: str, job: dict[str, Any], cluster: bool
     ) -> None:
-        self.catalog = Catalog.load(catalog_dir)
-        self.model = load_model_info(model_dir, self.catalog)
+        catalog = Catalog.load(catalog_dir)
+        model = load_model_info(model_dir, catalog)
         self.job = ThinkAheadJob(**job)
-        self.engine = local_engine_factory(Path(model_dir))()
-        self.covisit = CovisitSource.load(Path(catalog_dir), self.catalog, Path(model_dir))
-        self.answers = answer_scoring(Path(model_dir), self.job)
-        self.items = item_source(Path(model_dir), self.catalog, self.job)
+        self.thinker = make_thinker(
+            local_engine_factory(Path(model_dir))(),
+            model,
+            catalog,
+            self.job,
+            scoring_settings(Path(model_dir), self.job),
+            CovisitSource.load(Path(catalog_dir), catalog),
+            item_source(Path(model_dir), catalog, self.job),
+        )
         self.writer = SnapshotWriter(
             connect_sync(redis_url, cluster=cluster),
             Keyspace(self.job.key_prefix, self.job.history_prefix),
@@ -57,18 +63,7 @@ class ShardWorker:
         users: list[str],
         histories: list[list[tuple[int, int, int]]],
     ) -> int:
-        values = process_shard(
-            self.engine,
-            self.model,
-            self.catalog,
-            self.job,
-            users,
-            histories,
-            lambda n: None,
-            self.covisit,
-            self.answers,
-            self.items,
-        )
+        values = process_shard(self.thinker, self.job, users, histories, lambda n: None)
         self.writer.write_shard(snapshot_id, index, values)
         return len(users)
 

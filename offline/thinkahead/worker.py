@@ -20,23 +20,17 @@ from tqdm.auto import tqdm
 
 from offline.data import read_interactions
 from offline.errors import InputError
-from offline.thinkahead.prefixes import (
-    CovisitSource,
-    ItemSource,
-    compute_prefixes,
-    stored_scores,
-    think_ahead_answers,
-)
+from offline.thinkahead.entries import CovisitSource, ItemSource, Thinker
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
 from offline.thinkahead.reasoning import Reasoner
-from service.contracts.affinity import DEFAULT_AFFINITY_ITEMS, NO_AFFINITY
-from service.contracts.answers import DEFAULT_ANSWER_ITEMS, AnswerScoring
+from service.contracts.affinity import DEFAULT_AFFINITY_ITEMS
+from service.contracts.answers import DEFAULT_ANSWER_ITEMS
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import COVISIT_FILE
 from service.contracts.manifest import MAX_HISTORY, SnapshotManifest, file_hash, sha256_hex
 from service.contracts.model import ModelInfo, load_model_info, load_serving_config
-from service.contracts.packed import pack_scored, unpack_scored
-from service.contracts.snapshot import Keyspace, UserPrefixes, history_digest
+from service.contracts.snapshot import Keyspace, UserPrefixes
+from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
 from service.engine.base import BatchEngine
 
@@ -139,7 +133,7 @@ def job_identity(
     catalog: Catalog,
     data_hash: str,
     job: ThinkAheadJob,
-    answers: AnswerScoring | None = None,
+    scoring: ScoringSettings,
     item_model_version: str | None = None,
 ) -> str:
     return sha256_hex(
@@ -147,24 +141,15 @@ def job_identity(
         catalog.version.encode(),
         data_hash.encode(),
         job.model_dump_json(exclude={"grace_s"}).encode(),
-        (answers.key() if answers is not None else "").encode(),
+        (scoring.key() if job.answer_items else "").encode(),
         (item_model_version or "").encode(),
     )
 
 
-def answer_scoring(model_dir: Path, job: ThinkAheadJob) -> AnswerScoring | None:
-    """How the service scores an unchanged user with this model's serving.json and its
-    default settings; None when the job stores no answers."""
-    if job.answer_items == 0:
-        return None
-    serving = load_serving_config(model_dir)
-    return AnswerScoring(
-        weights=serving.weights,
-        covisit_candidates=serving.covisit_candidates,
-        prefixes=job.prefixes,
-        exclude_history=True,
-        affinity_candidates=serving.affinity_candidates,
-    )
+def scoring_settings(model_dir: Path, job: ThinkAheadJob) -> ScoringSettings:
+    """How the service scores users with this model's serving.json, the job's M prefixes and
+    its default settings: the stored answers' scoring."""
+    return load_serving_config(model_dir).scoring(prefixes=job.prefixes)
 
 
 def item_source(model_dir: Path, catalog: Catalog, job: ThinkAheadJob) -> ItemSource | None:
@@ -190,93 +175,43 @@ def reasoner_for(model: ModelInfo, job: ThinkAheadJob) -> Reasoner | None:
     return Reasoner(model.path, template, model.token_ids)
 
 
-def process_shard(
+def make_thinker(
     engine: BatchEngine,
     model: ModelInfo,
     catalog: Catalog,
     job: ThinkAheadJob,
+    scoring: ScoringSettings,
+    covisit: CovisitSource | None,
+    items: ItemSource | None,
+) -> Thinker:
+    """The job's entry computer: the same one eval and re-think use."""
+    return Thinker(
+        engine,
+        ThinkAheadScorer(catalog, model.token_ids, scoring),
+        model.version,
+        beam=job.beam,
+        covisit=covisit,
+        items=items,
+        answer_items=job.answer_items,
+        c_tails=job.c_tails,
+        reasoner=reasoner_for(model, job),
+        paths=job.paths,
+    )
+
+
+def process_shard(
+    thinker: Thinker,
+    job: ThinkAheadJob,
     users: Sequence[str],
     histories: Sequence[Sequence[Code]],
     on_batch: Callable[[int], None],
-    covisit: CovisitSource | None = None,
-    answers: AnswerScoring | None = None,
-    items: ItemSource | None = None,
 ) -> list[tuple[str, UserPrefixes]]:
     values: list[tuple[str, UserPrefixes]] = []
-    reasoner = reasoner_for(model, job)
     for start in range(0, len(users), job.batch_users):
-        batch_hist = histories[start : start + job.batch_users]
-        paths = None
-        if reasoner is not None:
-            paths = reasoner.sample(engine, batch_hist, job.paths, seed=start)
-        results = compute_prefixes(
-            engine, model.token_ids, catalog, batch_hist, job.beam, job.prefixes, paths=paths
-        )
-        affinities = (
-            items.affinities(catalog, batch_hist)
-            if items is not None
-            else [NO_AFFINITY] * len(batch_hist)
-        )
-        stored = stored_scores(
-            engine,
-            model.token_ids,
-            catalog,
-            batch_hist,
-            results,
-            job.prefixes if job.c_tails else 0,
-            covisit,
-            affinities,
-            items.candidates if items is not None else 0,
-        )
-        heads = [u.heads for u in stored]
-        packed_tails = [pack_scored(u.c_tails) for u in stored]
-        packed = (
-            think_ahead_answers(
-                engine,
-                model.token_ids,
-                catalog,
-                batch_hist,
-                results,
-                heads,
-                covisit,
-                answers,
-                job.answer_items,
-                affinities,
-                [unpack_scored(t) for t in packed_tails],  # float32, as the service reads them
-            )
-            if answers is not None
-            else [b"" for _ in results]
-        )
-        now = time.time()
-        for user, hist, result, scores, answer, affinity, tail in zip(
-            users[start:],
-            batch_hist,
-            results,
-            stored,
-            packed,
-            affinities,
-            packed_tails,
-            strict=False,
-        ):
-            values.append(
-                (
-                    user,
-                    UserPrefixes(
-                        model.version,
-                        catalog.version,
-                        now,
-                        tuple(result.prefixes),
-                        history_digest=history_digest(hist),
-                        reasoning=result.reasoning,
-                        covisit_heads=scores.heads,
-                        answer=answer,
-                        first_tokens=scores.first_tokens,
-                        affinity=affinity.pack(),
-                        c_tails=tail,
-                    ),
-                )
-            )
-        on_batch(len(batch_hist))
+        batch = histories[start : start + job.batch_users]
+        entries = thinker.entries(batch, seed=start)
+        values.extend(zip(users[start : start + len(batch)], entries, strict=True))
+        on_batch(len(batch))
     return values
 
 
@@ -299,8 +234,8 @@ class ThinkAheadRun:
         self.redis_url, self.cluster = redis_url, cluster
         self.job = job
         self.plan = plan_users(interactions, self.catalog, self.model.max_history, job.holdout_last)
-        self.covisit = CovisitSource.load(self.catalog_dir, self.catalog, self.model_dir)
-        self.answers = answer_scoring(self.model_dir, job)
+        self.covisit = CovisitSource.load(self.catalog_dir, self.catalog)
+        self.scoring = scoring_settings(self.model_dir, job)
         self.items = item_source(self.model_dir, self.catalog, job)
         if job.max_users is not None:
             self.plan.users = self.plan.users[: job.max_users]
@@ -315,7 +250,7 @@ class ThinkAheadRun:
             self.catalog,
             file_hash(interactions),
             job,
-            self.answers,
+            self.scoring,
             self.items.model.version if self.items is not None else None,
         )
         self.shards = [
@@ -351,8 +286,8 @@ class ThinkAheadRun:
             paths=self.job.paths,
             beam=self.job.beam,
             aggregation="log-mean-prob over paths",
-            answers_key=self.answers.key() if self.answers is not None else None,
-            answer_items=self.job.answer_items if self.answers is not None else 0,
+            answers_key=self.scoring.key() if self.job.answer_items else None,
+            answer_items=self.job.answer_items,
             parameters={
                 "identity": self.identity,
                 "status": "building",
@@ -407,6 +342,11 @@ class ThinkAheadRun:
             cleaned=cleaned,
         )
 
+    def thinker(self, engine: BatchEngine) -> Thinker:
+        return make_thinker(
+            engine, self.model, self.catalog, self.job, self.scoring, self.covisit, self.items
+        )
+
     def run(self, engine_factory: Callable[[], BatchEngine], progress: bool = True) -> Summary:
         started = time.monotonic()
         manifest, done = self.open_snapshot()
@@ -419,20 +359,9 @@ class ThinkAheadRun:
             disable=not progress,
         )
         if todo:
-            engine = engine_factory()
+            thinker = self.thinker(engine_factory())
             for index, users, histories in todo:
-                values = process_shard(
-                    engine,
-                    self.model,
-                    self.catalog,
-                    self.job,
-                    users,
-                    histories,
-                    bar.update,
-                    self.covisit,
-                    self.answers,
-                    self.items,
-                )
+                values = process_shard(thinker, self.job, users, histories, bar.update)
                 self.writer.write_shard(manifest.snapshot_id, index, values)
         bar.close()
         return self.finish(manifest, started, resumed=len(done))

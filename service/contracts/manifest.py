@@ -114,7 +114,7 @@ class SnapshotManifest(_Manifest):
     beam: int = 0
     aggregation: str = "max"
     parameters: dict[str, Any] = Field(default_factory=dict)
-    # AnswerScoring.key() of the whole answers stored per user, ranked to answer_items
+    # ScoringSettings.key() of the whole answers stored per user, ranked to answer_items
     # (service.contracts.answers); None: no answers stored
     answers_key: str | None = None
     answer_items: int = 0

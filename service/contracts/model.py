@@ -21,6 +21,12 @@ from service.contracts.manifest import (
     require_same_catalog,
     write_json_atomic,
 )
+from service.contracts.think_ahead import (
+    DEFAULT_AFFINITY_CANDIDATES,
+    DEFAULT_COVISIT_CANDIDATES,
+    DEFAULT_WEIGHTS,
+    ScoringSettings,
+)
 from service.contracts.tokens import TokenIds
 
 
@@ -56,28 +62,18 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int]:
 
 
 SERVING_FILE = "serving.json"
-# Without a serving.json: what `thinkahead tune-blend` chose on Beauty's validation split with
-# the 5-step co-visitation table and the 256-d full-softmax item model
-# (benchmarks/beauty/serving.json), so another data set is served as Beauty's validation said,
-# tuned on nothing of its own.
-DEFAULT_COVISIT_CANDIDATES = 10
-DEFAULT_AFFINITY_CANDIDATES = 10
-DEFAULT_WEIGHTS = FusionWeights(offline=0.0, covisit=4.0, popularity=0.1, affinity=2.0)
 
 
 class ServingConfig(BaseModel):
     """Serving defaults learned offline for this model on the validation split
-    (``thinkahead tune-blend``): the fused score's weights and how many co-visitation
-    neighbours join the candidates."""
+    (``thinkahead tune-blend``): the fused score's weights and how many co-visitation and
+    item-level candidates join the snapshot's prefixes. Without a serving.json: Beauty's
+    (``service.contracts.think_ahead``'s defaults), tuned on nothing of the model's own."""
 
     model_config = ConfigDict(extra="ignore")
 
-    # Without a serving.json (no tune-blend run for this model): what tune-blend learned on
-    # Beauty's validation split (3,000 users, 12-epoch decoder + item-level model, 2026-12-03),
-    # the defaults for any catalog. Without an item-level model the affinity terms are 0.
     weights: FusionWeights = Field(default_factory=lambda: DEFAULT_WEIGHTS)
     covisit_candidates: int = Field(default=DEFAULT_COVISIT_CANDIDATES, ge=0)
-    # the item-level model's best items (stored per user by the worker) among the candidates
     affinity_candidates: int = Field(default=DEFAULT_AFFINITY_CANDIDATES, ge=0)
     covisit_version: str | None = None
     item_model_version: str | None = None  # the item-level model the weights were learned with
@@ -92,6 +88,16 @@ class ServingConfig(BaseModel):
         if isinstance(data, dict) and "offline_weight" in data and "weights" not in data:
             data = {**data, "weights": {"offline": data["offline_weight"]}}
         return data
+
+    def scoring(self, **overrides: Any) -> ScoringSettings:
+        """The scoring these learned values make, with ``overrides`` (the service's settings,
+        a job's flags) on top."""
+        learned = {
+            "weights": self.weights,
+            "covisit_candidates": self.covisit_candidates,
+            "affinity_candidates": self.affinity_candidates,
+        }
+        return ScoringSettings.model_validate(learned | overrides)
 
     def write(self, model_dir: Path | str) -> None:
         write_json_atomic(Path(model_dir) / SERVING_FILE, self.model_dump(mode="json"))

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.contracts.constraint import Constraint
-from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
 from service.contracts.snapshot import Prefix
 from service.contracts.tokens import Code, TokenIds
 from service.engine.base import ScoreRequest, TokenLogprobs
@@ -326,41 +325,3 @@ def combine(plan: ScoringPlan, results: Sequence[TokenLogprobs], ids: TokenIds) 
         for c, lp_c in c_scores.items():
             scored.append(ScoredCode((p.a, p.b, c), heads[key] + lp_c, p.offline))
     return scored
-
-
-def plan_think_ahead(
-    prompt: Sequence[int],
-    snapshot: Sequence[Prefix],
-    covisit_ab: Sequence[tuple[int, int]],
-    constraint: Constraint,
-    ids: TokenIds,
-    k: int,
-    weights: FusionWeights,
-    features: ItemFeatures,
-    unchanged: bool,
-    covisit_heads: Sequence[Prefix] = (),
-    first_tokens: Sequence[tuple[int, float]] = (),
-    c_tails: Sequence[tuple[Code, float]] = (),
-) -> ScoringPlan:
-    """The online step's engine requests, exactly as the service sends them (the service, the
-    eval, the bench and the worker's stored answers all call this)."""
-    return plan_item_scoring(
-        prompt,
-        candidate_prefixes(snapshot, covisit_ab, unchanged, covisit_heads, first_tokens, c_tails),
-        constraint,
-        ids,
-        top_c=k,
-        prune=Pruning(k, weights.offline, features.bonus_with(weights)),
-    )
-
-
-def rank_think_ahead(
-    plan: ScoringPlan,
-    results: Sequence[TokenLogprobs],
-    ids: TokenIds,
-    features: ItemFeatures,
-    weights: FusionWeights,
-) -> list[tuple[Code, float]]:
-    """The engine's answers fused into the served ranking, best first."""
-    scored = combine(plan, results, ids)
-    return rank_fused([(s.code, s.decoder, s.offline) for s in scored], features, weights)

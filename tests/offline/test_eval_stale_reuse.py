@@ -12,10 +12,11 @@ import pytest
 
 from offline.data import Example
 from offline.eval_cli import reused_steps
-from offline.evaluate import think_ahead_candidates
+from offline.evaluate import ThinkAheadEval, think_ahead_candidates
 from service.contracts.catalog import Catalog
 from service.contracts.fusion import FusionWeights
 from service.contracts.model import load_model_info
+from service.contracts.think_ahead import ScoringSettings
 from service.engine.base import ScoreRequest, TokenLogprobs
 from tests.fake_engine import FakeEngine, write_tiny_artifacts
 
@@ -34,8 +35,8 @@ class CountingEngine(FakeEngine):
         return super().score_batch(requests)
 
 
-@pytest.mark.parametrize("prune", [None, FusionWeights(offline=1.0)])
-def test_stale_history_reuses_the_stored_c_steps(tmp_path: Path, prune: FusionWeights) -> None:
+@pytest.mark.parametrize("prune", [False, True])
+def test_stale_history_reuses_the_stored_c_steps(tmp_path: Path, prune: bool) -> None:
     catalog_dir, model_dir = write_tiny_artifacts(tmp_path)
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
@@ -43,11 +44,14 @@ def test_stale_history_reuses_the_stored_c_steps(tmp_path: Path, prune: FusionWe
     scored, requests = {}, {}
     for reuse in (True, False):
         engine = CountingEngine()
-        users, _ = think_ahead_candidates(
-            engine,  # type: ignore[arg-type]  # scores only: no sampling here
-            info, catalog, examples, 5, 4, 4, {}, 0, prune,
-            stale_events=1, progress=False, reuse_snapshot_c=reuse,
-        )  # fmt: skip
+        scoring = ScoringSettings(
+            weights=FusionWeights(offline=1.0),
+            covisit_candidates=0,
+            prefixes=4,
+            reuse_snapshot_c=reuse,
+        )
+        spec = ThinkAheadEval(scoring, beam=4, k=5, stale_events=1, prune=prune, progress=False)
+        users, _ = think_ahead_candidates(engine, info, catalog, examples, spec, {})
         scored[reuse] = [sorted((s.code, s.decoder) for s in u.scored) for u in users]
         requests[reuse] = engine.batches[-1]  # one chunk: the online step's batch
     assert requests[True] < requests[False]

@@ -14,13 +14,14 @@ import redis
 
 from offline.catalog.covisit import build_covisit_file
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
-from service.contracts.answers import AnswerScoring, pack_answer, unpack_answer
+from service.contracts.answers import pack_answer, unpack_answer
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.fusion import FusionWeights
 from service.contracts.model import ServingConfig
 from service.contracts.packed import unpack_scored
 from service.contracts.snapshot import Keyspace, UserPrefixes
+from service.contracts.think_ahead import ScoringSettings
 from service.core import Recommendation, RecommendQuery, Source
 from service.engine.base import ScoreRequest
 from service.runtime import Runtime, open_runtime
@@ -156,7 +157,7 @@ async def test_anything_that_changes_the_scoring_goes_to_the_engine(
             assert rec.source is Source.THINK_AHEAD
             assert engine.calls == n, query
         # served with other weights than the worker scored with: the stored key no longer fits
-        rt.core.settings = rt.core.settings.model_copy(update={"fusion": FusionWeights()})
+        rt.core.use_scoring(rt.core.scorer.settings.model_copy(update={"weights": FusionWeights()}))
         await rt.core.recommend(RecommendQuery("u3", k=3))
         assert engine.calls == len(queries) + 1
 
@@ -184,17 +185,48 @@ def test_answers_round_trip_and_scoring_keys_tell_configurations_apart() -> None
     assert len(pack_answer(ranked)) == 20
     with pytest.raises(ValueError, match="whole"):
         unpack_answer(pack_answer(ranked)[:-1])
-    base = AnswerScoring(FusionWeights(offline=2.0), 10, 32, True)
+    base = scoring(FusionWeights(offline=2.0), 10, 32, True)
     assert base.serves(base.key(), stored_items=50, k=50)
     assert not base.serves(base.key(), stored_items=50, k=51)
     assert not base.serves(None, stored_items=50, k=1)
     for other in (
-        AnswerScoring(FusionWeights(offline=2.5), 10, 32, True),
-        AnswerScoring(FusionWeights(offline=2.0), 11, 32, True),
-        AnswerScoring(FusionWeights(offline=2.0), 10, 16, True),
-        AnswerScoring(FusionWeights(offline=2.0), 10, 32, False),
+        scoring(FusionWeights(offline=2.5), 10, 32, True),
+        scoring(FusionWeights(offline=2.0), 11, 32, True),
+        scoring(FusionWeights(offline=2.0), 10, 16, True),
+        scoring(FusionWeights(offline=2.0), 10, 32, False),
+        scoring(FusionWeights(offline=2.0, affinity=1.0), 10, 32, True),
+        scoring(FusionWeights(offline=2.0), 10, 32, True, affinity_candidates=5),
     ):
         assert other.key() != base.key()
+    # the fresh-event path's approximations never change an unchanged user's answer
+    fresh_path = base.model_copy(update={"reuse_snapshot_b": False, "reuse_snapshot_c": False})
+    assert fresh_path.key() == base.key()
+
+
+def test_scoring_keys_of_published_snapshots_still_match() -> None:
+    """Snapshots published before ScoringSettings (by AnswerScoring) keep serving their stored
+    answers: the key of their settings is unchanged (values computed by the old class)."""
+    served = FusionWeights(offline=0.25, covisit=4.0, affinity=0.5)
+    assert scoring(served, 10, 32, True).key() == "6d0ca79f419c0e03"
+    assert scoring(FusionWeights(offline=2.0), 10, 32, True).key() == "f17ba2389d30c9ea"
+    with_items = FusionWeights(offline=0.25, covisit=4.0, popularity=0.1, affinity=2.0)
+    assert scoring(with_items, 10, 32, True, affinity_candidates=10).key() == "27b6a891742bfa0e"
+
+
+def scoring(
+    weights: FusionWeights,
+    covisit_candidates: int,
+    prefixes: int,
+    exclude_history: bool,
+    affinity_candidates: int = 0,
+) -> ScoringSettings:
+    return ScoringSettings(
+        weights=weights,
+        covisit_candidates=covisit_candidates,
+        prefixes=prefixes,
+        exclude_history=exclude_history,
+        affinity_candidates=affinity_candidates,
+    )
 
 
 async def test_a_fresh_event_costs_one_a_step_instead_of_a_b_step_per_first_token(
@@ -212,7 +244,9 @@ async def test_a_fresh_event_costs_one_a_step_instead_of_a_b_step_per_first_toke
         assert extra_a - {p.a for p in value.prefixes}  # (the test needs one)
         assert {a for a, _ in value.first_tokens} == {p.a for p in value.prefixes} | extra_a
         for reuse in (True, False):
-            rt.core.settings = rt.core.settings.model_copy(update={"reuse_snapshot_b": reuse})
+            rt.core.use_scoring(
+                rt.core.scorer.settings.model_copy(update={"reuse_snapshot_b": reuse})
+            )
             sent.clear()
             rec = await rt.core.recommend(RecommendQuery("u3", k=5, recent_item_ids=("9",)))
             assert rec.source is Source.THINK_AHEAD
@@ -257,7 +291,9 @@ async def test_a_fresh_event_reuses_the_snapshots_c_steps(
         stored_ab = {code[:2] for code, _ in unpack_scored(value.c_tails)}
         assert snapshot_ab <= stored_ab <= snapshot_ab | extras_ab
         for reuse in (True, False):
-            rt.core.settings = rt.core.settings.model_copy(update={"reuse_snapshot_c": reuse})
+            rt.core.use_scoring(
+                rt.core.scorer.settings.model_copy(update={"reuse_snapshot_c": reuse})
+            )
             sent.clear()
             rec = await rt.core.recommend(query)
             assert rec.source is Source.THINK_AHEAD and rec.degraded_reason is None
@@ -285,8 +321,10 @@ async def test_a_c_the_snapshot_did_not_store_sends_that_prefixs_c_step(
         history_ab = {code[:2] for code in catalog.codes_of(HISTORIES["u3"])[0]}
         assert history_ab & snapshot_ab
         for reuse in (True, False):
-            rt.core.settings = rt.core.settings.model_copy(
-                update={"reuse_snapshot_c": reuse, "exclude_history": False}
+            rt.core.use_scoring(
+                rt.core.scorer.settings.model_copy(
+                    update={"reuse_snapshot_c": reuse, "exclude_history": False}
+                )
             )
             sent.clear()
             rec = await rt.core.recommend(query)

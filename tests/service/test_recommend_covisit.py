@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from offline.thinkahead.prefixes import CovisitSource, UserResult, stored_scores
+from offline.thinkahead.entries import stored_scores
+from offline.thinkahead.prefixes import UserResult
 from offline.thinkahead.publish import SnapshotWriter
 from service.contracts.affinity import NO_AFFINITY
 from service.contracts.catalog import Catalog
@@ -23,6 +24,7 @@ from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import SnapshotManifest
 from service.contracts.model import ModelInfo, ServingConfig, load_model_info
 from service.contracts.snapshot import Keyspace, Prefix, UserPrefixes, history_digest
+from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.core import RecommendQuery, Source
 from service.engine.base import ScoreRequest
 from service.runtime import Runtime, open_runtime
@@ -66,16 +68,17 @@ def publish(
         codes = catalog.codes_of(history)[0]
         heads: tuple[Prefix, ...] = ()
         if model is not None:
+            scorer = ThinkAheadScorer(
+                catalog, model.token_ids, ScoringSettings(covisit_candidates=5)
+            )
             (scores,) = stored_scores(
                 FakeEngine(),
-                model.token_ids,
-                catalog,
+                scorer,
                 [codes],
                 [UserResult(list(prefixes), None)],
-                0,
-                CovisitSource(neighbours, 5),
+                neighbours,
                 [NO_AFFINITY],
-                0,
+                tail_prefixes=0,
             )
             heads = scores.heads
         values.append(
@@ -115,9 +118,10 @@ async def test_served_weights_come_from_serving_json(
     artifacts: tuple[Path, Path], redis_url: str
 ) -> None:
     async with running(artifacts, redis_url) as runtime:
-        assert runtime.core.weights == FusionWeights(covisit=4.0)
+        scoring = runtime.core.scorer.settings
+        assert scoring.weights == FusionWeights(covisit=4.0)
         assert runtime.settings.recommend.covisit_candidates is None  # resolved in the core
-        assert runtime.core.settings.covisit_candidates == 5
+        assert scoring.covisit_candidates == 5
 
 
 async def test_a_fresh_event_brings_its_neighbours_into_the_candidates(
@@ -141,7 +145,7 @@ async def test_without_the_feature_weight_the_neighbour_is_only_a_candidate(
     async with running(artifacts, redis_url) as runtime:
         core = runtime.core
         fused = await core.recommend(RecommendQuery("u2", k=60))
-        core.settings = core.settings.model_copy(update={"fusion": FusionWeights()})
+        core.use_scoring(core.scorer.settings.model_copy(update={"weights": FusionWeights()}))
         plain = await core.recommend(RecommendQuery("u2", k=60))
         assert fused.source is plain.source is Source.THINK_AHEAD
         with_feature = {i.item_id: i.score for i in fused.items}

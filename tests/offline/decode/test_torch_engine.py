@@ -6,13 +6,19 @@ from __future__ import annotations
 import pytest
 
 from offline.decode.torch_engine import TorchBatchEngine
-from offline.evaluate import rank_candidates, select_examples, think_ahead_candidates
+from offline.evaluate import (
+    ThinkAheadEval,
+    rank_candidates,
+    select_examples,
+    think_ahead_candidates,
+)
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.covisit import CovisitTable
 from service.contracts.fusion import FusionWeights
 from service.contracts.model import load_model_info
 from service.contracts.scoring import candidate_prefixes, plan_item_scoring
+from service.contracts.think_ahead import ScoringSettings
 
 pytestmark = pytest.mark.vllm
 
@@ -58,9 +64,9 @@ def test_think_ahead_eval_ranks_alike_on_both_engines(world, batch_engine) -> No
     weights = FusionWeights(offline=0.5, covisit=2.0)
     ranked = {}
     for name, engine in (("torch", torch_engine), ("vllm", batch_engine)):
-        users, _ = think_ahead_candidates(
-            engine, info, catalog, examples, 10, 8, 8, covisit, 5, weights, progress=False
-        )
+        scoring = ScoringSettings(weights=weights, covisit_candidates=5, prefixes=8)
+        spec = ThinkAheadEval(scoring, beam=8, k=10, progress=False)
+        users, _ = think_ahead_candidates(engine, info, catalog, examples, spec, covisit)
         ranked[name], invalid = rank_candidates(catalog, users, weights, 10)
         assert invalid == 0
     same = sum(a == b for a, b in zip(ranked["torch"], ranked["vllm"], strict=True))
