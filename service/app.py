@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 
-from service.api.auth import ExposureError, check_exposure
+from service.access.auth import ExposureError, check_exposure
 from service.api.grpc_api import GrpcServer, start_grpc, stop_grpc
 from service.api.rest import create_app
 from service.config import Settings

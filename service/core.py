@@ -17,8 +17,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
@@ -44,7 +43,7 @@ from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
 from service.engine.base import Engine, EngineError, ScoreRequest, TokenLogprobs
 from service.engine.breaker import CircuitBreaker
-from service.errors import InvalidRequest, Overloaded, RedisUnavailable
+from service.errors import InvalidRequest, RedisUnavailable
 from service.metrics import Metrics
 from service.storage.snapshot_watch import SnapshotWatcher
 from service.storage.store import SnapshotStore, UserRead
@@ -201,24 +200,9 @@ class Recommender:
         self.scorer = ThinkAheadScorer(catalog, model.token_ids, scoring)
         self.metrics = metrics
         self.max_snapshot_age_s = max_snapshot_age_s
-        self.in_flight = 0
         self.breaker = breaker or CircuitBreaker(failures=3)
         self._full_decode_s = 0.0  # running estimate, decides whether full decode fits a budget
         self._neighbours = NeighbourCache(settings.covisit_cache_items)
-
-    # ----- admission -------------------------------------------------------------------
-    @asynccontextmanager
-    async def admission(self) -> AsyncIterator[None]:
-        if self.in_flight >= self.settings.max_in_flight:
-            # Counted (rejected, by reason) by the transports' one gate, like every refusal.
-            raise Overloaded(f"more than {self.settings.max_in_flight} requests in flight")
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
 
     @property
     def engine_healthy(self) -> bool:

@@ -10,9 +10,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from service import __version__
-from service.api.auth import Authenticator, KeyStore
-from service.api.gate import Gate
-from service.api.ratelimit import RateLimiter
+from service.access.admission import Admission
+from service.access.auth import Authenticator, KeyStore
+from service.access.gate import Gate
+from service.access.ratelimit import RateLimiter
 from service.config import Settings
 from service.contracts.catalog import Catalog
 from service.contracts.model import ModelInfo, load_model_info, load_serving_config
@@ -122,7 +123,8 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         settings.redis.max_snapshot_age_s,
         breaker,
     )
-    gate = Gate(auth, RateLimiter(), core, metrics)
+    admission = Admission(settings.recommend.max_in_flight, metrics.in_flight)
+    gate = Gate(auth, RateLimiter(), admission, metrics)
     probe_task: asyncio.Task[None] | None = None
     try:
         await watcher.refresh()

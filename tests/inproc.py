@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.api.auth import hash_key
+from service.access.auth import hash_key
 from service.app import serving
 from service.config import Settings
 from service.runtime import Runtime

@@ -1,2 +1,2 @@
 """The transport adapters over the core: REST (FastAPI), gRPC (grpc.aio) and the generated
-stubs, and the admission both share (API keys, scopes, rate limits)."""
+stubs. Access control (keys, scopes, rate limits, admission) is ``service.access``."""

@@ -14,9 +14,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.access.gate import Gate, current_call
 from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
 from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
-from service.api.gate import Gate, current_call
 from service.config import TlsSettings
 from service.core import Recommendation, RecommendQuery, Strategy
 from service.errors import INTERNAL_MESSAGE, InvalidRequest, Overloaded, ServiceError

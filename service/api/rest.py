@@ -3,7 +3,7 @@
 The app is built over a runtime that :mod:`service.app` opened (it also starts gRPC on the same
 event loop); this module only translates. Authentication, the body cap, rate limits,
 admission, timing and call metrics live in one ASGI middleware (:class:`ApiMiddleware`) over the
-runtime's :class:`~service.api.gate.Gate`, shared with the gRPC interceptor; the routes only
+runtime's :class:`~service.access.gate.Gate`, shared with the gRPC interceptor; the routes only
 translate.
 """
 
@@ -22,7 +22,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.api.gate import current_call
+from service.access.gate import current_call
 from service.config import MAX_LIST_ITEMS, Settings
 from service.core import ID_PATTERN, ID_RULE, Recommendation, RecommendQuery, Strategy
 from service.errors import (

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.api.auth import hash_key, load_keys
+from service.access.auth import hash_key, load_keys
 from tests.deploy.manifests import (
     CONFIG_ENV,
     K8S,

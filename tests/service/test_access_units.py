@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.api.auth import (
+from service.access.auth import (
     OPEN,
     Authenticator,
     ExposureError,
@@ -21,7 +21,7 @@ from service.api.auth import (
     is_loopback,
     load_keys,
 )
-from service.api.ratelimit import RateLimiter
+from service.access.ratelimit import RateLimiter
 from service.engine.breaker import BreakerState, CircuitBreaker
 from service.errors import PermissionDenied, RateLimited, Unauthenticated
 

@@ -18,9 +18,9 @@ import pytest_asyncio
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.access.auth import hash_key
 from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
 from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
-from service.api.auth import hash_key
 from service.contracts.manifest import SnapshotManifest
 from service.contracts.snapshot import Keyspace
 from service.engine.breaker import BreakerState

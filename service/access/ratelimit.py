@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from service.api.auth import Principal
+from service.access.auth import Principal
 from service.errors import RateLimited
 
 

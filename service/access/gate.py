@@ -16,9 +16,9 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from service.api.auth import Authenticator, Principal
-from service.api.ratelimit import RateLimiter
-from service.core import Recommender
+from service.access.admission import Admission
+from service.access.auth import Authenticator, Principal
+from service.access.ratelimit import RateLimiter
 from service.errors import ServiceError
 from service.metrics import Metrics
 
@@ -63,11 +63,11 @@ def current_call() -> Call | None:
 
 class Gate:
     def __init__(
-        self, auth: Authenticator, limiter: RateLimiter, core: Recommender, metrics: Metrics
+        self, auth: Authenticator, limiter: RateLimiter, admission: Admission, metrics: Metrics
     ) -> None:
         self.auth = auth
         self.limiter = limiter
-        self.core = core
+        self.admission = admission
         self.metrics = metrics
 
     @asynccontextmanager
@@ -82,7 +82,7 @@ class Gate:
         try:
             call.principal = self.auth.authorize(authorization, SCOPE_OF[method])
             self.limiter.check(call.principal)
-            async with self.core.admission():
+            async with self.admission.admit():
                 yield call
         except BaseException as exc:
             call.fail(exc)
