@@ -18,7 +18,10 @@ from service.config import Settings
 from service.contracts.catalog import Catalog
 from service.contracts.model import ModelInfo, load_model_info, load_serving_config
 from service.contracts.snapshot import Keyspace
-from service.core import Recommender
+from service.core import Events, Recommender
+from service.core.corrupt import CorruptValues
+from service.core.reads import Reads
+from service.core.rounds import EngineRounds
 from service.engine.base import Engine, ScoreRequest
 from service.engine.breaker import BreakerState, CircuitBreaker
 from service.metrics import Metrics
@@ -37,7 +40,9 @@ class Runtime:
     engine: Engine
     store: SnapshotStore
     watcher: SnapshotWatcher
+    breaker: CircuitBreaker
     core: Recommender
+    events: Events
     metrics: Metrics
     gate: Gate
     draining: bool = False
@@ -66,7 +71,7 @@ class Runtime:
         checks = {
             "redis": await self.store.ping(),
             "engine": await self.engine.check_health(),
-            "engine_breaker": self.core.breaker.state is not BreakerState.OPEN,
+            "engine_breaker": self.breaker.state is not BreakerState.OPEN,
             "catalog_and_model": self.catalog_and_model_ok(),
             "snapshot": active is not None and active.problem is None,
             "accepting": not self.draining,
@@ -111,30 +116,33 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
     watcher = SnapshotWatcher(
         store, catalog.version, model.version, settings.redis.snapshot_poll_s, metrics
     )
+    recommend = settings.recommend
+    reads = Reads(store, watcher, catalog, CorruptValues(metrics), recommend.covisit_cache_items)
     core = Recommender(
         catalog,
         model,
-        engine,
-        store,
-        watcher,
-        settings.recommend,
+        reads,
+        EngineRounds(engine, breaker, metrics),
+        recommend,
         scoring,
         metrics,
         settings.redis.max_snapshot_age_s,
-        breaker,
     )
-    admission = Admission(settings.recommend.max_in_flight, metrics.in_flight)
+    events = Events(catalog, store, metrics, recommend.max_list_items)
+    admission = Admission(recommend.max_in_flight, metrics.in_flight)
     gate = Gate(auth, RateLimiter(), admission, metrics)
     probe_task: asyncio.Task[None] | None = None
     try:
         await watcher.refresh()
         watcher.start()
-        if not await _warm_up(core):
+        if not await _warm_up(catalog, model, engine):
             breaker.trip()  # the probe brings the engine in once it answers
         probes = settings.engine.breaker
         probe_task = asyncio.create_task(
             breaker.run_probes(
-                lambda: _probe(core), probes.probe_interval_s, probes.probe_timeout_s
+                lambda: _probe(catalog, model, engine),
+                probes.probe_interval_s,
+                probes.probe_timeout_s,
             ),
             name="engine-probe",
         )
@@ -145,7 +153,9 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
             len(catalog),
             "keys" if auth.enabled else "open",
         )
-        yield Runtime(settings, catalog, model, engine, store, watcher, core, metrics, gate)
+        yield Runtime(
+            settings, catalog, model, engine, store, watcher, breaker, core, events, metrics, gate
+        )
     finally:
         if probe_task is not None:
             probe_task.cancel()
@@ -165,24 +175,22 @@ def _breaker(settings: Settings, metrics: Metrics) -> CircuitBreaker:
     return CircuitBreaker(settings.engine.breaker.failures, on_change)
 
 
-async def _probe(core: Recommender) -> None:
+async def _probe(catalog: Catalog, model: ModelInfo, engine: Engine) -> None:
     """One engine step on the empty history: cheap, and proves the engine answers (a health
     endpoint can be up while generation is broken)."""
-    ids = core.model.token_ids
-    allowed = tuple(ids.level_ids("a", core.catalog.valid_a[:8]))
-    await core.engine.score([ScoreRequest(tuple(ids.history([])), allowed, top_n=1)])
+    ids = model.token_ids
+    allowed = tuple(ids.level_ids("a", catalog.valid_a[:8]))
+    await engine.score([ScoreRequest(tuple(ids.history([])), allowed, top_n=1)])
 
 
-async def _warm_up(core: Recommender) -> bool:
+async def _warm_up(catalog: Catalog, model: ModelInfo, engine: Engine) -> bool:
     """One full decode so the first real request does not pay for lazy engine setup."""
     from service.contracts.beam import BeamSearch, run_searches_async
     from service.contracts.constraint import Constraint
 
-    search = BeamSearch(
-        core.model.token_ids.history([]), core.model.token_ids, Constraint(core.catalog), 4
-    )
+    search = BeamSearch(model.token_ids.history([]), model.token_ids, Constraint(catalog), 4)
     try:
-        await run_searches_async([search], core.engine.score)
+        await run_searches_async([search], engine.score)
     except Exception as exc:  # a dead engine must not stop the process: readiness says so
         log.warning("event=warm_up_failed error=%s", exc)
         return False

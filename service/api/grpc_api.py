@@ -54,7 +54,7 @@ def to_proto(rec: Recommendation) -> pb.RecommendResponse:
         ],
         source=_SOURCES.get(rec.source.value, pb.SOURCE_UNSPECIFIED),
         degraded=rec.degraded,
-        degraded_reason=rec.degraded_reason or "",
+        degraded_reason=rec.degraded_reason.value if rec.degraded_reason is not None else "",
         model_version=rec.model_version,
         catalog_version=rec.catalog_version,
         snapshot_id=rec.snapshot_id or "",
@@ -158,7 +158,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.AppendEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.AppendEventsResponse:
         key = request.idempotency_key if request.HasField("idempotency_key") else None
-        result = await self.rt.core.append_events(request.user_id, list(request.item_ids), key)
+        result = await self.rt.events.append(request.user_id, list(request.item_ids), key)
         if result.replayed:
             await context.send_initial_metadata((("idempotent-replayed", "true"),))
         else:

@@ -218,7 +218,7 @@ def to_response(rec: Recommendation) -> RecommendOut:
         ],
         source=rec.source.value,
         degraded=rec.degraded,
-        degraded_reason=rec.degraded_reason,
+        degraded_reason=rec.degraded_reason.value if rec.degraded_reason is not None else None,
         model_version=rec.model_version,
         catalog_version=rec.catalog_version,
         snapshot_id=rec.snapshot_id,
@@ -300,9 +300,7 @@ def create_app(settings: Settings, runtime: Runtime | None) -> FastAPI:
     @app.post("/v1/events", response_model=EventsOut, **secured)  # type: ignore[arg-type]
     async def events(body: EventsBody, request: Request, response: Response) -> EventsOut:
         runtime_ = rt(request)
-        result = await runtime_.core.append_events(
-            body.user_id, body.item_ids, body.idempotency_key
-        )
+        result = await runtime_.events.append(body.user_id, body.item_ids, body.idempotency_key)
         if result.replayed:
             response.headers["Idempotent-Replayed"] = "true"
         else:

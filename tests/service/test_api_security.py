@@ -338,7 +338,7 @@ async def test_concurrent_retries_append_once_grpc(
 async def test_engine_breaker_opens_then_recovers_with_no_request(
     svc: InProc, http: httpx.AsyncClient
 ) -> None:
-    engine, breaker = svc.engine, svc.runtime.core.breaker
+    engine, breaker = svc.engine, svc.runtime.breaker
     headers = bearer(BACKEND_KEY)
     # the largest budget: a loaded machine must not turn the healthy answer into a fallback
     body = {

@@ -388,13 +388,13 @@ async def test_a_stored_answer_reads_no_co_visitation(
     that use them (the engine path and the fallbacks)."""
     async with serving(artifacts, redis_url, STORED) as (rt, _engine):
         reads: list[list[str]] = []
-        real = rt.core.store.read_covisit
+        real = rt.store.read_covisit
 
         async def spy(snapshot_id: str, items: list[str]) -> list[bytes | None]:
             reads.append(list(items))
             return await real(snapshot_id, items)
 
-        rt.core.store.read_covisit = spy  # type: ignore[method-assign]
+        rt.store.read_covisit = spy  # type: ignore[method-assign]
         rec = await rt.core.recommend(RecommendQuery("u3", k=3))
         assert rec.source is Source.THINK_AHEAD and not reads
         await rt.core.recommend(RecommendQuery("u3", k=3, recent_item_ids=("7",)))

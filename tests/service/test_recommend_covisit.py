@@ -25,7 +25,7 @@ from service.contracts.manifest import SnapshotManifest
 from service.contracts.model import ModelInfo, ServingConfig, load_model_info
 from service.contracts.snapshot import Keyspace, Prefix, UserPrefixes, history_digest
 from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
-from service.core import RecommendQuery, Source
+from service.core import DegradedReason, RecommendQuery, Source
 from service.engine.base import ScoreRequest
 from service.runtime import Runtime, open_runtime
 from tests.fake_engine import FAKE_MODEL_VERSION, FakeEngine, write_tiny_artifacts
@@ -165,7 +165,7 @@ async def test_engine_down_users_with_recent_items_get_covisitation(
         engine.down = True
         answer = await runtime.core.recommend(RecommendQuery("u2", k=3))
         assert answer.source is Source.COVISITATION
-        assert answer.degraded_reason == "engine_unavailable"
+        assert answer.degraded_reason is DegradedReason.ENGINE_UNAVAILABLE
         assert [i.item_id for i in answer.items[:2]] == ["7", "9"]
         assert answer.backfilled == 1  # the third is a popular item
         cold = await runtime.core.recommend(RecommendQuery("nobody", k=3))

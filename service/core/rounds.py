@@ -1,0 +1,70 @@
+"""The engine as the recommend chain uses it: one scoring round under the request's deadline,
+behind the circuit breaker, counted in the queue gauge and timed as the decode stage; full
+decode, and whether it fits what is left of a budget."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from service.contracts.beam import BeamSearch, run_searches_async
+from service.core.clock import Clock
+from service.core.types import Degraded, DegradedReason
+from service.engine.base import Engine, EngineError, ScoreRequest, TokenLogprobs
+from service.engine.breaker import CircuitBreaker
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+ROUND_FLOOR_S = 0.0005  # a round still gets this long when the budget is already spent
+
+
+class EngineRounds:
+    def __init__(self, engine: Engine, breaker: CircuitBreaker, metrics: Metrics) -> None:
+        self.engine = engine
+        self.breaker = breaker
+        self.metrics = metrics
+        self._full_decode_s = 0.0  # running estimate, decides whether full decode fits a budget
+
+    @property
+    def healthy(self) -> bool:
+        """False while the engine breaker is open or probing: skip full decode, fall back."""
+        return self.breaker.allow()
+
+    def full_decode_fits(self, clock: Clock) -> bool:
+        return clock.remaining() > self._full_decode_s * 1.1
+
+    async def score(
+        self, requests: list[ScoreRequest], clock: Clock, request_id: str
+    ) -> list[TokenLogprobs]:
+        """One round; raises :class:`Degraded` when the budget runs out or the engine fails
+        (or its breaker is open: a background probe retries it)."""
+        try:
+            return await self._score(requests, clock)
+        except TimeoutError:
+            raise Degraded(DegradedReason.BUDGET_EXCEEDED) from None
+        except EngineError as exc:
+            log.warning("event=engine_error request_id=%s error=%s", request_id, exc)
+            raise Degraded(DegradedReason.ENGINE_UNAVAILABLE) from exc
+
+    async def _score(self, requests: list[ScoreRequest], clock: Clock) -> list[TokenLogprobs]:
+        if not self.breaker.allow():
+            raise EngineError("engine circuit breaker open; a background probe retries it")
+        self.metrics.engine_queue.inc(len(requests))
+        try:
+            async with clock.stage("decode", ROUND_FLOOR_S):
+                results = await self.engine.score(requests)
+            self.breaker.record_success()
+            return results
+        except EngineError:
+            self.breaker.record_failure()
+            raise
+        finally:
+            self.metrics.engine_queue.dec(len(requests))
+
+    async def full_decode(self, search: BeamSearch, clock: Clock, request_id: str) -> None:
+        """Runs ``search`` to the end (rounds as :meth:`score`), and learns how long it took."""
+        t0 = time.perf_counter()
+        await run_searches_async([search], lambda reqs: self.score(reqs, clock, request_id))
+        elapsed = time.perf_counter() - t0
+        est = self._full_decode_s
+        self._full_decode_s = elapsed if est == 0 else 0.8 * est + 0.2 * elapsed
