@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from service.access.auth import ExposureError, check_exposure
+from service.api.frontend import Frontend
 from service.api.grpc_api import GrpcServer, start_grpc, stop_grpc
 from service.api.rest import create_app
 from service.config import Settings
@@ -122,6 +123,18 @@ def run(settings: Settings) -> None:
         signal.raise_signal(signum)
 
 
+def frontend(rt: Runtime) -> Frontend:
+    """What the adapters may reach of the runtime."""
+    return Frontend(
+        recommend=rt.core.recommend,
+        append_events=rt.events.append,
+        readiness=rt.readiness,
+        alive=lambda: not rt.engine.is_dead(),
+        metrics=rt.metrics,
+        gate=rt.gate,
+    )
+
+
 @dataclass
 class Serving:
     runtime: Runtime
@@ -136,8 +149,9 @@ async def serving(settings: Settings, engine: Engine | None = None) -> AsyncIter
     drain: readiness goes false, uvicorn finishes in-flight requests, gRPC goes NOT_SERVING and
     stops with the same grace period, then the runtime closes."""
     async with open_runtime(settings, engine) as rt:
-        grpc_server = await start_grpc(rt)
-        http = HttpServer(uvicorn_config(settings, create_app(settings, rt)))
+        front = frontend(rt)
+        grpc_server = await start_grpc(front, settings)
+        http = HttpServer(uvicorn_config(settings, create_app(settings, front)))
         task = asyncio.create_task(http.serve())
         try:
             while not http.started:

@@ -1,6 +1,6 @@
-"""gRPC adapter (grpc.aio): the same core as REST, plus the standard health service and
+"""gRPC adapter (grpc.aio): the same front end as REST, plus the standard health service and
 server reflection. One interceptor (:class:`ApiInterceptor`) runs every API call through the
-runtime's gate (auth from the ``authorization`` metadata, rate limit, admission, metrics) and
+front end's gate (auth from the ``authorization`` metadata, rate limit, admission, metrics) and
 maps errors through the one taxonomy in ``service.errors``; health and reflection stay open."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from grpc_reflection.v1alpha import reflection
 from service.access.gate import Gate, current_call
 from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
 from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
-from service.config import TlsSettings
+from service.api.frontend import Frontend
+from service.config import Settings, TlsSettings
 from service.core import Recommendation, RecommendQuery, Strategy
 from service.errors import INTERNAL_MESSAGE, InvalidRequest, Overloaded, ServiceError
-from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 TRANSPORT = "grpc"
@@ -103,7 +103,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                async with gate.call("grpc", method, authorization):
+                async with gate.call(TRANSPORT, method, authorization):
                     return await inner(request, context)
             except ServiceError as exc:
                 if isinstance(exc, Overloaded):
@@ -128,8 +128,8 @@ def _request_id(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    def __init__(self, runtime: Runtime) -> None:
-        self.rt = runtime
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
 
     async def Recommend(
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
@@ -137,7 +137,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         strategy = _STRATEGIES.get(request.strategy)
         if strategy is None:
             raise InvalidRequest("strategy", f"unknown value {request.strategy}")
-        rec = await self.rt.core.recommend(
+        rec = await self.frontend.recommend(
             RecommendQuery(
                 user_id=request.user_id,
                 k=request.k if request.k else 10,
@@ -158,11 +158,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.AppendEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.AppendEventsResponse:
         key = request.idempotency_key if request.HasField("idempotency_key") else None
-        result = await self.rt.events.append(request.user_id, list(request.item_ids), key)
+        result = await self.frontend.append_events(request.user_id, list(request.item_ids), key)
         if result.replayed:
             await context.send_initial_metadata((("idempotent-replayed", "true"),))
         else:
-            self.rt.metrics.events.labels(TRANSPORT).inc(len(request.item_ids))
+            self.frontend.metrics.events.labels(TRANSPORT).inc(len(request.item_ids))
         return pb.AppendEventsResponse(
             history_length=result.history_length, unknown_item_ids=result.unknown_item_ids
         )
@@ -189,16 +189,16 @@ class GrpcServer:
     health: health.aio.HealthServicer
 
 
-async def start_grpc(runtime: Runtime) -> GrpcServer:
-    settings = runtime.settings
+async def start_grpc(frontend: Frontend, settings: Settings) -> GrpcServer:
+    """Serves ``frontend`` on the settings' gRPC address (TLS when they name certificates)."""
     # The message cap matches the REST body cap: a bigger request is refused by the transport
     # (RESOURCE_EXHAUSTED) before it is parsed.
     cap = settings.max_body_bytes
     server = grpc.aio.server(
-        interceptors=[ApiInterceptor(runtime.gate)],
+        interceptors=[ApiInterceptor(frontend.gate)],
         options=[("grpc.max_receive_message_length", cap)],
     )
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(runtime), server)
+    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(frontend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
