@@ -79,7 +79,7 @@ class TinyWorld:
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     """A 300-item catalog (K=16, random content vectors) and a 2-layer decoder trained for a
     few epochs on synthetic sequential sequences: small, real, and built once per session."""
-    from offline.catalog.build import build_catalog
+    from offline.catalog.build import CatalogSpec, build_catalog
     from offline.train.trainer import TrainConfig, train
 
     root = tmp_path_factory.mktemp("tiny")
@@ -93,11 +93,9 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     build_catalog(
         items,
         root / "catalog",
-        codebook_size=TINY_K,
+        CatalogSpec(codebook_size=TINY_K, cf_dim=8, holdout_last=2),
         interactions=inter,
         embeddings=vectors,
-        cf_dim=8,
-        holdout_last=2,
         show_progress=False,
     )
     train(

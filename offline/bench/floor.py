@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from offline.decode.torch_engine import TorchBatchEngine
-from offline.metrics import TOP_K
+from offline.eval.metrics import TOP_K
 from offline.thinkahead.entries import CovisitSource
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog

@@ -20,16 +20,13 @@ from tqdm.auto import tqdm
 from offline.bench.load import run_load
 from offline.bench.report import write_report
 from offline.bench.server_latency import scrape_buckets, server_latency
-from offline.eval_cli import baseline_rows, load_covisit
-from offline.evaluate import (
-    ThinkAheadEval,
-    rank_full,
-    rank_served,
-    report_row,
-    select_examples,
-)
+from offline.eval.baselines import baseline_rows
+from offline.eval.candidates import ThinkAheadEval, rank_full, rank_served
+from offline.eval.examples import select_examples
+from offline.eval.job import report_row
+from offline.eval.metrics import TOP_K
 from offline.localproc import pinned_to, start_redis, start_service
-from offline.metrics import TOP_K
+from offline.thinkahead.entries import CovisitSource
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.config import RecommendSettings
 from service.contracts.catalog import Catalog
@@ -52,7 +49,8 @@ def quality(
     info = load_model_info(model_dir, catalog)
     examples, data = select_examples(interactions, "test", info.max_history, users)
     serving = load_serving_config(model_dir)
-    covisit = load_covisit(catalog_dir, catalog)
+    source = CovisitSource.load(catalog_dir, catalog)
+    covisit = source.neighbours if source is not None else {}
     rows: dict[str, Any] = {}
     full = rank_full(engine, info, catalog, examples, 10, beam, progress=progress)
     rows[f"full decode (3 tokens, beam {beam})"] = report_row(full, examples)

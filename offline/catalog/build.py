@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from offline.catalog import cf as cf_mod
 from offline.catalog.covisit import build_covisit
@@ -27,6 +27,7 @@ from offline.catalog.embed import (
 )
 from offline.catalog.items import read_items
 from offline.catalog.kmeans import DEFAULT_ITERS, residual_quantize, resolve_collisions
+from offline.catalog.words import Keywords, read_categories, read_keywords
 from offline.data import read_interactions
 from offline.errors import InputError
 from offline.fsutil import atomic_directory
@@ -42,63 +43,82 @@ from service.contracts.catalog import (
 )
 from service.contracts.covisit import CovisitTable
 from service.contracts.manifest import MANIFEST_FILE, CatalogManifest, file_hash, write_json_atomic
+from service.contracts.rationale import Categories
 
 log = logging.getLogger(__name__)
 
 LEVELS = 3
 
 
+class CatalogSpec(BaseModel):
+    """How a catalog is built (everything but its inputs); recorded in its manifest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    codebook_size: int = Field(default=256, ge=2, description="codes per level (K)")
+    cf_dim: int = Field(default=64, ge=1, description="CF vector dimensions")
+    cf_weight: float = Field(
+        default=1.0, ge=0, allow_inf_nan=False, description="weight of the CF part (0: content)"
+    )
+    cf_idf: bool = Field(
+        default=False, description="idf-weight the user x item matrix (cf_kind user-item)"
+    )
+    cf_kind: Literal["transitions", "user-item"] = Field(
+        default="transitions",
+        description="transitions (what follows what: next items share prefixes) or user-item "
+        "(SVD of who bought what)",
+    )
+    holdout_last: int = Field(
+        default=0,
+        ge=0,
+        description="ignore each user's last N interactions (benchmarks: 2; production: 0)",
+    )
+    seed: int = 0
+    iters: int = Field(default=DEFAULT_ITERS, ge=1, description="Lloyd iterations per level")
+    text_columns: tuple[str, ...] | None = None
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="MiniLM precision: auto takes bf16 where the CPU has it"
+    )
+
+    @model_validator(mode="after")
+    def _idf_needs_user_item(self) -> CatalogSpec:
+        if self.cf_idf and self.cf_kind != "user-item":
+            raise ValueError(
+                "cf_idf weights the user x item matrix: use it with cf_kind user-item, not "
+                f"{self.cf_kind}"
+            )
+        return self
+
+
 def build_catalog(
     items_csv: Path | str,
     out_dir: Path | str,
-    codebook_size: int = 256,
+    spec: CatalogSpec | None = None,
+    *,
     interactions: Path | str | None = None,
     embeddings: Path | str | None = None,
-    cf_dim: int = 64,
-    cf_weight: float = 1.0,
-    cf_idf: bool = False,
-    cf_kind: str = "transitions",
-    holdout_last: int = 0,
-    seed: int = 0,
-    iters: int = DEFAULT_ITERS,
-    text_columns: Sequence[str] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    precision: str = "auto",
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Build the catalog in ``out_dir`` (replacing a previous catalog there); returns the report.
 
     Vectors: MiniLM embeddings of the item texts (or the rows of ``embeddings``, a .npy),
-    L2-normalised; with ``interactions`` and ``cf_weight`` > 0, concatenated with ``cf_weight``
-    times CF vectors from the interactions minus each user's last ``holdout_last`` items (so a
-    benchmark can build without seeing its validation / test targets): ``cf_kind``
-    "transitions" embeds what follows what (items a user takes next share prefixes, which is
-    what the decoder predicts), "user-item" who bought what. Popularity counts the
-    same truncated interactions. ``precision`` ("auto", "float32", "bfloat16") is MiniLM's
-    compute precision; "auto" takes bfloat16 where the CPU has it natively.
+    L2-normalised; with ``interactions`` and ``spec.cf_weight`` > 0, concatenated with
+    ``cf_weight`` times CF vectors from the interactions minus each user's last
+    ``holdout_last`` items (so a benchmark can build without seeing its validation / test
+    targets): ``cf_kind`` "transitions" embeds what follows what (items a user takes next share
+    prefixes, which is what the decoder predicts), "user-item" who bought what. Popularity
+    counts the same truncated interactions.
     """
+    spec = spec or CatalogSpec()
+    codebook_size, holdout_last, seed = spec.codebook_size, spec.holdout_last, spec.seed
+    cf_kind, cf_weight, cf_dim = spec.cf_kind, spec.cf_weight, spec.cf_dim
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     items_csv, out_dir = Path(items_csv), Path(out_dir)
     _check_out_dir(out_dir)
-    if codebook_size < 2:
-        raise InputError(None, f"codebook size must be >= 2, got {codebook_size}")
-    if holdout_last < 0:
-        raise InputError(None, f"holdout_last must be >= 0, got {holdout_last}")
-    if cf_kind not in ("user-item", "transitions"):
-        raise InputError(None, f"cf_kind must be user-item or transitions, got {cf_kind!r}")
-    if cf_idf and cf_kind != "user-item":
-        raise InputError(
-            None,
-            f"cf_idf weights the user x item matrix: use it with cf_kind user-item, not {cf_kind}",
-        )
-    if cf_dim < 1:
-        raise InputError(None, f"cf_dim must be >= 1, got {cf_dim}")
-    if cf_weight < 0 or not np.isfinite(cf_weight):
-        raise InputError(None, f"cf_weight must be a finite number >= 0, got {cf_weight}")
-    if iters < 1:
-        raise InputError(None, f"iters must be >= 1, got {iters}")
-    precision = resolve_precision(precision) if embeddings is None else "n/a"
+    precision = resolve_precision(spec.precision) if embeddings is None else "n/a"
+    text_columns = list(spec.text_columns) if spec.text_columns else None
 
     t = time.perf_counter()
     items = read_items(items_csv, text_columns)
@@ -118,7 +138,10 @@ def build_catalog(
     if vectors_in is None:
         log.info("embedding %d items with %s", n, MINILM_NAME)
         content = embed_texts(
-            items.texts, batch_size=batch_size, show_progress=show_progress, precision=precision
+            items.texts,
+            batch_size=spec.batch_size,
+            show_progress=show_progress,
+            precision=precision,
         )
         embedding_model = MINILM_NAME
     else:
@@ -163,7 +186,7 @@ def build_catalog(
             if cf_kind == "transitions":
                 cf = cf_mod.transition_vectors(train, items.ids, dim=cf_dim, seed=seed)
             else:
-                cf = cf_mod.cf_vectors(counts.matrix, dim=cf_dim, idf=cf_idf, seed=seed)
+                cf = cf_mod.cf_vectors(counts.matrix, dim=cf_dim, idf=spec.cf_idf, seed=seed)
             cf_used = cf.shape[1]
             vectors = np.hstack([content, np.float32(cf_weight) * cf]).astype(np.float32)
             embedding_model += f"+{'seq' if cf_kind == 'transitions' else 'cf'}{cf_used}"
@@ -171,7 +194,7 @@ def build_catalog(
 
     t = time.perf_counter()
     raw_codes, codebooks, residual_sq = residual_quantize(
-        vectors, codebook_size, levels=LEVELS, seed=seed, iters=iters
+        vectors, codebook_size, levels=LEVELS, seed=seed, iters=spec.iters
     )
     codes, stats = resolve_collisions(raw_codes, vectors, codebooks)
     if stats.collisions_after:
@@ -184,14 +207,14 @@ def build_catalog(
         "codebook_size": codebook_size,
         "levels": LEVELS,
         "seed": seed,
-        "iters": iters,
+        "iters": spec.iters,
         "text_columns": list(items.text_columns),
-        "batch_size": batch_size,
+        "batch_size": spec.batch_size,
         "embedding_precision": precision,
         "cf_dim": cf_dim,
         "cf_dim_used": cf_used,
         "cf_weight": cf_weight,
-        "cf_idf": cf_idf,
+        "cf_idf": spec.cf_idf,
         "cf_kind": cf_kind,
         "holdout_last": holdout_last,
         "vector_dim": int(vectors.shape[1]),
@@ -229,8 +252,23 @@ def build_catalog(
         catalog = Catalog(manifest, list(items.ids), codes, popularity.astype(np.float64))
         covisit = build_covisit(catalog, seqs, holdout_last=holdout_last)
         report["covisit"] = {"version": covisit.version, **covisit.parameters}
+    categories = read_categories(items_csv, items.ids)
+    keywords = read_keywords(items_csv, items.ids)
+    report["categories"] = len(categories) if categories is not None else 0
+    report["keywords"] = len(keywords.vocab) if keywords is not None else 0
     _write_atomically(
-        out_dir, items.ids, codes, popularity, manifest, report, seconds, t, t_start, covisit
+        out_dir,
+        items.ids,
+        codes,
+        popularity,
+        manifest,
+        report,
+        seconds,
+        t,
+        t_start,
+        covisit,
+        categories,
+        keywords,
     )
     return report
 
@@ -286,6 +324,8 @@ def _write_atomically(
     t_write: float,
     t_start: float,
     covisit: CovisitTable | None = None,
+    categories: Categories | None = None,
+    keywords: Keywords | None = None,
 ) -> None:
     with atomic_directory(out_dir) as tmp:
         write_codes(tmp / CODES_FILE, item_ids, codes)
@@ -296,6 +336,10 @@ def _write_atomically(
         manifest.write(tmp)
         if covisit is not None:
             covisit.save(tmp)
+        if categories is not None:
+            categories.save(tmp)
+        if keywords is not None:
+            keywords.save(tmp)
         seconds["write"] = time.perf_counter() - t_write
         seconds["total"] = time.perf_counter() - t_start
         report["seconds"] = {key: round(value, 3) for key, value in seconds.items()}

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from offline.data import Example, leave_one_out, read_interactions
 from offline.errors import InputError
+from offline.eval.metrics import TOP_K, ranking_metrics
 from offline.fsutil import atomic_directory
 from offline.items.artifact import ItemModelManifest, left_padded, save_item_model
 from offline.items.config import ItemTrainConfig
 from offline.items.index import ExactIndex
 from offline.items.model import ItemModelConfig, ItemSequenceModel
-from offline.metrics import TOP_K, ranking_metrics
 from offline.train.checkpoint import peak_rss_gb
 from service.contracts.catalog import Catalog
 

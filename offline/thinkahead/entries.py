@@ -20,17 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from offline.errors import InputError
-from offline.thinkahead.prefixes import (
-    ReasoningPaths,
-    UserResult,
-    compute_prefixes,
-    score_plans,
-)
+from offline.thinkahead.prefixes import UserResult, compute_prefixes, score_plans
 from service.contracts.affinity import DEFAULT_AFFINITY_ITEMS, NO_AFFINITY, Affinity
 from service.contracts.answers import pack_answer
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import CovisitTable, Neighbours, covisit_scores
 from service.contracts.packed import pack_scored
+from service.contracts.rationale import pack_rationales
 from service.contracts.scoring import (
     MIN_TOP_C,
     CandidatePrefix,
@@ -47,7 +43,7 @@ from service.engine.base import BatchEngine
 
 if TYPE_CHECKING:  # torch stays out of imports that only read entries
     from offline.items.artifact import ItemModel
-    from offline.thinkahead.reasoning import Reasoner
+    from offline.thinkahead.reasoning import CategoryReasoner, Reasoner
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,13 @@ class ItemSource:
     default; ``thinkahead train-items``)."""
 
     model: ItemModel
+    path: Path
     items: int = DEFAULT_AFFINITY_ITEMS  # stored per user
+
+    @property
+    def refit(self) -> bool:
+        """Trained on train + validation (``train-items --refit``)."""
+        return bool(self.model.manifest.training.get("refit"))
 
     @classmethod
     def load(
@@ -90,7 +92,7 @@ class ItemSource:
             raise InputError(path, "no item model here (thinkahead train-items --out ...)")
         if not path.is_dir() or items == 0:
             return None
-        return cls(ItemModel.load(path, catalog), items)
+        return cls(ItemModel.load(path, catalog), path, items)
 
     def affinities(
         self, catalog: Catalog, histories: Sequence[Sequence[Code]], exclude_history: bool = True
@@ -215,18 +217,20 @@ class Thinker:
     answer_items: int = 0
     c_tails: bool = True
     stored: bool = True
-    reasoner: Reasoner | None = None
+    reasoner: Reasoner | CategoryReasoner | None = None
     paths: int = 1
 
     def entries(self, histories: Sequence[Sequence[Code]], seed: int = 0) -> list[UserPrefixes]:
         """One entry per history (each already capped at the model's history length)."""
         scorer = self.scorer
         catalog, keep = scorer.catalog, scorer.settings.prefixes
-        paths: ReasoningPaths | None = None
-        if self.reasoner is not None:
-            paths = self.reasoner.sample(self.engine, histories, self.paths, seed=seed)
+        thoughts = (
+            self.reasoner.think(self.engine, histories, self.paths, seed=seed)
+            if self.reasoner is not None
+            else None
+        )
         results = compute_prefixes(
-            self.engine, scorer.ids, catalog, histories, self.beam, keep, paths=paths
+            self.engine, scorer.ids, catalog, histories, self.beam, keep, thoughts
         )
         affinities = (
             self.items.affinities(catalog, histories)
@@ -256,6 +260,7 @@ class Thinker:
                 tuple(result.prefixes),
                 history_digest=history_digest(history),
                 reasoning=result.reasoning,
+                rationales=pack_rationales(result.rationales) if result.rationales else b"",
                 covisit_heads=scores.heads,
                 first_tokens=scores.first_tokens,
                 affinity=affinity.pack(),

@@ -1,20 +1,26 @@
-"""C_u for a batch of users: (optionally) G sampled reasoning paths, then a trie-constrained beam
-search over the first two semantic-ID tokens after each path, merged into the top M prefixes.
+"""C_u for a batch of users: the user's thought paths (G of them for a reasoning model), then a
+trie-constrained beam search over the first two semantic-ID tokens after each, merged into the
+top M prefixes.
 
-Aggregation over paths: a prefix's score is log of its mean probability across the G paths,
-``logsumexp_g log P(a, b | history, path_g) - log G`` (a path whose beam missed the prefix
-contributes 0). For G = 1 this is just the constrained log P(a, b | history).
+A path is a prompt (the history, then the path's rationale), the constraint its search runs
+under, and its weight: a category rationale's log P(category | history), under which the search
+is held to that category's items, so a prefix's merged score is the mixture
+``log sum_g P(cat_g | h) P(a, b | h, cat_g)`` over the G likeliest categories. Sampled free-text
+paths weigh the same: ``logsumexp_g log P(a, b | h, path_g) - log G``, the log of the mean
+probability (a path whose beam missed the prefix contributes 0). One path with no rationale is
+the constrained log P(a, b | history) itself.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.contracts.beam import BeamSearch, run_searches
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
+from service.contracts.rationale import Rationale
 from service.contracts.scoring import ScoringPlan
 from service.contracts.snapshot import Prefix
 from service.contracts.tokens import Code, TokenIds
@@ -22,11 +28,23 @@ from service.engine.base import BatchEngine, TokenLogprobs
 
 
 @dataclass(frozen=True)
-class ReasoningPaths:
-    """Token ids of the sampled paths per user (G each) and their text."""
+class ThoughtPath:
+    """One path: its whole prompt (ending in ``<|sid_begin|>``), the constraint its prefix
+    search runs under (None: the user's catalog-wide one) and its log weight (None: 1 / G)."""
 
-    tokens: list[list[list[int]]]
-    texts: list[list[str]]
+    prompt: list[int]
+    constraint: Constraint | None = None
+    logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class Thoughts:
+    """A user's paths, and what of them is stored: a free-text reasoning, category
+    rationales (best first)."""
+
+    paths: list[ThoughtPath]
+    reasoning: str | None = None
+    rationales: tuple[Rationale, ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -35,35 +53,70 @@ class UserResult:
     reasoning: str | None
     # log P(a | history) of the prefixes' first tokens (merged over paths like the prefixes)
     first_tokens: tuple[tuple[int, float], ...] = ()
+    rationales: tuple[Rationale, ...] = ()
 
 
-def _log_mean_prob(scores: Sequence[float], g: int) -> float:
-    """log of the mean probability over g paths; a path that missed contributes 0."""
+def _mixture(scores: Sequence[float]) -> float:
+    """log sum exp: the paths' (weighted) probabilities added up."""
     top = max(scores)
-    return top + math.log(sum(math.exp(s - top) for s in scores)) - math.log(g)
+    return top + math.log(sum(math.exp(s - top) for s in scores))
 
 
-def merge_paths(per_path: Sequence[Sequence[Prefix]], keep: int) -> list[Prefix]:
+def _weights(paths: Sequence[ThoughtPath]) -> list[float]:
+    return [p.logprob if p.logprob is not None else -math.log(len(paths)) for p in paths]
+
+
+def merge_paths(
+    per_path: Sequence[Sequence[Prefix]], keep: int, weights: Sequence[float] | None = None
+) -> list[Prefix]:
+    """The top ``keep`` prefixes of the mixture over paths (``weights``: log weights; None:
+    the mean)."""
+    weights = weights if weights is not None else [-math.log(len(per_path))] * len(per_path)
     pooled: dict[tuple[int, int], list[float]] = {}
-    for beams in per_path:
+    for w, beams in zip(weights, per_path, strict=True):
         for p in beams:
-            pooled.setdefault((p.a, p.b), []).append(p.score)
-    merged = [
-        Prefix(a, b, _log_mean_prob(scores, len(per_path))) for (a, b), scores in pooled.items()
-    ]
+            pooled.setdefault((p.a, p.b), []).append(w + p.score)
+    merged = [Prefix(a, b, _mixture(scores)) for (a, b), scores in pooled.items()]
     merged.sort(key=lambda p: (-p.score, p.a, p.b))
     return merged[:keep]
 
 
 def merge_first_tokens(
-    per_path: Sequence[Mapping[int, float]], wanted: set[int]
+    per_path: Sequence[Mapping[int, float]], wanted: set[int], weights: Sequence[float]
 ) -> tuple[tuple[int, float], ...]:
     pooled: dict[int, list[float]] = {}
-    for first in per_path:
+    for w, first in zip(weights, per_path, strict=True):
         for a, score in first.items():
             if a in wanted:
-                pooled.setdefault(a, []).append(score)
-    return tuple(sorted((a, _log_mean_prob(s, len(per_path))) for a, s in pooled.items()))
+                pooled.setdefault(a, []).append(w + score)
+    return tuple(sorted((a, _mixture(s)) for a, s in pooled.items()))
+
+
+def search_paths(
+    engine: BatchEngine,
+    ids: TokenIds,
+    catalog: Catalog,
+    histories: Sequence[Sequence[Code]],
+    beam: int,
+    thoughts: Sequence[Thoughts] | None = None,
+    depth: int = 2,
+) -> list[list[BeamSearch]]:
+    """Each user's finished searches, one per path (``depth`` 2: prefixes, 3: items); every
+    step is one engine batch across all users and paths."""
+    searches: list[list[BeamSearch]] = []
+    for u, history in enumerate(histories):
+        constraint = Constraint(catalog, history)
+        paths = thoughts[u].paths if thoughts is not None else [ThoughtPath(ids.history(history))]
+        searches.append(
+            [BeamSearch(p.prompt, ids, p.constraint or constraint, beam, depth) for p in paths]
+        )
+    run_searches([s for per_user in searches for s in per_user], engine.score_batch)
+    return searches
+
+
+def path_weights(thoughts: Thoughts | None) -> list[float]:
+    """Each path's log weight in the mixture (one path without thoughts: 0)."""
+    return _weights(thoughts.paths) if thoughts is not None else [0.0]
 
 
 def compute_prefixes(
@@ -73,37 +126,39 @@ def compute_prefixes(
     histories: Sequence[Sequence[Code]],
     beam: int,
     keep: int,
-    paths: ReasoningPaths | None = None,
+    thoughts: Sequence[Thoughts] | None = None,
 ) -> list[UserResult]:
-    """Prefix search for many users at once: every step is one engine batch across them."""
-    searches: list[BeamSearch] = []
-    owners: list[int] = []
-    for u, history in enumerate(histories):
-        constraint = Constraint(catalog, history)
-        base = ids.history(history)
-        variants = [base]
-        if paths is not None:
-            head = base[:-1]  # drop the trailing <|sid_begin|>; reasoning comes first
-            # each path already runs from <think> to </think>
-            variants = [head + path + [ids.sid_begin] for path in paths.tokens[u]]
-        for prompt in variants:
-            searches.append(BeamSearch(prompt, ids, constraint, beam, depth=2))
-            owners.append(u)
-    run_searches(searches, engine.score_batch)
-    per_user: list[list[list[Prefix]]] = [[] for _ in histories]
-    firsts: list[list[dict[int, float]]] = [[] for _ in histories]
-    for owner, search in zip(owners, searches, strict=True):
-        per_user[owner].append([Prefix(b.code[0], b.code[1], b.score) for b in search.beams])
-        firsts[owner].append(search.first)
+    """The top ``keep`` prefixes of each user, merged over the user's paths."""
     results = []
-    for u, per_path in enumerate(per_user):
-        reasoning = None
-        if paths is not None and paths.texts[u]:
-            reasoning = paths.texts[u][0]
-        prefixes = merge_paths(per_path, keep)
-        first = merge_first_tokens(firsts[u], {p.a for p in prefixes})
-        results.append(UserResult(prefixes, reasoning, first))
+    searches = search_paths(engine, ids, catalog, histories, beam, thoughts)
+    for u, per_user in enumerate(searches):
+        mind = thoughts[u] if thoughts is not None else None
+        weights = path_weights(mind)
+        per_path = [[Prefix(b.code[0], b.code[1], b.score) for b in s.beams] for s in per_user]
+        prefixes = merge_paths(per_path, keep, weights)
+        first = merge_first_tokens([s.first for s in per_user], {p.a for p in prefixes}, weights)
+        results.append(
+            UserResult(
+                prefixes,
+                mind.reasoning if mind else None,
+                first,
+                mind.rationales if mind else (),
+            )
+        )
     return results
+
+
+def merge_items(
+    searches: Sequence[BeamSearch], weights: Sequence[float]
+) -> list[tuple[Code, float]]:
+    """Whole items of depth-3 searches, merged over paths like prefixes, best first."""
+    pooled: dict[Code, list[float]] = {}
+    for w, search in zip(weights, searches, strict=True):
+        for b in search.beams:
+            pooled.setdefault(b.code, []).append(w + b.score)  # type: ignore[arg-type]
+    merged = [(code, _mixture(scores)) for code, scores in pooled.items()]
+    merged.sort(key=lambda cs: (-cs[1], cs[0]))
+    return merged
 
 
 def split_answers(

@@ -25,6 +25,7 @@ from offline.thinkahead.worker import (
     local_engine_factory,
     make_thinker,
     process_shard,
+    reasoner_for,
     scoring_settings,
 )
 from service.contracts.catalog import Catalog
@@ -49,6 +50,7 @@ class ShardWorker:
             scoring_settings(Path(model_dir), self.job),
             CovisitSource.load(Path(catalog_dir), catalog),
             item_source(Path(model_dir), catalog, self.job),
+            reasoner_for(model, catalog, Path(catalog_dir), self.job.paths),
         )
         self.writer = SnapshotWriter(
             connect_sync(redis_url, cluster=cluster),

@@ -22,13 +22,14 @@ from offline.data import read_interactions
 from offline.errors import InputError
 from offline.thinkahead.entries import CovisitSource, ItemSource, Thinker
 from offline.thinkahead.publish import SnapshotWriter, connect_sync
-from offline.thinkahead.reasoning import Reasoner
+from offline.thinkahead.reasoning import CategoryReasoner, Reasoner
 from service.contracts.affinity import DEFAULT_AFFINITY_ITEMS
 from service.contracts.answers import DEFAULT_ANSWER_ITEMS
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import COVISIT_FILE
 from service.contracts.manifest import MAX_HISTORY, SnapshotManifest, file_hash, sha256_hex
 from service.contracts.model import ModelInfo, load_model_info, load_serving_config
+from service.contracts.rationale import Categories
 from service.contracts.snapshot import Keyspace, UserPrefixes
 from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
@@ -38,7 +39,11 @@ log = logging.getLogger(__name__)
 
 
 class ThinkAheadJob(BaseModel):
-    paths: int = Field(default=1, ge=1, description="G reasoning paths (1 without a template)")
+    paths: int | None = Field(
+        default=None,
+        ge=1,
+        description="G reasoning paths; None: the model's reasoning template's (1 without one)",
+    )
     prefixes: int = Field(default=32, ge=1, le=256, description="M prefixes kept per user")
     beam: int = Field(default=32, ge=1, description="beam width of the 2-token prefix search")
     ttl_s: int = Field(default=3 * 86400, ge=60)
@@ -161,18 +166,31 @@ def new_snapshot_id(identity: str) -> str:
     return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{identity[:8]}"
 
 
-def reasoner_for(model: ModelInfo, job: ThinkAheadJob) -> Reasoner | None:
-    """The model's reasoning sampler, or None (then G must be 1)."""
+def reasoner_for(
+    model: ModelInfo, catalog: Catalog, catalog_dir: Path, paths: int | None
+) -> Reasoner | CategoryReasoner | None:
+    """The model's reasoner, or None (then G must be 1)."""
     template = model.manifest.reasoning
     if template is None:
-        if job.paths > 1:
+        if (paths or 1) > 1:
             raise InputError(
                 model.path,
-                f"--paths {job.paths} needs a model with a reasoning template (manifest "
+                f"--paths {paths} needs a model with a reasoning template (manifest "
                 "'reasoning'); this one has none: use --paths 1",
             )
         return None
+    if template.kind == "categories":
+        categories = Categories.load_optional(catalog_dir, len(catalog))
+        if categories is None:
+            raise InputError(catalog_dir, "the model reasons in categories; this catalog has none")
+        return CategoryReasoner(model.path, catalog, categories, model.token_ids)
     return Reasoner(model.path, template, model.token_ids)
+
+
+def thought_paths(model: ModelInfo, paths: int | None) -> int:
+    """G: as asked, else the model's template's, else 1."""
+    template = model.manifest.reasoning
+    return paths or (template.paths if template is not None else 1)
 
 
 def make_thinker(
@@ -183,6 +201,7 @@ def make_thinker(
     scoring: ScoringSettings,
     covisit: CovisitSource | None,
     items: ItemSource | None,
+    reasoner: Reasoner | CategoryReasoner | None = None,
 ) -> Thinker:
     """The job's entry computer: the same one eval and re-think use."""
     return Thinker(
@@ -194,8 +213,8 @@ def make_thinker(
         items=items,
         answer_items=job.answer_items,
         c_tails=job.c_tails,
-        reasoner=reasoner_for(model, job),
-        paths=job.paths,
+        reasoner=reasoner,
+        paths=thought_paths(model, job.paths),
     )
 
 
@@ -230,7 +249,8 @@ class ThinkAheadRun:
         self.catalog = Catalog.load(catalog_dir)
         self.model = load_model_info(model_dir, self.catalog)  # refuses a catalog mismatch
         self.model_dir, self.catalog_dir = Path(model_dir), Path(catalog_dir)
-        reasoner_for(self.model, job)  # refuse G > 1 without a template before any work
+        # refuses G > 1 without a template before any work
+        self.reasoner = reasoner_for(self.model, self.catalog, self.catalog_dir, job.paths)
         self.redis_url, self.cluster = redis_url, cluster
         self.job = job
         self.plan = plan_users(interactions, self.catalog, self.model.max_history, job.holdout_last)
@@ -283,9 +303,13 @@ class ThinkAheadRun:
             model_version=self.model.version,
             catalog_version=self.catalog.version,
             prefixes_per_user=self.job.prefixes,
-            paths=self.job.paths,
+            paths=thought_paths(self.model, self.job.paths),
             beam=self.job.beam,
-            aggregation="log-mean-prob over paths",
+            aggregation=(
+                "log sum over paths of P(category) P(a, b | category)"
+                if self.reasoner is not None and isinstance(self.reasoner, CategoryReasoner)
+                else "log-mean-prob over paths"
+            ),
             answers_key=self.scoring.key() if self.job.answer_items else None,
             answer_items=self.job.answer_items,
             parameters={
@@ -344,7 +368,14 @@ class ThinkAheadRun:
 
     def thinker(self, engine: BatchEngine) -> Thinker:
         return make_thinker(
-            engine, self.model, self.catalog, self.job, self.scoring, self.covisit, self.items
+            engine,
+            self.model,
+            self.catalog,
+            self.job,
+            self.scoring,
+            self.covisit,
+            self.items,
+            self.reasoner,
         )
 
     def run(self, engine_factory: Callable[[], BatchEngine], progress: bool = True) -> Summary:

@@ -1,8 +1,9 @@
-"""``TrainConfig``: the training run's settings (light to import: the CLI reads its defaults)."""
+"""``TrainConfig`` and ``DpoConfig``: the training runs' settings (light to import: the CLI reads
+their defaults)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.contracts.manifest import MAX_HISTORY
 
@@ -44,8 +45,42 @@ class TrainConfig(BaseModel):
         "model; no selection on validation, whose items it trains on)",
     )
     resume: bool = Field(default=True, description="continue a killed run from its checkpoint")
+    reasoning: bool = Field(
+        default=False,
+        description="with a catalog that has categories: a share of the training windows (see "
+        "rationale_rate) end in <think> <category> </think> before their last item, so the "
+        "model states the next item's category first; the worker then thinks in G categories",
+    )
+    rationale_rate: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of windows that end in a rationale each epoch (the rest train the "
+        "last item plainly, as the service scores it)",
+    )
+    alignment: bool = Field(
+        default=False,
+        description="with a catalog that has categories: also train item -> its category and "
+        "title keywords, and category -> its items (itemic alignment)",
+    )
     low_memory: bool = Field(
         default=False,
         description="pin glibc's malloc thresholds: resident memory stays near the live tensors "
         "(0.7 vs 4.0 GB after 80 Beauty steps) at a cost in speed (offline/train/memory.py)",
     )
+
+
+class DpoConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int = Field(default=2, ge=1, description="DPO epochs (rollouts refreshed each)")
+    beta: float = Field(default=0.1, gt=0, description="DPO temperature")
+    rollouts: int = Field(default=10, ge=2, description="items per user's rollout (beam width)")
+    rejected: int = Field(default=4, ge=1, description="rollout items each true item beats")
+    sft_weight: float = Field(default=0.2, ge=0, description="weight of the true item's NLL")
+    lr: float = Field(default=5e-5, gt=0)
+    batch_users: int = Field(default=64, ge=1)
+    val_users: int = Field(default=3000, ge=0)
+    val_beam: int = Field(default=20, ge=10)
+    max_users: int | None = Field(default=None, ge=1, description="a sample of training users")
+    seed: int = 0

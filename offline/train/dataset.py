@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from service.contracts.tokens import Code, TokenIds
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 TOKENS_PER_ITEM = 5
@@ -61,6 +64,8 @@ def batches(
     encoded: Sequence[Encoded], batch_size: int, pad: int, rng: np.random.Generator | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Right-padded batches of similar length (sorted, then chunked, chunks shuffled)."""
+    import torch  # here: the encoders are imported by jobs that never train
+
     order = np.argsort([len(e.input_ids) for e in encoded], kind="stable")
     if rng is not None:
         # Shuffle within length ties so batches differ between epochs.

@@ -25,8 +25,9 @@ from transformers import LlamaForCausalLM
 from offline.data import Example, leave_one_out, read_interactions, withhold_last
 from offline.decode.torch_beam import beam_search_batch
 from offline.errors import InputError
+from offline.eval.guards import check_catalog
+from offline.eval.metrics import TOP_K, ranking_metrics
 from offline.fsutil import atomic_directory
-from offline.metrics import TOP_K, ranking_metrics
 from offline.train.checkpoint import (
     Checkpoint,
     RunState,
@@ -39,13 +40,16 @@ from offline.train.config import TrainConfig
 from offline.train.dataset import Encoded, batches, encode, windows
 from offline.train.memory import fix_malloc_thresholds
 from offline.train.presets import PRESETS, padded_vocab
+from offline.train.reasoning import CatalogWords, ReasoningData
 from offline.train.tokenizer import save_tokenizer
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
-from service.contracts.manifest import ModelManifest, file_hash, sha256_hex
+from service.contracts.manifest import ModelManifest, ReasoningTemplate, file_hash, sha256_hex
 from service.contracts.tokens import Code, TokenIds
 
 log = logging.getLogger(__name__)
+# the worker's default G for a category reasoning model: the likeliest categories it searches
+CATEGORY_PATHS = 8
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Prepared:
     valid: list[Example]  # the selection sample: empty for refits
     unknown_items: int
     data_hash: str
+    vocab_size: int  # the tokenizer's, extra tokens included
+    reasoning: ReasoningData | None = None  # with the catalog's words (reasoning / alignment)
 
 
 def codes_for(catalog: Catalog, items: list[str]) -> tuple[list[Code], int]:
@@ -68,14 +74,33 @@ def prepare(
     catalog_dir: Path, interactions: Path, cfg: TrainConfig, tokenizer_dir: Path
 ) -> Prepared:
     catalog = Catalog.load(catalog_dir)
+    if not cfg.refit:  # the best epoch is chosen on the validation split
+        check_catalog(catalog, Path(catalog_dir), "valid")
     seqs = read_interactions(interactions)
     split = leave_one_out(seqs, cfg.max_history)
-    tok = save_tokenizer(catalog.codebook_size, tokenizer_dir)
+    words = (
+        CatalogWords.load_optional(Path(catalog_dir), catalog)
+        if cfg.reasoning or cfg.alignment
+        else None
+    )
+    tok = save_tokenizer(catalog.codebook_size, tokenizer_dir, words.tokens() if words else ())
     ids = TokenIds.from_vocab(tok.get_vocab(), catalog.codebook_size)
+    reasoning = (
+        ReasoningData.build(
+            words,
+            tok.get_vocab(),
+            catalog,
+            ids,
+            cfg.rationale_rate if cfg.reasoning else 0.0,
+            cfg.alignment,
+        )
+        if words is not None
+        else None
+    )
     if cfg.refit:
         valid, train_seqs = [], split.train_and_valid
     else:
-        valid = _validation_sample(split.valid, cfg.val_users, cfg.seed)
+        valid = validation_sample(split.valid, cfg.val_users, cfg.seed)
         train_seqs = split.train
         if cfg.test_shaped_validation:
             train_seqs = withhold_last(train_seqs, {e.user for e in valid})
@@ -88,28 +113,54 @@ def prepare(
     encoded = [encode(w, ids) for w in sequences]
     if not encoded:
         raise InputError(interactions, "no training sequence with two or more catalog items")
-    return Prepared(catalog, ids, encoded, sequences, valid, unknown, file_hash(Path(interactions)))
+    return Prepared(
+        catalog,
+        ids,
+        encoded,
+        sequences,
+        valid,
+        unknown,
+        file_hash(Path(interactions)),
+        len(tok.get_vocab()),
+        reasoning,
+    )
 
 
 def augmented(data: Prepared, p: float, rng: np.random.Generator) -> list[Encoded]:
-    """Item dropout: each epoch drops each item of a training sequence with probability p
-    (keeping at least two), so the model cannot lean on one exact context; p = 0 is a no-op."""
-    if p <= 0:
-        return data.train
+    """One epoch's sequences. Item dropout: each item of a training sequence is dropped with
+    probability p (keeping at least two), so the model cannot lean on one exact context.
+    With reasoning, a share of the windows end in their last item's rationale; with alignment,
+    the catalog's item <-> words sequences follow."""
+    reasoning = data.reasoning
+    rationale = (
+        rng.random(len(data.train)) < reasoning.rate
+        if reasoning is not None and reasoning.rate > 0
+        else np.zeros(len(data.train), dtype=bool)
+    )
     out = []
-    for seq, enc in zip(data.train_codes, data.train, strict=True):
-        keep = rng.random(len(seq)) >= p
-        if keep.all() or keep.sum() < 2:
-            out.append(enc)
+    for seq, enc, think in zip(data.train_codes, data.train, rationale, strict=True):
+        codes = seq
+        if p > 0:
+            keep = rng.random(len(seq)) >= p
+            if not keep.all() and keep.sum() >= 2:
+                codes = [c for c, k in zip(seq, keep, strict=True) if k]
+        reasoned = reasoning.window(codes, data.ids) if think and reasoning else None
+        if reasoned is not None:
+            out.append(reasoned)
         else:
-            out.append(encode([c for c, k in zip(seq, keep, strict=True) if k], data.ids))
-    return out
+            out.append(enc if codes is seq else encode(codes, data.ids))
+    return out + (reasoning.alignment if reasoning is not None else [])
 
 
-def level_masks(ids: TokenIds, vocab: int) -> torch.Tensor:
-    masks = torch.zeros((3, vocab), dtype=torch.bool)
+def level_masks(ids: TokenIds, vocab: int, reasoning: ReasoningData | None = None) -> torch.Tensor:
+    """Each label level's allowed tokens: a, b, c, and with reasoning the categories and the
+    keywords."""
+    masks = torch.zeros((5 if reasoning is not None else 3, vocab), dtype=torch.bool)
     for level, table in enumerate((ids.a, ids.b, ids.c)):
         masks[level, torch.from_numpy(table)] = True
+    if reasoning is not None:
+        cats, kws = reasoning.masks(vocab)
+        masks[3], masks[4] = torch.from_numpy(cats), torch.from_numpy(kws)
     return masks
 
 
@@ -209,15 +260,16 @@ def train(
     with atomic_directory(out_dir) as work:
         data = prepare(catalog_dir, interactions, cfg, work)
         preset = PRESETS[cfg.preset]
-        vocab = padded_vocab(max(data.ids.index_of) + 1)
+        vocab = padded_vocab(data.vocab_size)
         config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
         model = LlamaForCausalLM(config)
-        masks = level_masks(data.ids, vocab)
+        masks = level_masks(data.ids, vocab, data.reasoning)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16()
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
         )
-        steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+        alignment = len(data.reasoning.alignment) if data.reasoning is not None else 0
+        steps_per_epoch = math.ceil((len(data.train) + alignment) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs
         ckpt = Checkpoint(checkpoint_path(out_dir), run_identity(cfg, data))
         state = ckpt.load() if cfg.resume else None
@@ -310,6 +362,11 @@ def train(
             preset=cfg.preset,
             data_hash=data.data_hash,
             max_history=cfg.max_history,
+            reasoning=(
+                ReasoningTemplate(kind="categories", paths=CATEGORY_PATHS, max_tokens=1)
+                if data.reasoning is not None and data.reasoning.rate > 0
+                else None
+            ),
             metrics={"validation": best, "history": state.history},
             parameters={
                 **cfg.model_dump(),
@@ -331,7 +388,8 @@ def train(
     return manifest
 
 
-def _validation_sample(valid: list[Example], n: int, seed: int) -> list[Example]:
+def validation_sample(valid: list[Example], n: int, seed: int) -> list[Example]:
+    """The selection sample: ``n`` validation users drawn with ``seed`` (0: all)."""
     if n == 0 or n >= len(valid):
         return list(valid)
     rng = np.random.default_rng(seed + 1)

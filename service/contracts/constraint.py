@@ -7,16 +7,29 @@ engine with an empty allowed set.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 
-from service.contracts.catalog import Catalog
 from service.contracts.tokens import Code
 
 
+class Trie(Protocol):
+    """The valid codes a constraint starts from: a catalog, or a subset of one."""
+
+    @property
+    def valid_a(self) -> np.ndarray: ...
+
+    def valid_b(self, a: int) -> np.ndarray: ...
+
+    def valid_c(self, a: int, b: int) -> np.ndarray: ...
+
+    def is_prefix(self, a: int, b: int) -> bool: ...
+
+
 class Constraint:
-    def __init__(self, catalog: Catalog, exclude: Iterable[Code] = ()) -> None:
+    def __init__(self, catalog: Trie, exclude: Iterable[Code] = ()) -> None:
         self.catalog = catalog
         self._removed_c: dict[tuple[int, int], set[int]] = {}
         for a, b, c in exclude:
@@ -53,3 +66,38 @@ class Constraint:
     def allows(self, code: Code) -> bool:
         a, b, c = code
         return self.has_prefix(a, b) and c not in self._removed_c.get((a, b), ())
+
+
+_EMPTY = np.zeros(0, dtype=np.int32)
+
+
+class CatalogSubset:
+    """The trie of some of a catalog's items (one category's, for a rationale): a
+    :class:`Constraint` over it reaches only those items. Built once per subset."""
+
+    def __init__(self, codes: Sequence[Code]) -> None:
+        c_under: dict[tuple[int, int], list[int]] = {}
+        for a, b, c in codes:
+            c_under.setdefault((int(a), int(b)), []).append(int(c))
+        self._c = {ab: np.array(sorted(cs), dtype=np.int32) for ab, cs in c_under.items()}
+        b_under: dict[int, list[int]] = {}
+        for a, b in self._c:
+            b_under.setdefault(a, []).append(b)
+        self._b = {a: np.array(sorted(bs), dtype=np.int32) for a, bs in b_under.items()}
+        self._a = np.array(sorted(self._b), dtype=np.int32)
+
+    @property
+    def valid_a(self) -> np.ndarray:
+        return self._a
+
+    def valid_b(self, a: int) -> np.ndarray:
+        return self._b.get(a, _EMPTY)
+
+    def valid_c(self, a: int, b: int) -> np.ndarray:
+        return self._c.get((a, b), _EMPTY)
+
+    def is_prefix(self, a: int, b: int) -> bool:
+        return (a, b) in self._c
+
+    def __len__(self) -> int:
+        return sum(len(cs) for cs in self._c.values())

@@ -9,7 +9,7 @@ import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -82,8 +82,12 @@ class CatalogManifest(_Manifest):
 
 
 class ReasoningTemplate(BaseModel):
-    """How a reasoning model thinks before an item: ``<think> ... </think>`` then the item."""
+    """How a reasoning model thinks before an item: ``<think> ... </think>`` then the item.
+    ``free``: sampled free text (a chat model's); ``categories``: one catalog category token
+    (``service.contracts.rationale``), the worker's G paths being the G likeliest."""
 
+    kind: Literal["free", "categories"] = "free"
+    paths: int = Field(default=1, ge=1, description="G paths the worker takes by default")
     think_start: str = "<think>"
     think_end: str = "</think>"
     max_tokens: int = Field(default=128, ge=1)

@@ -7,6 +7,8 @@ Keys (prefix configurable, default ``ta``)::
     ta:snap:{sid}:u:{<user_id>}     -> UserPrefixes (msgpack), with a TTL
     ta:snap:{sid}:cv:{<item_id>}    -> the item's co-visitation neighbours (msgpack), with a TTL
     ta:hist:{<user_id>}             -> list of recent item ids, newest first, capped
+    ta:events                       -> stream of users who acted (field u), bounded; consumer
+                                       group "rethink" (the near-line re-think worker)
     ta:snap:pending                 -> id of the snapshot a worker is still writing
     ta:snap:{sid}:done              -> set of finished shard numbers (resume)
     ta:snap:retired                 -> zset of replaced snapshot ids by retire time
@@ -81,6 +83,11 @@ class Keyspace:
     def history(self, user_id: str) -> str:
         return f"{self.history_prefix or self.prefix}:hist:{{{user_id}}}"
 
+    @property
+    def events(self) -> str:
+        """The stream of users who acted: events belong to users, like their histories."""
+        return f"{self.history_prefix or self.prefix}:events"
+
 
 @functools.lru_cache(maxsize=64)  # a handful of ids, checked on every key of every request
 def validate_snapshot_id(snapshot_id: str) -> str:
@@ -106,7 +113,9 @@ class UserPrefixes:
     computed_at: float  # unix seconds
     prefixes: tuple[Prefix, ...]
     history_digest: str = ""  # of the history the prefixes were computed from
-    reasoning: str | None = None
+    reasoning: str | None = None  # free text (a chat model's reasoning)
+    # the best category rationales, packed (``service.contracts.rationale``)
+    rationales: bytes = b""
     # log P(a, b | that history) of the co-visitation candidates' prefixes that are not among
     # ``prefixes``: an unchanged user's whole candidate set is then scored without a/b steps
     covisit_heads: tuple[Prefix, ...] = ()
@@ -133,6 +142,8 @@ class UserPrefixes:
         }
         if self.reasoning is not None:
             body["r"] = self.reasoning
+        if self.rationales:
+            body["k"] = self.rationales
         if self.covisit_heads:
             body["x"] = _flat(self.covisit_heads)
         if self.answer:
@@ -166,6 +177,9 @@ class UserPrefixes:
             c_tails = body.get("l", b"")
             if not isinstance(c_tails, bytes):
                 raise CorruptValue("last-token log-probs are not bytes")
+            rationales = body.get("k", b"")
+            if not isinstance(rationales, bytes):
+                raise CorruptValue("rationales are not bytes")
             first = body.get("f", [])
             if not isinstance(first, list) or len(first) % 2:
                 raise CorruptValue("first-token list length is not a multiple of 2")
@@ -176,6 +190,7 @@ class UserPrefixes:
                 prefixes=prefixes,
                 history_digest=str(body.get("h", "")),
                 reasoning=None if reasoning is None else str(reasoning),
+                rationales=rationales,
                 covisit_heads=covisit_heads,
                 answer=answer,
                 affinity=affinity,

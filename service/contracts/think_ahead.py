@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.contracts.affinity import NO_AFFINITY, Affinity
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
+from service.contracts.covisit import top_scored
 from service.contracts.fusion import (
     FusionWeights,
     ItemFeatures,
@@ -226,6 +227,51 @@ class ThinkAheadScorer:
             tuple(affinity_ab),
         )
 
+    def rerank(
+        self,
+        value: UserPrefixes,
+        history: Sequence[Code],
+        covisit: Mapping[str, float],
+        stale_covisit: Mapping[str, float],
+        constraint: Constraint | None = None,
+        on_corrupt: OnCorrupt = _ignore,
+    ) -> list[tuple[Code, float]] | None:
+        """The fresh-event answer without an engine round: the entry's stored answer (ranked
+        under the history it was computed from) re-scored for the fresh history's
+        co-visitation, plus the fresh events' co-visitation neighbours it lacked; None when the
+        entry stores no answer.
+
+        A stored item keeps its decoder and offline terms and swaps its co-visitation feature
+        (``stale_covisit``: the scores under the entry's history) for the fresh one. A new
+        neighbour's decoder and offline terms are not known without the engine: it gets the
+        lowest of the stored items' (it was not in the top answer, so the decoder put it
+        lower), plus its own features. Measured against the engine path on validation
+        (``thinkahead eval --stale-events 1 --fresh-path rerank``)."""
+        s = self.settings
+        raw = _unpack("snapshot_answer", unpack_scored, value.answer, on_corrupt)
+        if not raw:
+            return None
+        affinity = _unpack("snapshot_affinity", Affinity.unpack, value.affinity, on_corrupt)
+        fresh = ItemFeatures(self.catalog, covisit, affinity or NO_AFFINITY)
+        stale = ItemFeatures(self.catalog, stale_covisit, affinity or NO_AFFINITY)
+        allowed = constraint if constraint is not None else self.constraint(history)
+        rest: dict[Code, float] = {}  # decoder + offline terms of the stored items
+        for code, score in raw:
+            rest[code] = score - stale.bonus(code, s.weights)
+        floor = min(rest.values())
+        neighbours = [
+            code
+            for item in top_scored(covisit, s.covisit_candidates)
+            if (code := self.catalog.code_of(item)) is not None and code not in rest
+        ]
+        ranked = [
+            (code, base + fresh.bonus(code, s.weights))
+            for code, base in [*rest.items(), *((c, floor) for c in neighbours)]
+            if allowed.allows(code)
+        ]
+        ranked.sort(key=lambda cs: (-cs[1], cs[0]))
+        return ranked
+
     def scored(self, plan: ThinkAheadPlan, results: Sequence[TokenLogprobs]) -> list[ScoredCode]:
         """Every candidate item with its decoder log-prob and offline score, in plan order."""
         return combine(plan.scoring, results, self.ids)
@@ -244,6 +290,17 @@ class ThinkAheadScorer:
             plan.features,
             weights if weights is not None else self.settings.weights,
         )
+
+
+def entry_history(
+    value: UserPrefixes, history: Sequence[Code], max_events: int = 8
+) -> Sequence[Code] | None:
+    """The history ``value`` was computed from, when ``history`` is it plus up to
+    ``max_events`` fresh events (None: another history, or further behind)."""
+    for n in range(1, min(max_events, len(history)) + 1):
+        if history_digest(history[:-n]) == value.history_digest:
+            return history[:-n]
+    return None
 
 
 def _unpack(

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 
-from offline.eval_cli import COVISIT_TABLE_ROW
+from offline.eval.job import COVISIT_TABLE_ROW
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.contracts.model import ServingConfig
 from service.contracts.snapshot import Keyspace, UserPrefixes
@@ -88,6 +88,15 @@ def test_eval_command_reports_metrics_beside_covisitation(tiny_world, tmp_path):
         assert decoder["users"] == covis["users"] == 60
         assert decoder["invalid_items"] == 0
         assert 0 <= decoder["recall@5"] <= decoder["recall@10"] <= 1
+        # what it scored with, and how that was built
+        built = report["provenance"]
+        assert built["catalog"]["version"] == report["catalog_version"]
+        assert built["catalog"]["holdout_last"] == 2 and built["covisit"]["holdout_last"] == 2
+        assert built["model"] == {
+            "version": report["model_version"],
+            "refit": False,
+            "data_hash": built["model"]["data_hash"],
+        }
         if engine == "torch":
             torch_row = decoder
     assert decoder["recall@10"] == pytest.approx(torch_row["recall@10"], abs=0.02)
@@ -104,7 +113,8 @@ def test_eval_refuses_bad_options(tiny_world, tmp_path):  # type: ignore[no-unty
             "5",
         ],
     )
-    assert result.exit_code == 2 and "--beam must be >= 10" in result.output
+    assert result.exit_code == 2 and "beam (5) must be >= k (10)" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path):  # type: ignore[no-untyped-def]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from offline.baselines import CoVisitation
 from offline.catalog.items import read_items
 from offline.data import Sequences, leave_one_out, read_interactions, withhold_last
 from offline.errors import InputError
-from offline.metrics import ranking_metrics
+from offline.eval.baselines import CoVisitation
+from offline.eval.metrics import ranking_metrics
 
 
 def write(path: Path, text: str | bytes) -> Path:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from offline.data import Example
-from offline.eval_cli import reused_steps
-from offline.evaluate import ThinkAheadEval, think_ahead_candidates
+from offline.eval.candidates import ThinkAheadEval, think_ahead_candidates
+from offline.eval.job import reused_steps
 from service.contracts.catalog import Catalog
 from service.contracts.fusion import FusionWeights
 from service.contracts.model import load_model_info

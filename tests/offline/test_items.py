@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from offline.cli import app
 from offline.data import leave_one_out, read_interactions
-from offline.evaluate import popularity_baseline
+from offline.eval.baselines import popularity_baseline
 from offline.items.artifact import ItemModel, ItemModelError
 from offline.items.config import ItemTrainConfig
 from offline.items.index import ExactIndex
@@ -198,12 +198,11 @@ async def test_the_worker_stores_best_items_and_the_service_ranks_with_them(
 def test_eval_reports_the_item_level_model_alone(
     world: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
-    from offline.eval_cli import ITEM_MODEL_ROW, run_eval
+    from offline.eval.job import ITEM_MODEL_ROW, EvalJob, run_eval
 
     catalog_dir, model_dir, interactions = world
-    report = run_eval(
-        model_dir, catalog_dir, interactions, tmp_path / "items.json", split="valid", mode="items"
-    )
+    job = EvalJob(split="valid", mode="items")
+    report = run_eval(model_dir, catalog_dir, interactions, tmp_path / "items.json", job)
     row = report["rows"][ITEM_MODEL_ROW]
     assert row["recall@10"] > 0.6 and row["recall@5"] <= row["recall@10"]
     assert report["item_model"]["version"] and row["users"] == report["users"]

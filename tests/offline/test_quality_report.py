@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from offline.bench.quality import PUBLISHED, build_quality_report
-from offline.eval_cli import COVISIT_TABLE_ROW
+from offline.eval.job import COVISIT_TABLE_ROW
+from offline.eval.report import PUBLISHED, build_quality_report
 from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import ModelManifest
 from service.contracts.model import ServingConfig

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from offline.evaluate import UserCandidates
-from offline.tune import CandidateMatrix, grid_search
+from offline.eval.candidates import UserCandidates
+from offline.eval.tune import CandidateMatrix, grid_search
 from service.contracts.affinity import Affinity
 from service.contracts.fusion import FusionWeights, ItemFeatures
 from service.contracts.scoring import ScoredCode

@@ -6,13 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from offline.catalog.build import build_catalog
+from offline.catalog.build import CatalogSpec, build_catalog
+from offline.catalog.words import KEYWORDS_FILE, Keywords
 from offline.cli import app
 from offline.errors import InputError
 from service.contracts.catalog import CODES_FILE, POPULARITY_FILE, REPORT_FILE, TRIE_FILE, Catalog
 from service.contracts.manifest import MANIFEST_FILE, CatalogManifest
+from service.contracts.rationale import CATEGORIES_FILE, Categories
 
 K = 4  # 4^3 = 64 codes
 N = 60
@@ -65,11 +68,30 @@ def leftovers(parent: Path, name: str = "out") -> list[str]:
 
 def test_build_with_supplied_vectors(tmp_path: Path, items_csv: Path, vectors_npy: Path) -> None:
     out = tmp_path / "out"
-    report = build_catalog(items_csv, out, codebook_size=K, embeddings=vectors_npy, iters=5)
+    report = build_catalog(
+        items_csv, out, CatalogSpec(codebook_size=K, iters=5), embeddings=vectors_npy
+    )
     assert leftovers(tmp_path) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [CODES_FILE, TRIE_FILE, POPULARITY_FILE, MANIFEST_FILE, REPORT_FILE]
+        [
+            CODES_FILE,
+            TRIE_FILE,
+            POPULARITY_FILE,
+            MANIFEST_FILE,
+            REPORT_FILE,
+            CATEGORIES_FILE,
+            KEYWORDS_FILE,
+        ]
     )
+    # the catalog's words: "Beauty > x" shares its root, so a category is x alone
+    categories = Categories.load_optional(out, N)
+    assert categories is not None and report["categories"] == 3
+    assert sorted(categories.paths) == [("lipstick",), ("nail polish",), ("shampoo",)]
+    assert categories.text(int(categories.of_row[1])) == "shampoo"
+    keywords = Keywords.load_optional(out)
+    assert keywords is not None and report["keywords"] == len(keywords.vocab) == 9
+    assert "no" not in keywords.vocab  # two letters: not a word that names anything
+    assert keywords.of_row[2] == ("nail", "polish")
     assert report["items"] == N
     assert report["collisions_after"] == 0
     assert report["moved"] + report["spilled"] == report["collisions_before"]
@@ -116,10 +138,16 @@ def test_build_with_supplied_vectors(tmp_path: Path, items_csv: Path, vectors_np
 def test_same_inputs_same_version_and_rebuild_replaces(
     tmp_path: Path, items_csv: Path, vectors_npy: Path
 ) -> None:
-    r1 = build_catalog(items_csv, tmp_path / "out", codebook_size=K, embeddings=vectors_npy)
-    r2 = build_catalog(items_csv, tmp_path / "out2", codebook_size=K, embeddings=vectors_npy)
+    r1 = build_catalog(
+        items_csv, tmp_path / "out", CatalogSpec(codebook_size=K), embeddings=vectors_npy
+    )
+    r2 = build_catalog(
+        items_csv, tmp_path / "out2", CatalogSpec(codebook_size=K), embeddings=vectors_npy
+    )
     assert r1["catalog_version"] == r2["catalog_version"]
-    r3 = build_catalog(items_csv, tmp_path / "out", codebook_size=8, embeddings=vectors_npy)
+    r3 = build_catalog(
+        items_csv, tmp_path / "out", CatalogSpec(codebook_size=8), embeddings=vectors_npy
+    )
     assert Catalog.load(tmp_path / "out").version == r3["catalog_version"] != r1["catalog_version"]
     assert leftovers(tmp_path) == ["out", "out2"]
 
@@ -131,11 +159,9 @@ def test_interactions_give_cf_popularity_and_unknown_counts(
     report = build_catalog(
         items_csv,
         out,
-        codebook_size=K,
+        CatalogSpec(codebook_size=K, cf_dim=8, holdout_last=2),
         embeddings=vectors_npy,
         interactions=interactions_csv,
-        cf_dim=8,
-        holdout_last=2,
     )
     assert report["unknown_item_interactions"] == 2
     assert report["unknown_items"] == 2
@@ -155,7 +181,7 @@ def test_refuses_to_replace_a_directory_that_is_not_a_catalog(
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(InputError, match="not a catalog"):
-        build_catalog(items_csv, out, codebook_size=K, embeddings=vectors_npy)
+        build_catalog(items_csv, out, CatalogSpec(codebook_size=K), embeddings=vectors_npy)
     assert (out / "precious.txt").read_text() == "keep me"
 
 
@@ -166,14 +192,14 @@ def test_failed_write_keeps_the_previous_catalog_and_no_temp_dir(
     from offline import fsutil
 
     out = tmp_path / "out"
-    first = build_catalog(items_csv, out, codebook_size=K, embeddings=vectors_npy)
+    first = build_catalog(items_csv, out, CatalogSpec(codebook_size=K), embeddings=vectors_npy)
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(build_mod, "build_trie", broken)
     with pytest.raises(OSError, match="disk full"):
-        build_catalog(items_csv, out, codebook_size=8, embeddings=vectors_npy)
+        build_catalog(items_csv, out, CatalogSpec(codebook_size=8), embeddings=vectors_npy)
     monkeypatch.undo()
     real_rename = fsutil.os.rename
 
@@ -184,7 +210,7 @@ def test_failed_write_keeps_the_previous_catalog_and_no_temp_dir(
 
     monkeypatch.setattr(fsutil.os, "rename", rename_fails_for_new)
     with pytest.raises(OSError, match="rename failed"):
-        build_catalog(items_csv, out, codebook_size=8, embeddings=vectors_npy)
+        build_catalog(items_csv, out, CatalogSpec(codebook_size=8), embeddings=vectors_npy)
     monkeypatch.undo()
     assert Catalog.load(out).version == first["catalog_version"]
     assert leftovers(tmp_path) == ["out"]
@@ -209,41 +235,30 @@ def test_cf_options_are_built_and_recorded(
     report = build_catalog(
         items_csv,
         tmp_path / "out",
-        codebook_size=K,
+        CatalogSpec(codebook_size=K, cf_dim=4, **options),
         embeddings=vectors_npy,
         interactions=interactions_csv,
-        cf_dim=4,
-        **options,
     )
     assert report["embedding_model"].endswith(suffix) and report["collisions_after"] == 0
     params = CatalogManifest.load(tmp_path / "out").parameters
     assert {key: params[key] for key in recorded} == recorded
 
 
-BAD_CF = {
-    "kind": ({"cf_kind": "bought-together"}, "cf_kind must be user-item or transitions"),
-    "dim": ({"cf_dim": 0}, "cf_dim must be >= 1"),
+BAD_SPEC = {
+    "kind": ({"cf_kind": "bought-together"}, r"cf_kind\n.*'transitions' or 'user-item'"),
+    "dim": ({"cf_dim": 0}, r"cf_dim\n.*greater than or equal to 1"),
     "idf without user-item": ({"cf_idf": True}, "use it with cf_kind user-item, not transitions"),
-    "negative weight": ({"cf_weight": -1.0}, "cf_weight must be a finite number >= 0"),
-    "nan weight": ({"cf_weight": float("nan")}, "cf_weight must be a finite number >= 0"),
+    "negative weight": ({"cf_weight": -1.0}, r"cf_weight\n.*greater than or equal to 0"),
+    "nan weight": ({"cf_weight": float("nan")}, r"cf_weight\n.*finite number"),
+    "codebook": ({"codebook_size": 1}, r"codebook_size\n.*greater than or equal to 2"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_CF))
-def test_bad_cf_options(
-    tmp_path: Path, items_csv: Path, vectors_npy: Path, interactions_csv: Path, case: str
-) -> None:
-    options, message = BAD_CF[case]
-    with pytest.raises(InputError, match=message):
-        build_catalog(
-            items_csv,
-            tmp_path / "out",
-            codebook_size=K,
-            embeddings=vectors_npy,
-            interactions=interactions_csv,
-            **options,
-        )
-    assert leftovers(tmp_path) == []
+@pytest.mark.parametrize("case", sorted(BAD_SPEC))
+def test_bad_build_settings_are_refused_with_the_field(case: str) -> None:
+    options, message = BAD_SPEC[case]
+    with pytest.raises(ValidationError, match=message):
+        CatalogSpec(**options)
 
 
 BAD_ITEMS = {
@@ -268,15 +283,15 @@ def test_bad_items_file(tmp_path: Path, case: str) -> None:
     items = tmp_path / "items.csv"
     items.write_bytes(content)
     with pytest.raises(InputError, match=message):
-        build_catalog(items, tmp_path / "out", codebook_size=K, show_progress=False)
+        build_catalog(items, tmp_path / "out", CatalogSpec(codebook_size=K), show_progress=False)
     assert leftovers(tmp_path) == []
 
 
 def test_codebook_too_small(tmp_path: Path, items_csv: Path, vectors_npy: Path) -> None:
     with pytest.raises(InputError, match=r"items\.csv: 60 items do not fit .*\(3\^3 = 27 codes\)"):
-        build_catalog(items_csv, tmp_path / "out", codebook_size=3, embeddings=vectors_npy)
-    with pytest.raises(InputError, match="codebook size must be >= 2"):
-        build_catalog(items_csv, tmp_path / "out", codebook_size=1, embeddings=vectors_npy)
+        build_catalog(
+            items_csv, tmp_path / "out", CatalogSpec(codebook_size=3), embeddings=vectors_npy
+        )
     assert leftovers(tmp_path) == []
 
 
@@ -292,7 +307,12 @@ def test_codebook_too_small(tmp_path: Path, items_csv: Path, vectors_npy: Path) 
 def test_bad_vectors(tmp_path: Path, items_csv: Path, array: np.ndarray, message: str) -> None:
     np.save(tmp_path / "bad.npy", array)
     with pytest.raises(InputError, match=message):
-        build_catalog(items_csv, tmp_path / "out", codebook_size=K, embeddings=tmp_path / "bad.npy")
+        build_catalog(
+            items_csv,
+            tmp_path / "out",
+            CatalogSpec(codebook_size=K),
+            embeddings=tmp_path / "bad.npy",
+        )
     assert leftovers(tmp_path) == []
 
 
@@ -301,7 +321,11 @@ def test_malformed_interactions(tmp_path: Path, items_csv: Path, vectors_npy: Pa
     bad.write_text("user_id,item_id,timestamp\nu1,i1,0\nu1,i2,soon\n")
     with pytest.raises(InputError, match=r"inter\.csv:3: timestamp 'soon' is not a number"):
         build_catalog(
-            items_csv, tmp_path / "out", codebook_size=K, embeddings=vectors_npy, interactions=bad
+            items_csv,
+            tmp_path / "out",
+            CatalogSpec(codebook_size=K),
+            embeddings=vectors_npy,
+            interactions=bad,
         )
     assert leftovers(tmp_path) == []
 
@@ -342,7 +366,9 @@ def test_minilm_embeddings_end_to_end(tmp_path: Path) -> None:
     assert sims[0, 8] > sims[0, 1]
 
     items = write_csv(tmp_path / "items.csv", ["item_id", "title", "categories"], rows)
-    report = build_catalog(items, tmp_path / "out", codebook_size=K, show_progress=False)
+    report = build_catalog(
+        items, tmp_path / "out", CatalogSpec(codebook_size=K), show_progress=False
+    )
     assert report["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert report["vector_dim"] == 384
     assert len(Catalog.load(tmp_path / "out")) == 50

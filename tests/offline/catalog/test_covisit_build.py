@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offline.baselines import CoVisitation
 from offline.catalog.covisit import build_covisit
 from offline.data import Example, Sequences
-from offline.evaluate import covisit_table_ranking
+from offline.eval.baselines import CoVisitation, covisit_table_ranking
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import CovisitError, CovisitTable, covisit_scores, top_scored
 from service.contracts.manifest import CatalogManifest

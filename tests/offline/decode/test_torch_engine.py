@@ -6,12 +6,8 @@ from __future__ import annotations
 import pytest
 
 from offline.decode.torch_engine import TorchBatchEngine
-from offline.evaluate import (
-    ThinkAheadEval,
-    rank_candidates,
-    select_examples,
-    think_ahead_candidates,
-)
+from offline.eval.candidates import ThinkAheadEval, rank_candidates, think_ahead_candidates
+from offline.eval.examples import select_examples
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.covisit import CovisitTable

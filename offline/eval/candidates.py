@@ -1,6 +1,6 @@
-"""``thinkahead eval``: leave-one-out quality of the decoder, beside the co-visitation baseline.
+"""Rankings an evaluation scores: the decoder's full decode and the served think-ahead answer.
 
-Modes:
+Modes of ``thinkahead eval``:
 - ``full``: trie-constrained beam search over all three tokens (width >= k);
 - ``think-ahead``: the architecture as served: top-M prefixes from a 2-token beam search over
   the history the worker saw (optionally ``stale_events`` events short), then the online step
@@ -11,30 +11,31 @@ History items are excluded from the ranking in every mode (as the service does).
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from offline.baselines import CoVisitation
-from offline.data import Example, Sequences, leave_one_out, read_interactions
-from offline.metrics import TOP_K, ranking_metrics
+from offline.data import Example
+from offline.eval.metrics import TOP_K
+from offline.eval.rationale import RationaleStats
 from offline.thinkahead.entries import CovisitSource, ItemSource, Thinker
-from offline.thinkahead.prefixes import score_plans
-from service.contracts.beam import BeamSearch, run_searches
+from offline.thinkahead.prefixes import merge_items, path_weights, score_plans, search_paths
+from service.contracts.answers import DEFAULT_ANSWER_ITEMS
 from service.contracts.catalog import Catalog
-from service.contracts.constraint import Constraint
-from service.contracts.covisit import Neighbours, covisit_scores, top_scored
+from service.contracts.covisit import Neighbours, covisit_scores
 from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
 from service.contracts.model import ModelInfo
+from service.contracts.rationale import Categories, Rationale, unpack_rationales
 from service.contracts.scoring import ScoredCode
 from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
 from service.engine.base import BatchEngine
+
+if TYPE_CHECKING:  # torch and tokenizers stay out until a reasoning model is evaluated
+    from offline.thinkahead.reasoning import CategoryReasoner, Reasoner
 
 
 @dataclass(frozen=True)
@@ -45,17 +46,7 @@ class Ranked:
     # share of targets whose (a, b) is among the user's top-m offline prefixes, per m: the
     # ceiling of think-ahead recall
     coverage: dict[str, float] | None = None
-
-
-def select_examples(
-    interactions: Path, split: str, max_history: int, limit: int | None, seed: int = 0
-) -> tuple[list[Example], Any]:
-    data = leave_one_out(read_interactions(interactions), max_history)
-    examples = {"test": data.test, "valid": data.valid}[split]
-    if limit is not None and limit < len(examples):
-        rng = np.random.default_rng(seed)
-        examples = [examples[i] for i in sorted(rng.choice(len(examples), limit, replace=False))]
-    return examples, data
+    rationale: dict[str, float | int] | None = None  # accuracy and faithfulness, when stored
 
 
 def _to_items(catalog: Catalog, codes: Sequence[Code], k: int) -> tuple[list[str], int]:
@@ -76,9 +67,14 @@ def rank_full(
     examples: Sequence[Example],
     k: int,
     beam: int,
-    batch_users: int = 128,
     progress: bool = True,
+    reasoner: Reasoner | CategoryReasoner | None = None,
+    paths: int = 1,
+    batch_users: int = 128,
 ) -> Ranked:
+    """The decoder alone: a trie-constrained beam search over the three tokens; with a
+    ``reasoner``, one under each of the user's ``paths`` thought paths, merged (for a category
+    model: sum over its G likeliest categories of P(category) P(item | category))."""
     t0 = time.monotonic()
     ranked: list[list[str]] = []
     invalid = 0
@@ -87,15 +83,13 @@ def rank_full(
         range(0, len(examples), batch_users), desc="full decode", disable=not progress, unit="batch"
     ):
         chunk = examples[start : start + batch_users]
-        searches = []
-        for e in chunk:
-            history = catalog.codes_of(e.history)[0][-model.max_history :]
-            searches.append(
-                BeamSearch(ids.history(history), ids, Constraint(catalog, history), max(beam, k))
-            )
-        run_searches(searches, engine.score_batch)
-        for s in searches:
-            items, bad = _to_items(catalog, [b.code for b in s.beams], k)  # type: ignore[misc]
+        histories = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
+        thoughts = reasoner.think(engine, histories, paths) if reasoner is not None else None
+        searches = search_paths(engine, ids, catalog, histories, max(beam, k), thoughts, depth=3)
+        for u, per_user in enumerate(searches):
+            weights = path_weights(thoughts[u] if thoughts is not None else None)
+            codes = [code for code, _ in merge_items(per_user, weights)]
+            items, bad = _to_items(catalog, codes, k)
             ranked.append(items)
             invalid += bad
     return Ranked(ranked, invalid, time.monotonic() - t0)
@@ -111,6 +105,8 @@ class UserCandidates:
     snapshot_ab: frozenset[tuple[int, int]]
     covisit_ab: tuple[tuple[int, int], ...]  # best first
     affinity_ab: tuple[tuple[int, int], ...] = ()  # best first
+    rationales: tuple[Rationale, ...] = ()  # the entry's, best first
+    history: tuple[str, ...] = ()
 
     def ranked(
         self,
@@ -143,6 +139,10 @@ class ThinkAheadEval:
     prune: bool = True
     batch_users: int = 128
     progress: bool = True
+    reasoner: Reasoner | CategoryReasoner | None = None  # the model's, as the worker thinks
+    paths: int = 1  # G
+    # after fresh events: the engine round, or the stored answer re-ranked without one
+    fresh_path: Literal["engine", "rerank"] = "engine"
 
 
 def think_ahead_candidates(
@@ -170,6 +170,8 @@ def think_ahead_candidates(
         items=items,
         c_tails=spec.scoring.reuse_snapshot_c,
         stored=spec.stale_events > 0,
+        reasoner=spec.reasoner,
+        paths=spec.paths,
     )
     covered = {m: 0 for m in (8, 16, 32, prefixes) if m <= prefixes}
     with_covisit = with_extra = 0
@@ -203,7 +205,14 @@ def think_ahead_candidates(
             plans.append(plan)
             out.append(
                 UserCandidates(
-                    e.target, [], plan.features, plan.snapshot_ab, plan.covisit_ab, plan.affinity_ab
+                    e.target,
+                    [],
+                    plan.features,
+                    plan.snapshot_ab,
+                    plan.covisit_ab,
+                    plan.affinity_ab,
+                    unpack_rationales(value.rationales) if value.rationales else (),
+                    tuple(e.history),
                 )
             )
         parts = score_plans(engine, [p.scoring for p in plans])
@@ -232,7 +241,7 @@ def rank_candidates(
     return ranked, invalid
 
 
-def rank_served(
+def rank_reranked(
     engine: BatchEngine,
     model: ModelInfo,
     catalog: Catalog,
@@ -241,59 +250,85 @@ def rank_served(
     covisit: Mapping[str, Neighbours],
     items: ItemSource | None = None,
 ) -> Ranked:
-    """The served ranking (fused score, served weights and pruning) for every example."""
+    """The no-engine fresh path: the worker's entry (with its stored answer) for the history
+    ``spec.stale_events`` short, re-ranked for the fresh history (``ThinkAheadScorer.rerank``)."""
+    t0 = time.monotonic()
+    scorer = ThinkAheadScorer(catalog, model.token_ids, spec.scoring)
+    thinker = Thinker(
+        engine,
+        scorer,
+        model.version,
+        beam=max(spec.beam, spec.scoring.prefixes),
+        covisit=CovisitSource(covisit),
+        items=items,
+        answer_items=DEFAULT_ANSWER_ITEMS,
+        reasoner=spec.reasoner,
+        paths=spec.paths,
+    )
+    ranked: list[list[str]] = []
+    invalid = 0
+    for start in tqdm(
+        range(0, len(examples), spec.batch_users),
+        desc="re-rank",
+        disable=not spec.progress,
+        unit="batch",
+    ):
+        chunk = examples[start : start + spec.batch_users]
+        fresh = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
+        stale = [h[: len(h) - spec.stale_events] for h in fresh]
+        for e, history, value in zip(chunk, fresh, thinker.entries(stale), strict=True):
+            before = e.history[: len(e.history) - spec.stale_events]
+            order = scorer.rerank(
+                value,
+                history,
+                covisit_scores(e.history, covisit, set(e.history)),
+                covisit_scores(before, covisit, set(before)),
+            )
+            codes = [code for code, _ in order or []]
+            got, bad = _to_items(catalog, codes, spec.k)
+            ranked.append(got)
+            invalid += bad
+    return Ranked(ranked, invalid, time.monotonic() - t0)
+
+
+def rank_served(
+    engine: BatchEngine,
+    model: ModelInfo,
+    catalog: Catalog,
+    examples: Sequence[Example],
+    spec: ThinkAheadEval,
+    covisit: Mapping[str, Neighbours],
+    items: ItemSource | None = None,
+    categories: Categories | None = None,
+) -> Ranked:
+    """The served ranking (fused score, served weights and pruning) for every example; with
+    the catalog's ``categories``, how the stored rationales fare."""
     t0 = time.monotonic()
     users, coverage = think_ahead_candidates(engine, model, catalog, examples, spec, covisit, items)
     ranked, invalid = rank_candidates(catalog, users, spec.scoring.weights, spec.k)
-    return Ranked(ranked, invalid, time.monotonic() - t0, coverage)
+    rationale = None
+    if categories is not None:
+        stats = RationaleStats(categories, catalog)
+        for user, served in zip(users, ranked, strict=True):
+            stats.add(user.history, user.target, user.rationales, served)
+        rationale = stats.report()
+    return Ranked(ranked, invalid, time.monotonic() - t0, coverage, rationale)
 
 
-def covisitation_baseline(
-    train: Sequences, examples: Sequence[Example], k: int
-) -> dict[str, float]:
-    model = CoVisitation(train)
-    ranked = [model.recommend(e.history, k) for e in examples]
-    return ranking_metrics(ranked, [e.target for e in examples])
-
-
-def covisit_table_ranking(
+def rank_full_torch(
+    model_dir: Path,
+    info: Any,
     catalog: Catalog,
-    neighbours: Mapping[str, Neighbours],
-    examples: Sequence[Example],
+    examples: list[Any],
     k: int,
-) -> dict[str, float]:
-    """The catalog's co-visitation table alone, scored as the service scores it (the freshest
-    items' neighbours, recency-weighted, history excluded), popular items filling the rest:
-    what ``fallback_covisitation`` serves."""
-    popular = [catalog.item_ids[int(r)] for r in catalog.rows_by_popularity]
-    ranked = []
-    for e in examples:
-        seen = set(e.history)
-        top = top_scored(covisit_scores(e.history, neighbours, seen), k)
-        ranked.append(top + _unseen(popular, seen | set(top), k - len(top)))
-    return ranking_metrics(ranked, [e.target for e in examples])
+    beam: int,
+    progress: bool,
+) -> Ranked:
+    from transformers import LlamaForCausalLM
 
+    from offline.train.trainer import rank_examples
 
-def _unseen(popular: Sequence[str], taken: set[str], n: int) -> list[str]:
-    """The first ``n`` items of ``popular`` not in ``taken``."""
-    return [i for i in popular[: n + len(taken)] if i not in taken][:n]
-
-
-def popularity_baseline(train: Sequences, examples: Sequence[Example], k: int) -> dict[str, float]:
-    """The most popular training items the user has not interacted with."""
-    counts = Counter(item for seq in train.items for item in seq)
-    popular = [item for item, _ in counts.most_common()]
-    ranked = [_unseen(popular, set(e.history), k) for e in examples]
-    return ranking_metrics(ranked, [e.target for e in examples])
-
-
-def report_row(ranked: Ranked, examples: Sequence[Example]) -> dict[str, Any]:
-    metrics = ranking_metrics(ranked.items, [e.target for e in examples])
-    row: dict[str, Any] = {
-        **{k: round(v, 5) for k, v in metrics.items()},
-        "invalid_items": ranked.invalid,
-        "seconds": round(ranked.seconds, 1),
-    }
-    if ranked.coverage:
-        row["prefix_coverage"] = dict(ranked.coverage)
-    return row
+    model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
+    t0 = time.monotonic()
+    ranked = rank_examples(model, catalog, info.token_ids, examples, beam, k=k, progress=progress)
+    return Ranked(ranked, 0, time.monotonic() - t0)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from offline.eval_cli import COVISIT_TABLE_ROW
+from offline.eval.job import COVISIT_TABLE_ROW
 from service.contracts.manifest import ModelManifest, utc_now, write_json_atomic
 from service.contracts.model import load_serving_config
 

@@ -1,0 +1,5 @@
+"""``python -m offline.cli``: the same as the ``thinkahead`` script."""
+
+from offline.cli import app
+
+app()

@@ -1,0 +1,83 @@
+"""The think-ahead scorer's own logic, in memory: when a history counts as unchanged, what a
+damaged field does to a plan, and the no-engine re-rank of a stored answer after fresh events."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from service.contracts.answers import pack_answer
+from service.contracts.catalog import Catalog
+from service.contracts.fusion import FusionWeights
+from service.contracts.manifest import CatalogManifest
+from service.contracts.snapshot import Prefix, UserPrefixes, history_digest
+from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer, entry_history
+from service.contracts.tokens import TokenIds, all_item_tokens
+
+# six items over K=4: i0 (0,0,0) i1 (0,0,1) i2 (0,1,0) i3 (1,0,0) i4 (1,0,2) i5 (2,1,1)
+CODES = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 0, 2), (2, 1, 1)]
+
+
+def catalog() -> Catalog:
+    manifest = CatalogManifest(
+        catalog_version="v", codebook_size=4, num_items=6, embedding_model="t"
+    )
+    return Catalog(manifest, [f"i{i}" for i in range(6)], np.array(CODES, np.int32), np.ones(6))
+
+
+def scorer(**weights: float) -> ThinkAheadScorer:
+    vocab = {t: i for i, t in enumerate(["<|sid_begin|>", "<|sid_end|>", *all_item_tokens(4)])}
+    settings = ScoringSettings(weights=FusionWeights(**weights), covisit_candidates=5)
+    return ThinkAheadScorer(catalog(), TokenIds.from_vocab(vocab, 4), settings)
+
+
+def entry(history: list[tuple[int, int, int]], answer: list) -> UserPrefixes:  # type: ignore[type-arg]
+    return UserPrefixes(
+        "m", "v", 0.0, (Prefix(0, 0, -0.5), Prefix(1, 0, -1.0)),
+        history_digest=history_digest(history), answer=pack_answer(answer),
+    )  # fmt: skip
+
+
+def test_unchanged_is_judged_by_the_entry_history_digest() -> None:
+    s = scorer()
+    old = [CODES[5]]
+    value = entry(old, [])
+    same = s.plan(value, old, {}, k=3)
+    moved = s.plan(value, [*old, CODES[2]], {}, k=3)
+    # unchanged: the snapshot's prefix scores are the heads, no a/b requests are planned
+    assert all(p.head is not None for p in same.scoring.prefixes)
+    assert all(p.head is None for p in moved.scoring.prefixes)
+    assert entry_history(value, [*old, CODES[2]]) == old
+    assert entry_history(value, [CODES[3], CODES[2]]) is None
+
+
+def test_a_damaged_field_is_told_and_left_out() -> None:
+    told: list[str] = []
+    value = entry([CODES[5]], [])
+    damaged = UserPrefixes(**{**value.__dict__, "affinity": b"\x01\x02\x03"})
+    plan = scorer(affinity=1.0).plan(
+        damaged, [CODES[5]], {}, 3, on_corrupt=lambda f, e: told.append(f)
+    )
+    assert told == ["snapshot_affinity"] and not plan.empty
+
+
+def test_the_stored_answer_is_re_ranked_for_the_fresh_co_visitation() -> None:
+    s = scorer(covisit=1.0)
+    old = [CODES[5]]
+    # stored under the old history: i0 first, lifted by its old co-visitation (score 2 + log 11)
+    stale_cov = {"i0": 10.0}
+    answer = [(CODES[0], -1.0 + math.log1p(10.0)), (CODES[1], -1.5), (CODES[2], -3.0)]
+    value = entry(old, answer)
+    fresh_history = [*old, CODES[2]]  # the user just took i2
+    fresh_cov = {"i1": 20.0, "i3": 50.0}  # i3 was not in the stored answer
+    ranked = s.rerank(value, fresh_history, fresh_cov, stale_cov)
+    assert ranked is not None
+    codes = [c for c, _ in ranked]
+    assert CODES[2] not in codes  # the fresh event is history now
+    assert codes == [CODES[1], CODES[3], CODES[0]]  # the fresh neighbours lead
+    scores = dict(ranked)
+    # i0 lost its stale bonus; i3 took the lowest stored decoder term (-3.0) plus its own
+    assert abs(scores[CODES[0]] - (-1.0)) < 1e-5  # stored as float32
+    assert abs(scores[CODES[3]] - (-3.0 + math.log1p(50.0))) < 1e-5
+    assert s.rerank(entry(old, []), fresh_history, fresh_cov, stale_cov) is None
