@@ -56,10 +56,17 @@ def checkpoint_path(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.ckpt.pt"
 
 
+_ADDED_OFF: dict[str, object] = {"reasoning": False, "alignment": False, "rationale_rate": 0.5}
+
+
 def run_identity(cfg: _Identified, data: Any) -> str:
     """Inputs and settings that must match for a checkpoint to be resumed (not ``resume``
     itself, nor the time limit, nor the thread count)."""
-    settings = cfg.model_dump_json(exclude={"resume", "max_minutes", "threads", "low_memory"})
+    exclude = {"resume", "max_minutes", "threads", "low_memory"}
+    # settings added since runs were checkpointed: left at their off values they change
+    # nothing, so a run killed before they existed still resumes
+    exclude |= {name for name, off in _ADDED_OFF.items() if getattr(cfg, name, off) == off}
+    settings = cfg.model_dump_json(exclude=exclude)
     return sha256_hex(settings.encode(), data.data_hash.encode(), data.catalog.version.encode())
 
 
