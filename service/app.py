@@ -26,6 +26,7 @@ from service.api.rest import create_app
 from service.config import Settings
 from service.engine.base import Engine
 from service.engine.cpu_preload import reexec_with_cpu_preload
+from service.engine.reaper import guard_descendants
 from service.runtime import Runtime, open_runtime
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ def run(settings: Settings) -> None:
         raise SystemExit(2) from exc
     if settings.engine.mode == "local":
         reexec_with_cpu_preload()  # returns when there is nothing to preload
+        # the in-process engine's own processes never outlive this one, however it ends
+        guard_descendants()
     if settings.auth.keys_file is None:
         log.warning(
             "event=auth_off reason=no_keys_file hosts=%s,%s", settings.http_host, settings.grpc_host

@@ -37,6 +37,12 @@ class RedisSettings(BaseModel):
     history_cap: int = Field(default=MAX_HISTORY, ge=1, le=1000)
     snapshot_poll_s: float = Field(default=1.0, gt=0)
     max_snapshot_age_s: float = Field(default=3 * 86400, gt=0)
+    events_maxlen: int = Field(
+        default=100_000,
+        ge=0,
+        description="users who acted are added to the events stream (ta:events) the re-think "
+        "worker reads, trimmed to about this many entries; 0: no stream",
+    )
     idempotency_window_s: float = Field(
         default=86400,
         gt=0,
@@ -103,6 +109,13 @@ class RecommendSettings(BaseModel):
     # the scoring's own descriptions: one wording for the setting, the job and the flags
     reuse_snapshot_b: bool = Field(default=True, description=_describe("reuse_snapshot_b"))
     reuse_snapshot_c: bool = Field(default=True, description=_describe("reuse_snapshot_c"))
+    fresh_path: Literal["auto", "engine", "rerank"] = Field(
+        default="auto",
+        description="after fresh events (no re-thought entry yet): 'engine' scores the "
+        "candidates in one engine round; 'rerank' re-ranks the entry's stored answer for the "
+        "fresh co-visitation without one; 'auto' takes the round unless the rounds in flight "
+        "say it would not end within the budget",
+    )
     full_decode_beam: int = Field(default=20, ge=1)
     max_list_items: int = Field(default=MAX_LIST_ITEMS, ge=1, le=MAX_LIST_ITEMS)
     max_in_flight: int = Field(default=64, ge=1)

@@ -134,6 +134,13 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.unannounced = Counter(
+            f"{PREFIX}_events_unannounced_total",
+            "Events stored whose user could not be added to the re-think stream (Redis "
+            "failed between the append and the announce): re-thought at the next event or "
+            "the nightly snapshot.",
+            registry=r,
+        )
         self.idempotent_replays = Counter(
             f"{PREFIX}_idempotent_replays_total",
             "Events batches answered from an earlier call with the same idempotency key.",

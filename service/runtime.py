@@ -108,6 +108,7 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         Keyspace(settings.redis.prefix, settings.redis.history_prefix),
         settings.redis.history_cap,
         settings.redis.idempotency_window_s,
+        settings.redis.events_maxlen,
     )
     keys = settings.auth.keys_file
     auth = Authenticator(KeyStore(keys, settings.auth.reload_s) if keys is not None else None)

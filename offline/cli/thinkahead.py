@@ -68,6 +68,7 @@ def think_ahead_cmd(
     """Compute every user's candidate prefixes (and whole answer) and publish them as a new
     Redis snapshot."""
     from offline.thinkahead.worker import ThinkAheadRun, local_engine_factory
+    from service.engine.reaper import guard_descendants
 
     job = ThinkAheadJob(
         paths=paths,
@@ -87,6 +88,7 @@ def think_ahead_cmd(
         c_tails=c_tails,
     )
     run = ThinkAheadRun(model, catalog, interactions, redis, job, cluster=cluster)
+    guard_descendants()  # the engine's processes never outlive this one
     if seed_history:
         typer.echo(f"histories loaded: {run.seed_histories(interactions)}")
     if ray:
@@ -153,6 +155,7 @@ def rethink_cmd(
     from offline.decode.engines import batch_engine
     from offline.thinkahead.rethink import Rethinker
     from service.contracts.snapshot import Keyspace
+    from service.engine.reaper import guard_descendants
 
     stopping = False
 
@@ -162,6 +165,7 @@ def rethink_cmd(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    guard_descendants()  # the engine's processes never outlive this one
     rethinker = Rethinker(
         model,
         catalog,

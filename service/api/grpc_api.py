@@ -19,7 +19,7 @@ from service.api._proto.thinkahead.v1 import recommender_pb2 as pb
 from service.api._proto.thinkahead.v1 import recommender_pb2_grpc as pb_grpc
 from service.api.frontend import Frontend
 from service.config import Settings, TlsSettings
-from service.core import Recommendation, RecommendQuery, Strategy
+from service.core import Explanation, Recommendation, RecommendQuery, Strategy
 from service.errors import INTERNAL_MESSAGE, InvalidRequest, Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ _SOURCES = {
     "fallback_prefix_popular": pb.SOURCE_FALLBACK_PREFIX_POPULAR,
     "fallback_global_popular": pb.SOURCE_FALLBACK_GLOBAL_POPULAR,
     "fallback_covisitation": pb.SOURCE_FALLBACK_COVISITATION,
+    "think_ahead_rerank": pb.SOURCE_THINK_AHEAD_RERANK,
 }
 _STRATEGIES = {
     pb.STRATEGY_UNSPECIFIED: Strategy.THINK_AHEAD,
@@ -66,6 +67,23 @@ def to_proto(rec: Recommendation) -> pb.RecommendResponse:
         reasoning=rec.reasoning or "",
         request_id=rec.request_id,
         backfilled=rec.backfilled,
+        rationale=_rationale(rec.rationale),
+        reasoning_absent=rec.reasoning_absent.value if rec.reasoning_absent else "",
+    )
+
+
+def _rationale(found: Explanation | None) -> pb.Rationale | None:
+    if found is None:
+        return None
+    return pb.Rationale(
+        category=found.category,
+        words=list(found.words),
+        probability=found.probability,
+        evidence_item_ids=list(found.evidence_item_ids),
+        alternatives=[
+            pb.Alternative(category=a.category, probability=a.probability)
+            for a in found.alternatives
+        ],
     )
 
 

@@ -2,8 +2,9 @@
 
 Files in a catalog directory (written by ``thinkahead catalog build``):
 ``manifest.json``, ``codes.csv`` (item_id,a,b,c; one row per item), ``trie.npz`` (valid c's and
-their item rows under each (a, b)), ``popularity.npy`` (interaction count per item row) and
-``report.json``. All lookups after load are O(1) dict/array reads.
+their item rows under each (a, b)), ``popularity.npy`` (interaction count per item row),
+``report.json`` and, when the items had categories, ``categories.json`` (the rationale
+vocabulary, ``service.contracts.rationale``). All lookups after load are O(1) dict/array reads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from service.contracts.manifest import CatalogManifest, ManifestError, sha256_hex
+from service.contracts.rationale import Categories
 from service.contracts.tokens import Code, item_token_strings
 
 CODES_FILE = "codes.csv"
@@ -56,6 +58,8 @@ class Catalog:
     item_ids: list[str]
     codes: np.ndarray  # (N, 3) int
     popularity: np.ndarray  # (N,) float, interaction counts (zeros when none were given)
+    # the category vocabulary rationales are made of (categories.json), when the items had one
+    categories: Categories | None = field(default=None, repr=False)
     row_of: dict[str, int] = field(init=False, repr=False)
     row_by_code: dict[Code, int] = field(init=False, repr=False)
     b_under_a: dict[int, np.ndarray] = field(init=False, repr=False)
@@ -159,7 +163,11 @@ class Catalog:
         popularity = np.load(pop_path) if pop_path.is_file() else np.zeros(len(item_ids))
         if popularity.shape != (len(item_ids),):
             raise CatalogError(f"{pop_path}: shape {popularity.shape}, expected ({len(item_ids)},)")
-        return cls(manifest, item_ids, codes, popularity.astype(np.float64))
+        try:
+            categories = Categories.load_optional(directory, len(item_ids))
+        except ValueError as exc:
+            raise CatalogError(str(exc)) from exc
+        return cls(manifest, item_ids, codes, popularity.astype(np.float64), categories)
 
 
 def read_codes(path: Path) -> tuple[list[str], np.ndarray]:

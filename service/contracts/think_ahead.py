@@ -259,15 +259,12 @@ class ThinkAheadScorer:
         for code, score in raw:
             rest[code] = score - stale.bonus(code, s.weights)
         floor = min(rest.values())
-        neighbours = [
-            code
-            for item in top_scored(covisit, s.covisit_candidates)
-            if (code := self.catalog.code_of(item)) is not None and code not in rest
-        ]
+        codes = (self.catalog.code_of(item) for item in top_scored(covisit, s.covisit_candidates))
+        neighbours = [c for c in codes if c is not None and c not in rest]
         ranked = [
-            (code, base + fresh.bonus(code, s.weights))
-            for code, base in [*rest.items(), *((c, floor) for c in neighbours)]
-            if allowed.allows(code)
+            (c, base + fresh.bonus(c, s.weights))
+            for c, base in [*rest.items(), *((n, floor) for n in neighbours)]
+            if allowed.allows(c)
         ]
         ranked.sort(key=lambda cs: (-cs[1], cs[0]))
         return ranked

@@ -5,10 +5,11 @@ recommend chain: read -> judge the snapshot -> think-ahead -> full decode -> fal
 ``context`` (one request's state), ``clock`` (its deadline and the one stage timer), ``reads``
 (Redis reads of the snapshot), ``rounds`` (engine rounds behind the breaker), ``corrupt`` (the
 one decode-or-count helper), ``ranking`` (popularity, backfill, answers without the engine) and
-``events`` (history appends, idempotent or not).
+``events`` (history appends, idempotent or not), ``explain`` (the stored rationale, rendered).
 """
 
 from service.core.events import Events
+from service.core.explain import Explanation, RationaleAbsent
 from service.core.policy import Recommender
 from service.core.types import (
     ID_PATTERN,
@@ -29,6 +30,8 @@ __all__ = [
     "DegradedReason",
     "Events",
     "EventsResult",
+    "Explanation",
+    "RationaleAbsent",
     "RecommendQuery",
     "Recommendation",
     "Recommender",

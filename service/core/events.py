@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 
 from service.contracts.catalog import Catalog
 from service.core.types import EventsResult, check_id, check_ids
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, RedisUnavailable
 from service.metrics import Metrics
 from service.storage.store import SnapshotStore
+
+log = logging.getLogger(__name__)
 
 
 class Events:
@@ -38,7 +41,17 @@ class Events:
             length = len((await self.store.read_user(None, user_id)).history)
             return EventsResult(length, unknown)
         length = await self.store.append_history(user_id, known)
+        await self._announce(user_id)
         return EventsResult(length, unknown)
+
+    async def _announce(self, user_id: str) -> None:
+        """Tell the re-think worker; the events are stored already, so a failure here is
+        counted, not the caller's error."""
+        try:
+            await self.store.announce(user_id)
+        except RedisUnavailable as exc:
+            self.metrics.unannounced.inc()
+            log.warning("event=announce_failed error=%s", exc)
 
     async def _append_once(
         self,
@@ -54,6 +67,8 @@ class Events:
         digest = hashlib.sha256("\n".join(item_ids).encode()).hexdigest()[:32]
         length, prior = await self.store.append_history_once(user_id, known, key, digest)
         if prior is None:
+            if known:
+                await self._announce(user_id)
             return EventsResult(length, unknown)
         if prior != digest:
             raise InvalidRequest("idempotency_key", "already used for a different batch")

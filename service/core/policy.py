@@ -21,10 +21,11 @@ from service.contracts.catalog import Catalog
 from service.contracts.manifest import SnapshotManifest
 from service.contracts.model import ModelInfo
 from service.contracts.snapshot import UserPrefixes
-from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
+from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer, entry_history
 from service.contracts.tokens import Code
 from service.core.clock import Clock
 from service.core.context import RequestContext, snapshot_problem
+from service.core.explain import Explanation, RationaleAbsent, explain
 from service.core.ranking import backfill, covisitation, popular, top_items
 from service.core.reads import Reads
 from service.core.rounds import EngineRounds
@@ -43,6 +44,8 @@ from service.errors import InvalidRequest
 from service.metrics import Metrics
 from service.storage.store import UserRead
 
+# Answers made from the user's snapshot entry: they may show its rationale.
+_FROM_ENTRY = frozenset({Source.THINK_AHEAD, Source.THINK_AHEAD_RERANK})
 # After these, full decode is not tried: the engine just failed, or the budget is spent.
 _ENGINE_SPENT = frozenset({DegradedReason.ENGINE_UNAVAILABLE, DegradedReason.BUDGET_EXCEEDED})
 
@@ -185,11 +188,39 @@ class Recommender:
         if plan.empty:
             raise Degraded(DegradedReason.PREFIXES_EXCLUDED)
         requests = plan.requests
+        if requests and self._rerank_instead(ctx):
+            reranked = await self._rerank(ctx, value)
+            if reranked:
+                return self._answer(ctx, reranked, Source.THINK_AHEAD_RERANK, None)
         results = await self.rounds.score(requests, ctx.clock, ctx.request_id) if requests else []
         items = top_items(self.catalog, self.scorer.rank(plan, results), ctx.q.k)
         if not items:
             raise Degraded(DegradedReason.PREFIXES_EXCLUDED)
         return self._answer(ctx, items, Source.THINK_AHEAD, None)
+
+    def _rerank_instead(self, ctx: RequestContext) -> bool:
+        mode = self.settings.fresh_path
+        if mode == "engine" or ctx.manifest is None:
+            return False
+        return mode == "rerank" or not self.rounds.round_fits(ctx.clock)
+
+    async def _rerank(self, ctx: RequestContext, value: UserPrefixes) -> list[ScoredItem] | None:
+        """The fresh-event answer without an engine round: the entry's stored answer re-ranked
+        for the fresh co-visitation (``ThinkAheadScorer.rerank``); None when the entry stores
+        no answer for this scoring."""
+        manifest = ctx.manifest
+        if manifest is None or manifest.answers_key != self.answer_scoring(manifest).key():
+            return None
+        old = entry_history(value, ctx.history)
+        fresh = await self._covisit(ctx)
+        stale = fresh
+        if old is not None and ctx.snapshot_id is not None:
+            old_ids = [i for c in old if (i := self.catalog.item_at(c)) is not None]
+            stale = await self.reads.covisit(ctx.snapshot_id, old_ids, set(old_ids), ctx.clock)
+        ranked = self.scorer.rerank(
+            value, ctx.history, fresh, stale, ctx.constraint, self.corrupt.count
+        )
+        return top_items(self.catalog, ranked, ctx.q.k) if ranked else None
 
     def _stored_answer(self, ctx: RequestContext, value: UserPrefixes) -> list[ScoredItem] | None:
         """The snapshot's whole answer, when this request would be scored exactly as the
@@ -263,7 +294,7 @@ class Recommender:
         backfilled = 0
         if len(items) < ctx.q.k:
             items, backfilled = backfill(self.catalog, items, ctx.constraint, ctx.q.k)
-        value = ctx.value
+        reasoning, rationale, absent = self._reasoning(ctx, source)
         return Recommendation(
             items=items,
             source=source,
@@ -272,7 +303,27 @@ class Recommender:
             catalog_version=self.catalog.version,
             snapshot_id=ctx.snapshot_id,
             timings=ctx.clock.timings(),
-            reasoning=value.reasoning if (ctx.q.include_reasoning and value is not None) else None,
+            reasoning=reasoning,
             request_id=ctx.request_id,
             backfilled=backfilled,
+            rationale=rationale,
+            reasoning_absent=absent,
         )
+
+    def _reasoning(
+        self, ctx: RequestContext, source: Source
+    ) -> tuple[str | None, Explanation | None, RationaleAbsent | None]:
+        """(text, structured rationale, why there is none) for ``include_reasoning``: the
+        entry's, only with the answer that came from it."""
+        if not ctx.q.include_reasoning:
+            return None, None, None
+        if ctx.value is None:
+            return None, None, RationaleAbsent.NO_ENTRY
+        if source not in _FROM_ENTRY:
+            return None, None, RationaleAbsent.FALLBACK_ANSWER
+        found = explain(ctx.value, self.catalog.categories, self.corrupt)
+        if isinstance(found, Explanation):
+            return found.text, found, None
+        if ctx.value.reasoning:  # a chat model's free text
+            return ctx.value.reasoning, None, None
+        return None, None, found

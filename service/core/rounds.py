@@ -16,6 +16,7 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 ROUND_FLOOR_S = 0.0005  # a round still gets this long when the budget is already spent
+ROUND_MEMORY_S = 5.0  # half-life of the round-time estimate without new measurements
 
 
 class EngineRounds:
@@ -24,6 +25,9 @@ class EngineRounds:
         self.breaker = breaker
         self.metrics = metrics
         self._full_decode_s = 0.0  # running estimate, decides whether full decode fits a budget
+        self._round_s = 0.0  # running estimate of one round on an otherwise idle engine
+        self._learned_at = 0.0
+        self.rounds_in_flight = 0
 
     @property
     def healthy(self) -> bool:
@@ -32,6 +36,15 @@ class EngineRounds:
 
     def full_decode_fits(self, clock: Clock) -> bool:
         return clock.remaining() > self._full_decode_s * 1.1
+
+    def round_fits(self, clock: Clock) -> bool:
+        """Whether one more round would end within the budget: rounds queue behind the ones
+        in flight on a busy engine, so it waits about an idle round per round ahead of it.
+        The estimate halves every ``ROUND_MEMORY_S`` without a new measurement, so an engine
+        judged too slow is tried again."""
+        age = time.monotonic() - self._learned_at
+        idle_round = self._round_s * 0.5 ** (age / ROUND_MEMORY_S)
+        return clock.remaining() > idle_round * (1 + self.rounds_in_flight) * 1.2
 
     async def score(
         self, requests: list[ScoreRequest], clock: Clock, request_id: str
@@ -50,6 +63,9 @@ class EngineRounds:
         if not self.breaker.allow():
             raise EngineError("engine circuit breaker open; a background probe retries it")
         self.metrics.engine_queue.inc(len(requests))
+        alone = self.rounds_in_flight == 0
+        self.rounds_in_flight += 1
+        t0 = time.perf_counter()
         try:
             async with clock.stage("decode", ROUND_FLOOR_S):
                 results = await self.engine.score(requests)
@@ -59,7 +75,17 @@ class EngineRounds:
             self.breaker.record_failure()
             raise
         finally:
+            self.rounds_in_flight -= 1
             self.metrics.engine_queue.dec(len(requests))
+            if alone:  # the engine's own cost, no queue ahead
+                self._learn_round(time.perf_counter() - t0, cut=clock.remaining() <= 0)
+
+    def _learn_round(self, elapsed: float, cut: bool) -> None:
+        """A running mean; a round the deadline cut took at least its budget, so the estimate
+        goes straight to that."""
+        est = self._round_s
+        self._round_s = max(est, elapsed) if cut or est == 0 else 0.8 * est + 0.2 * elapsed
+        self._learned_at = time.monotonic()
 
     async def full_decode(self, search: BeamSearch, clock: Clock, request_id: str) -> None:
         """Runs ``search`` to the end (rounds as :meth:`score`), and learns how long it took."""

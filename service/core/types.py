@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from service.contracts.tokens import Code
+from service.core.explain import Explanation, RationaleAbsent
 from service.errors import InvalidRequest
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
@@ -17,6 +18,9 @@ ID_RULE = "1-128 characters from A-Z a-z 0-9 _ . : @ -"
 
 class Source(StrEnum):
     THINK_AHEAD = "think_ahead"
+    # after fresh events, the entry's stored answer re-ranked without an engine round (the
+    # engine round would not fit the budget, or the settings say so)
+    THINK_AHEAD_RERANK = "think_ahead_rerank"
     FULL_DECODE = "full_decode"
     COVISITATION = "fallback_covisitation"
     PREFIX_POPULAR = "fallback_prefix_popular"
@@ -90,6 +94,9 @@ class Recommendation:
     reasoning: str | None
     request_id: str
     backfilled: int = 0  # tail items topped up by popularity when the candidates ran short
+    # include_reasoning: the entry's rationale, structured, or why there is none
+    rationale: Explanation | None = None
+    reasoning_absent: RationaleAbsent | None = None
 
     @property
     def degraded(self) -> bool:

@@ -70,11 +70,13 @@ class SnapshotStore:
         keys: Keyspace,
         history_cap: int,
         idempotency_window_s: float = 86400.0,
+        events_maxlen: int = 0,
     ) -> None:
         self.client = client
         self.keys = keys
         self.history_cap = history_cap
         self.idempotency_window_s = idempotency_window_s
+        self.events_maxlen = events_maxlen  # 0: no events stream (nothing re-thinks users)
 
     async def read_user(self, snapshot_id: str | None, user_id: str) -> UserRead:
         with redis_errors("read"):
@@ -111,6 +113,17 @@ class SnapshotStore:
             pipe.llen(key)
             replies = await pipe.execute()
         return int(replies[-1])
+
+    async def announce(self, user_id: str) -> None:
+        """Add the user to the events stream the re-think worker reads (after their history
+        changed: a worker that reads the entry then finds the history it must think about),
+        trimmed to about ``events_maxlen`` entries."""
+        if not self.events_maxlen:
+            return
+        with redis_errors("announce"):
+            await self.client.xadd(
+                self.keys.events, {"u": user_id}, maxlen=self.events_maxlen, approximate=True
+            )
 
     def idempotency_key(self, user_id: str, key: str) -> str:
         """Beside the history, under the same ``{user_id}`` hash tag (same cluster slot)."""

@@ -45,6 +45,24 @@ class TimingsOut(BaseModel):
     total_ms: float
 
 
+class AlternativeOut(BaseModel):
+    category: str
+    probability: float
+
+
+class RationaleOut(BaseModel):
+    """Why these items: the category the model expects the user's next item in, before it
+    named one (its rationale, thought ahead by the worker)."""
+
+    category: str = Field(description="category path, e.g. 'Makeup > Nails > Nail Polish'")
+    words: list[str] = Field(description="the path's levels")
+    probability: float = Field(description="P(category | history) under the model")
+    evidence_item_ids: list[str] = Field(
+        description="the user's history items in that category, newest first"
+    )
+    alternatives: list[AlternativeOut] = Field(description="the next likeliest categories")
+
+
 class RecommendOut(BaseModel):
     items: list[ItemOut]
     source: str
@@ -54,10 +72,21 @@ class RecommendOut(BaseModel):
     catalog_version: str
     snapshot_id: str | None
     timings: TimingsOut
-    reasoning: str | None = None
+    reasoning: str | None = Field(
+        default=None, description="include_reasoning: the rationale as text"
+    )
     request_id: str
     backfilled: int = Field(
         default=0, description="tail items topped up by popularity (too few candidates)"
+    )
+    rationale: RationaleOut | None = Field(
+        default=None, description="include_reasoning: the rationale, structured"
+    )
+    reasoning_absent: str | None = Field(
+        default=None,
+        description="include_reasoning without a rationale, why: no_entry (no snapshot entry "
+        "for the user), fallback_answer, no_rationale (the model does not reason), "
+        "corrupt_rationale",
     )
 
 

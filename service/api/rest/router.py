@@ -15,15 +15,17 @@ from service.api.frontend import Frontend
 from service.api.rest.middleware import TRANSPORT
 from service.api.rest.protocol import (
     ERROR_RESPONSES,
+    AlternativeOut,
     EventsBody,
     EventsOut,
     ItemOut,
+    RationaleOut,
     RecommendBody,
     RecommendOut,
     SemanticIdOut,
     TimingsOut,
 )
-from service.core import Recommendation, RecommendQuery
+from service.core import Explanation, Recommendation, RecommendQuery
 
 # Authentication happens in ApiMiddleware; this only documents the scheme in the OpenAPI
 # schema (auto_error=False: it never refuses anything itself).
@@ -59,6 +61,23 @@ def to_response(rec: Recommendation) -> RecommendOut:
         reasoning=rec.reasoning,
         request_id=rec.request_id,
         backfilled=rec.backfilled,
+        rationale=_rationale(rec.rationale),
+        reasoning_absent=rec.reasoning_absent.value if rec.reasoning_absent else None,
+    )
+
+
+def _rationale(found: Explanation | None) -> RationaleOut | None:
+    if found is None:
+        return None
+    return RationaleOut(
+        category=found.category,
+        words=list(found.words),
+        probability=found.probability,
+        evidence_item_ids=list(found.evidence_item_ids),
+        alternatives=[
+            AlternativeOut(category=a.category, probability=a.probability)
+            for a in found.alternatives
+        ],
     )
 
 

@@ -1,0 +1,96 @@
+"""After a user acts: the event reaches the re-think stream, and until the user's entry is
+re-thought the answer comes from one engine round or, when a round would not fit the budget
+(or the settings say so), from the stored answer re-ranked with no engine round at all. The
+real worker, the real core and a real redis-server; a fake engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from offline.catalog.covisit import build_covisit_file
+from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
+from service.contracts.snapshot import Keyspace
+from service.core import RecommendQuery, Source
+from service.runtime import Runtime, open_runtime
+from tests.fake_engine import FakeEngine, write_tiny_artifacts
+from tests.inproc import make_settings
+
+HISTORIES = {"u1": ["3", "4", "5"], "u2": ["1", "2"], "u3": ["10", "1", "11", "12"]}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("fresh")
+    catalog_dir, model_dir = write_tiny_artifacts(root)
+    interactions = root / "interactions.csv"
+    rows = [f"{u},{i},{t}" for u, items in HISTORIES.items() for t, i in enumerate(items)]
+    rows += [f"x{n},{i},{t}" for n in range(20) for t, i in enumerate((n % 9 + 1, 1, 7, n + 20))]
+    interactions.write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    build_covisit_file(catalog_dir, interactions)
+    return catalog_dir, model_dir, interactions
+
+
+@asynccontextmanager
+async def serving(
+    artifacts: tuple[Path, Path, Path], redis_url: str, **recommend: Any
+) -> AsyncIterator[tuple[Runtime, FakeEngine]]:
+    catalog_dir, model_dir, interactions = artifacts
+    job = ThinkAheadJob(prefixes=4, beam=4, answer_items=8, grace_s=0)
+    run = ThinkAheadRun(model_dir, catalog_dir, interactions, redis_url, job)
+    run.seed_histories(interactions)
+    run.run(FakeEngine, progress=False)
+    engine = FakeEngine()
+    settings = make_settings(catalog_dir, model_dir, redis_url, recommend=recommend)
+    async with open_runtime(settings, engine) as rt:
+        await rt.watcher.refresh()
+        engine.calls = 0
+        yield rt, engine
+
+
+async def test_an_event_is_announced_to_the_re_think_stream_once(artifacts, redis_url) -> None:  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(redis_url)
+    async with serving(artifacts, redis_url) as (rt, _):
+        await rt.events.append("u1", ["7"])
+        await rt.events.append("u1", ["8"], idempotency_key="k1")
+        await rt.events.append("u1", ["8"], idempotency_key="k1")  # a retry: not again
+        await rt.events.append("u1", ["no-such-item"])  # nothing stored: nothing to re-think
+    entries = client.xrange(Keyspace().events)
+    assert [fields[b"u"] for _, fields in entries] == [b"u1", b"u1"]
+
+
+async def test_rerank_answers_a_fresh_event_without_an_engine_round(artifacts, redis_url) -> None:  # type: ignore[no-untyped-def]
+    async with serving(artifacts, redis_url, fresh_path="rerank") as (rt, engine):
+        unchanged = await rt.core.recommend(RecommendQuery("u2", k=5))
+        assert unchanged.source is Source.THINK_AHEAD and engine.calls == 0
+        await rt.events.append("u2", ["7"])
+        fresh = await rt.core.recommend(RecommendQuery("u2", k=5))
+    assert fresh.source is Source.THINK_AHEAD_RERANK and not fresh.degraded
+    assert engine.calls == 0
+    ids = [i.item_id for i in fresh.items]
+    assert not {"1", "2", "7"} & set(ids)  # the history, the event included, stays out
+    # "7" is followed by items 20+ in the other users' histories: its neighbours join
+    assert any(int(i) >= 20 for i in ids)
+    assert ids != [i.item_id for i in unchanged.items]
+
+
+async def test_auto_takes_the_round_until_rounds_stop_fitting_the_budget(
+    artifacts, redis_url
+) -> None:  # type: ignore[no-untyped-def]
+    async with serving(artifacts, redis_url, default_budget_ms=200) as (rt, engine):
+        await rt.events.append("u3", ["7"])
+        first = await rt.core.recommend(RecommendQuery("u3", k=5))
+        assert first.source is Source.THINK_AHEAD and engine.calls == 1  # a fast engine: fits
+        engine.delay_s = 0.5  # the engine slows down past the budget
+        cut = await rt.core.recommend(RecommendQuery("u3", k=5))
+        assert cut.degraded  # this one learned it the hard way
+        calls = engine.calls
+        after = await rt.core.recommend(RecommendQuery("u3", k=5))
+    assert after.source is Source.THINK_AHEAD_RERANK and not after.degraded
+    assert engine.calls == calls  # not sent to the slow engine
+    assert after.timings.total_ms < 200
