@@ -100,6 +100,13 @@ class Metrics:
             "no engine round.",
             registry=r,
         )
+        self.answers = Counter(
+            f"{PREFIX}_answers_total",
+            "Recommend answers by whether an engine round was needed (engine_round yes / no): "
+            "stored answers, re-ranked stored answers and engine-free fallbacks are 'no'.",
+            ["engine_round"],
+            registry=r,
+        )
         self.events = Counter(
             f"{PREFIX}_events_total",
             "Item events appended, by transport.",

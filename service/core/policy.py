@@ -295,6 +295,8 @@ class Recommender:
         if len(items) < ctx.q.k:
             items, backfilled = backfill(self.catalog, items, ctx.constraint, ctx.q.k)
         reasoning, rationale, absent = self._reasoning(ctx, source)
+        timings = ctx.clock.timings()
+        self.metrics.answers.labels("yes" if timings.decode_ms > 0 else "no").inc()
         return Recommendation(
             items=items,
             source=source,
@@ -302,7 +304,7 @@ class Recommender:
             model_version=self.model.version,
             catalog_version=self.catalog.version,
             snapshot_id=ctx.snapshot_id,
-            timings=ctx.clock.timings(),
+            timings=timings,
             reasoning=reasoning,
             request_id=ctx.request_id,
             backfilled=backfilled,
