@@ -46,6 +46,11 @@ def serving_deployment() -> dict[str, Any]:
     return dep
 
 
+def rethink_deployment() -> dict[str, Any]:
+    (dep,) = [d for d in k8s_kind("Deployment") if d["metadata"]["name"] == "thinkahead-rethink"]
+    return dep
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     env = {}
     for line in path.read_text().splitlines():
