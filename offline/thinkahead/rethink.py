@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.exceptions import RedisError
 
 from offline.errors import InputError
 from offline.thinkahead.entries import CovisitSource, Thinker
@@ -46,6 +47,7 @@ from service.engine.base import BatchEngine
 log = logging.getLogger(__name__)
 
 GROUP = "rethink"
+RETRY_S = 1.0  # after a Redis error
 # KEYS[1] the user's history, KEYS[2] their snapshot value; ARGV[1] n, ARGV[2..n+1] the history
 # as read (newest first), ARGV[n+2] the value, ARGV[n+3] its TTL in ms. The value is set only if
 # the history is still exactly that list: 1 written, 0 stale.
@@ -93,6 +95,11 @@ class RethinkMetrics:
             "thinkahead_rethink_batch_seconds",
             "Time to re-think one batch",
             buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.alive = Gauge(
+            "thinkahead_rethink_loop_timestamp_seconds",
+            "When the worker's loop last went round (a hung worker stops it)",
             registry=r,
         )
         self.pending = Gauge(
@@ -167,8 +174,18 @@ class Rethinker:
                 raise
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Batches until ``stop()``; a Redis outage is waited out (unacknowledged entries are
+        delivered again), not fatal."""
         while not stop():
-            self.step()
+            self.metrics.alive.set_to_current_time()
+            try:
+                self.step()
+            except RedisError as exc:
+                self.metrics.failures.inc()
+                log.warning("event=rethink_redis_error error=%s", exc)
+                time.sleep(RETRY_S)
+                if "NOGROUP" in str(exc):  # a Redis that came back without its data
+                    self._ensure_group()
 
     def step(self) -> int:
         """One batch: claimed stale entries first, else new ones (blocking up to block_ms);
