@@ -264,12 +264,14 @@ class Thinker:
                 covisit_heads=scores.heads,
                 first_tokens=scores.first_tokens,
                 affinity=affinity.pack(),
-                c_tails=pack_scored(scores.c_tails),
+                c_tails=pack_scored(scores.c_tails, precise=True),
             )
             for history, result, scores, affinity in zip(
                 histories, results, stored, affinities, strict=True
             )
         ]
+        # what the service will read: every stored number at its stored precision
+        values = [UserPrefixes.decode(v.encode()) for v in values]
         if self.answer_items == 0:
             return values
         answers = self.answers(histories, values, neighbours)

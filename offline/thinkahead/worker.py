@@ -74,10 +74,11 @@ class ThinkAheadJob(BaseModel):
         "directory's items/ when there is one",
     )
     c_tails: bool = Field(
-        default=True,
+        default=False,
         description="store log P(c | a, b) of every item under the multi-item prefixes, "
-        "the user's and the extra ones (10 B/item): after fresh events the service skips "
-        "their c steps",
+        "the user's and the extra ones (7 B/item, ~600 B/user on Beauty): an engine round "
+        "after fresh events skips their c steps. Off by default: re-think and the no-engine "
+        "re-rank make that round the exception",
     )
 
     @model_validator(mode="after")

@@ -14,11 +14,17 @@ log-probs) or another scoring configuration send the request down the engine pat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from service.contracts.packed import pack_scored, unpack_scored
+from service.contracts.tokens import Code
 
 DEFAULT_ANSWER_ITEMS = 50
 
 
-# (a, b, c) as uint16 and the fused score as float32: 10 bytes per item in the snapshot value.
-pack_answer = pack_scored
+def pack_answer(ranked: Sequence[tuple[Code, float]]) -> bytes:
+    """The fused scores as callers will see them (float32): 7 bytes per item at K <= 256."""
+    return pack_scored(ranked, precise=True)
+
+
 unpack_answer = unpack_scored

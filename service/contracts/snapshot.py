@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 import msgpack
 
-VALUE_SCHEMA = 1
+from service.contracts.packed import (
+    pack_first_tokens,
+    pack_prefixes,
+    pack_scored,
+    unpack_first_tokens,
+    unpack_prefixes,
+    unpack_scored_v1,
+)
+
+VALUE_SCHEMA = 2  # written; 1 is still read (values published before it)
 _SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -132,28 +141,26 @@ class UserPrefixes:
     c_tails: bytes = b""
 
     def encode(self) -> bytes:
-        body = {
+        """Schema 2: the prefix, first-token and scored-code lists as packed binary
+        (``service.contracts.packed``): about half of schema 1's msgpack floats."""
+        body: dict[str, object] = {
             "v": VALUE_SCHEMA,
             "m": self.model_version,
             "c": self.catalog_version,
             "t": float(self.computed_at),
-            "p": _flat(self.prefixes),
+            "p": pack_prefixes([(p.a, p.b, p.score) for p in self.prefixes]),
             "h": self.history_digest,
         }
-        if self.reasoning is not None:
-            body["r"] = self.reasoning
-        if self.rationales:
-            body["k"] = self.rationales
-        if self.covisit_heads:
-            body["x"] = _flat(self.covisit_heads)
-        if self.answer:
-            body["a"] = self.answer
-        if self.affinity:
-            body["i"] = self.affinity
-        if self.c_tails:
-            body["l"] = self.c_tails
-        if self.first_tokens:
-            body["f"] = [v for a, s in self.first_tokens for v in (a, float(s))]
+        optional: dict[str, object] = {
+            "r": self.reasoning,
+            "k": self.rationales,
+            "x": pack_prefixes([(p.a, p.b, p.score) for p in self.covisit_heads]),
+            "a": self.answer,
+            "i": self.affinity,
+            "l": self.c_tails,
+            "f": pack_first_tokens(self.first_tokens),
+        }
+        body |= {key: v for key, v in optional.items() if v}
         return msgpack.packb(body, use_bin_type=True)
 
     @classmethod
@@ -162,27 +169,29 @@ class UserPrefixes:
             body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
         except (msgpack.UnpackException, ValueError, TypeError) as exc:
             raise CorruptValue(f"not msgpack: {exc}") from exc
-        if not isinstance(body, dict) or body.get("v") != VALUE_SCHEMA:
-            raise CorruptValue("not a snapshot value of schema version 1")
+        if not isinstance(body, dict) or body.get("v") not in (1, VALUE_SCHEMA):
+            raise CorruptValue("not a snapshot value of schema version 1 or 2")
         try:
-            prefixes = _unflat(body["p"])
-            covisit_heads = _unflat(body.get("x", []))
+            blobs = {key: body.get(key, b"") for key in ("a", "i", "l", "k")}
+            for key, blob in blobs.items():
+                if not isinstance(blob, bytes):
+                    raise CorruptValue(f"field {key} is not bytes")
             reasoning = body.get("r")
-            answer = body.get("a", b"")
-            if not isinstance(answer, bytes):
-                raise CorruptValue("answer is not bytes")
-            affinity = body.get("i", b"")
-            if not isinstance(affinity, bytes):
-                raise CorruptValue("item-level scores are not bytes")
-            c_tails = body.get("l", b"")
-            if not isinstance(c_tails, bytes):
-                raise CorruptValue("last-token log-probs are not bytes")
-            rationales = body.get("k", b"")
-            if not isinstance(rationales, bytes):
-                raise CorruptValue("rationales are not bytes")
-            first = body.get("f", [])
-            if not isinstance(first, list) or len(first) % 2:
-                raise CorruptValue("first-token list length is not a multiple of 2")
+            if body["v"] == 1:
+                prefixes, heads, first = (
+                    _unflat(body["p"]),
+                    _unflat(body.get("x", [])),
+                    _pairs(body.get("f", [])),
+                )
+                blobs |= {
+                    key: pack_scored(unpack_scored_v1(blobs[key]), precise=key == "a")
+                    for key in ("a", "i", "l")
+                    if blobs[key]
+                }
+            else:
+                prefixes = _prefixes(body["p"])
+                heads = _prefixes(body.get("x", b""))
+                first = tuple(unpack_first_tokens(_bytes(body.get("f", b""))))
             return cls(
                 model_version=str(body["m"]),
                 catalog_version=str(body["c"]),
@@ -190,14 +199,12 @@ class UserPrefixes:
                 prefixes=prefixes,
                 history_digest=str(body.get("h", "")),
                 reasoning=None if reasoning is None else str(reasoning),
-                rationales=rationales,
-                covisit_heads=covisit_heads,
-                answer=answer,
-                affinity=affinity,
-                c_tails=c_tails,
-                first_tokens=tuple(
-                    (int(first[i]), float(first[i + 1])) for i in range(0, len(first), 2)
-                ),
+                rationales=blobs["k"],
+                covisit_heads=heads,
+                answer=blobs["a"],
+                affinity=blobs["i"],
+                c_tails=blobs["l"],
+                first_tokens=first,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, CorruptValue):
@@ -205,11 +212,20 @@ class UserPrefixes:
             raise CorruptValue(f"malformed snapshot value: {exc!r}") from exc
 
 
-def _flat(prefixes: Sequence[Prefix]) -> list[float | int]:
-    flat: list[float | int] = []
-    for p in prefixes:
-        flat.extend((p.a, p.b, float(p.score)))
-    return flat
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise CorruptValue("a packed field is not bytes")
+    return value
+
+
+def _prefixes(raw: object) -> tuple[Prefix, ...]:
+    return tuple(Prefix(a, b, s) for a, b, s in unpack_prefixes(_bytes(raw)))
+
+
+def _pairs(flat: object) -> tuple[tuple[int, float], ...]:
+    if not isinstance(flat, list) or len(flat) % 2:
+        raise CorruptValue("first-token list length is not a multiple of 2")
+    return tuple((int(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2))
 
 
 def _unflat(flat: object) -> tuple[Prefix, ...]:

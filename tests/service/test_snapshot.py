@@ -6,7 +6,7 @@ import redis
 
 from offline.thinkahead.publish import SnapshotWriter
 from service.config import RedisSettings
-from service.contracts.packed import pack_scored, unpack_scored
+from service.contracts.packed import SCORED_DTYPE_V1, pack_scored, unpack_scored
 from service.contracts.snapshot import (
     CorruptValue,
     Keyspace,
@@ -47,22 +47,62 @@ def test_round_trip_keeps_every_field() -> None:
     assert plain.covisit_heads == () and plain.affinity == b"" and plain.c_tails == b""
     assert "l" not in msgpack.unpackb(value().encode())  # optional fields cost nothing
     body = msgpack.unpackb(v.encode())
-    body["x"] = [1, 2]  # not (a, b, score) triples
-    with pytest.raises(CorruptValue, match="multiple of 3"):
+    body["x"] = [1, 2]  # schema 1's spelling in a schema 2 value
+    with pytest.raises(CorruptValue, match="not bytes"):
+        UserPrefixes.decode(msgpack.packb(body))
+    body = msgpack.unpackb(v.encode())
+    body["x"] = body["x"][:-1]  # a row cut short
+    with pytest.raises(CorruptValue, match="not whole rows"):
         UserPrefixes.decode(msgpack.packb(body))
     body = msgpack.unpackb(v.encode())
     body["i"] = "not bytes"
-    with pytest.raises(CorruptValue, match="item-level"):
+    with pytest.raises(CorruptValue, match="field i is not bytes"):
         UserPrefixes.decode(msgpack.packb(body))
     body = msgpack.unpackb(v.encode())
     body["l"] = [1.0, 2.0]
-    with pytest.raises(CorruptValue, match="last-token"):
+    with pytest.raises(CorruptValue, match="field l is not bytes"):
         UserPrefixes.decode(msgpack.packb(body))
+
+
+def test_values_of_schema_1_are_still_read() -> None:
+    """What the worker published before schema 2 (msgpack float lists, tagless 10-byte rows)
+    reads as the same value, its lists repacked as schema 2 spells them."""
+    import numpy as np
+
+    rows = np.array([(1, 2, 3, -0.5), (300, 2, 1, -1.25)], dtype=SCORED_DTYPE_V1).tobytes()
+    old = msgpack.packb(
+        {
+            "v": 1, "m": "m1", "c": "c1", "t": 1.5, "h": "abc",
+            "p": [1, 2, -0.5, 3, 4, -1.25], "x": [5, 6, -2.5], "f": [1, -0.25],
+            "a": rows, "i": rows, "l": rows, "r": "text",
+        },
+        use_bin_type=True,
+    )  # fmt: skip
+    v = UserPrefixes.decode(old)
+    assert v.prefixes == (Prefix(1, 2, -0.5), Prefix(3, 4, -1.25))
+    assert v.covisit_heads == (Prefix(5, 6, -2.5),) and v.first_tokens == ((1, -0.25),)
+    assert v.reasoning == "text" and v.rationales == b""
+    expected = [((1, 2, 3), -0.5), ((300, 2, 1), -1.25)]
+    for blob in (v.answer, v.affinity, v.c_tails):
+        assert unpack_scored(blob) == expected  # exact in float16 too: these are dyadic
+    assert UserPrefixes.decode(v.encode()) == v
+
+
+def test_scored_lists_are_narrow_where_the_codes_fit() -> None:
+    small = [((1, 2, 3), -0.5)] * 10
+    assert len(pack_scored(small)) == 1 + 10 * 5  # uint8 codes, float16 scores
+    assert len(pack_scored(small, precise=True)) == 1 + 10 * 7
+    assert len(pack_scored([((256, 2, 3), -0.5)] * 10)) == 1 + 10 * 8  # uint16 codes
+    assert unpack_scored(pack_scored([((256, 2, 3), -0.123456)], precise=True)) == [
+        ((256, 2, 3), pytest.approx(-0.123456, abs=1e-7))
+    ]
+    with pytest.raises(ValueError, match="not a packed list"):
+        unpack_scored(b"\x01\x02\x03")
 
 
 def test_value_is_compact() -> None:
     many = value(prefixes=tuple(Prefix(i, i, -float(i)) for i in range(32)))
-    assert len(many.encode()) < 32 * 14 + 64
+    assert len(many.encode()) < 32 * 6 + 64  # 6 bytes a prefix
 
 
 @pytest.mark.parametrize(
@@ -71,6 +111,7 @@ def test_value_is_compact() -> None:
         b"",
         b"\xc1\xff garbage",
         b"hello world",
+        msgpack.packb({"v": 3, "m": "m", "c": "c", "t": 1.0, "p": b""}),
         msgpack.packb({"v": 2, "m": "m", "c": "c", "t": 1.0, "p": []}),
         msgpack.packb({"v": 1, "m": "m", "c": "c", "t": 1.0, "p": [1, 2]}),
         msgpack.packb({"v": 1, "m": "m", "c": "c", "t": "x", "p": []}),
