@@ -114,6 +114,12 @@ def train_items_cmd(
     ),
     patience: Annotated[int, _items("patience")] = default_of(ItemTrainConfig, "patience"),
     dim: Annotated[int, _items("dim", "item vector size")] = default_of(ItemTrainConfig, "dim"),
+    blocks: Annotated[int, _items("blocks", "encoder blocks")] = default_of(
+        ItemTrainConfig, "blocks"
+    ),
+    mixer: Annotated[str, _items("mixer")] = default_of(ItemTrainConfig, "mixer"),
+    prefixes: Annotated[bool, _items("prefixes")] = default_of(ItemTrainConfig, "prefixes"),
+    lr: Annotated[float, _items("lr", "learning rate")] = default_of(ItemTrainConfig, "lr"),
     negatives: Annotated[
         int, _items("negatives", "sampled negatives per batch (above --full-softmax-items)")
     ] = default_of(ItemTrainConfig, "negatives"),
@@ -127,19 +133,26 @@ def train_items_cmd(
     seed: Annotated[int, _items("seed", "random seed")] = default_of(ItemTrainConfig, "seed"),
     progress: Progress = True,
 ) -> None:
-    """Train the item-level model (SASRec, softmax over items) whose per-user best items the
+    """Train the item-level model (BSARec: a frequency filter beside self-attention; a softmax
+    over items) whose per-user best items the
     think-ahead worker stores as candidates and a feature of the fused score."""
     from offline.items.train import train_item_model
     from service.contracts.catalog import Catalog
 
-    cfg = ItemTrainConfig(
-        epochs=epochs,
-        patience=patience,
-        dim=dim,
-        negatives=negatives,
-        full_softmax_items=full_softmax_items,
-        max_minutes=max_minutes,
-        seed=seed,
+    cfg = ItemTrainConfig.model_validate(
+        {
+            "epochs": epochs,
+            "patience": patience,
+            "dim": dim,
+            "blocks": blocks,
+            "mixer": mixer,
+            "prefixes": prefixes,
+            "lr": lr,
+            "negatives": negatives,
+            "full_softmax_items": full_softmax_items,
+            "max_minutes": max_minutes,
+            "seed": seed,
+        }
     )
     manifest = train_item_model(Catalog.load(catalog), interactions, out, cfg, refit, progress)
     typer.echo(

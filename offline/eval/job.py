@@ -59,6 +59,11 @@ class EvalJob(BaseModel):
     paths: int | None = Field(
         default=None, ge=1, description="G thought paths of a reasoning model (None: its own)"
     )
+    reasoning: bool = Field(
+        default=True,
+        description="a reasoning model thinks before the item (as the worker does); off: it "
+        "decodes plainly, as the service's online step scores",
+    )
     fresh_path: Literal["engine", "rerank"] = Field(
         default="engine",
         description="think-ahead with --stale-events: the engine round, or the stored answer "
@@ -100,7 +105,7 @@ def run_eval(
     table = CovisitTable.load_optional(catalog_dir, catalog.item_ids, catalog.version)
     check_sources(job.split, info, catalog, catalog_dir, table, items)
     covisit = table.as_mapping() if table is not None else {}
-    reasoner = reasoner_for(info, catalog, catalog_dir, job.paths)
+    reasoner = reasoner_for(info, catalog, catalog_dir, job.paths) if job.reasoning else None
     paths = thought_paths(info, job.paths)
     ranked: Ranked
     if job.engine == "torch" and job.mode == "full" and reasoner is None:
@@ -185,7 +190,7 @@ def _header(
 
 MODES = ("full", "think-ahead", "items")
 COVISIT_TABLE_ROW = "co-visitation table (the catalog's, as the fallback serves it)"
-ITEM_MODEL_ROW = "item-level model alone (SASRec, softmax over items), full ranking"
+ITEM_MODEL_ROW = "item-level model alone (softmax over items), full ranking"
 
 
 def _write_item_model_report(

@@ -200,13 +200,20 @@ def _item_model_lines(item_model: dict[str, Any] | None) -> list[str]:
     settings = t.get("settings", {})
     loss = t.get("loss") or f"sampled softmax, {settings.get('negatives')} negatives"
     return [
-        f"Item-level model: SASRec, {cfg.get('dim')}-d items, {cfg.get('blocks')} block, "
+        f"Item-level model: {_item_block(cfg)}, {cfg.get('dim')}-d items, "
+        f"{cfg.get('blocks')} block(s), "
         f"{t.get('parameters', 0):,} parameters, {loss}, dropout {settings.get('dropout')}, "
         "best epoch "
         f"{item_model.get('best_epoch')} of {len(t.get('epochs', []))} on validation, "
         f"{t.get('seconds', 0) / 60:.1f} minutes, peak RSS {t.get('peak_rss_gb')} GB.",
         "",
     ]
+
+
+def _item_block(cfg: dict[str, Any]) -> str:
+    if cfg.get("mixer") == "bsarec":
+        return f"BSARec (alpha {cfg.get('alpha')}, c {cfg.get('c')})"
+    return "SASRec"
 
 
 def _refit_training(refit_reports: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

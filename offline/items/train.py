@@ -1,6 +1,7 @@
 """``thinkahead train-items``: the item-level model, trained with a softmax over items.
 
-Loss: at every position of every training sequence, cross-entropy of the true next item against
+Loss: at every position of every training sequence (``prefixes``: at the last position of every
+prefix, each its own example), cross-entropy of the true next item against
 every item (catalogs up to ``full_softmax_items``), else against ``negatives`` items drawn
 uniformly for the batch (a negative equal to the target is masked): what scales to catalogs
 whose logits do not fit. The softmax over items is what made the difference on Beauty
@@ -109,8 +110,14 @@ def train_item_model(
             heads=cfg.heads,
             max_len=cfg.max_len,
             dropout=cfg.dropout,
+            mixer=cfg.mixer,
+            alpha=cfg.alpha,
+            c=cfg.c,
         )
     )
+    # prefixes: (sequence, end): inputs sequence[:end] (at most max_len), target sequence[end]
+    pieces = [(i, end) for i, s in enumerate(sequences) for end in range(1, len(s))]
+    lengths = [end for _, end in pieces] if cfg.prefixes else [len(s) for s in sequences]
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     full_softmax = len(catalog) <= cfg.full_softmax_items
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
@@ -119,19 +126,23 @@ def train_item_model(
     epochs = tqdm(range(1, cfg.epochs + 1), desc="train-items", unit="epoch", disable=not progress)
     for epoch in epochs:
         losses = []
-        for batch in _batches([len(s) for s in sequences], cfg.batch_size, rng):
-            tokens = left_padded([sequences[i] for i in batch])
-            inputs, targets = tokens[:, :-1], tokens[:, 1:]
-            hidden = model(inputs)
-            mask = (targets > 0) & (inputs > 0)
+        for batch in _batches(lengths, cfg.batch_size, rng):
+            if cfg.prefixes:
+                tokens = left_padded(
+                    [sequences[i][: end + 1] for i, end in (pieces[j] for j in batch)]
+                )
+                hidden, targets = model(tokens[:, -cfg.max_len - 1 : -1])[:, -1], tokens[:, -1]
+            else:
+                tokens = left_padded([sequences[i] for i in batch])
+                inputs, targets = tokens[:, :-1], tokens[:, 1:]
+                mask = (targets > 0) & (inputs > 0)
+                hidden, targets = model(inputs)[mask], targets[mask]
             if full_softmax:
-                logits = hidden[mask] @ model.items.weight[1:].T  # row r is token r + 1
-                loss = F.cross_entropy(logits, targets[mask] - 1)
+                logits = hidden @ model.items.weight[1:].T  # row r is token r + 1
+                loss = F.cross_entropy(logits, targets - 1)
             else:
                 negatives = torch.randint(1, len(catalog) + 1, (cfg.negatives,))
-                loss = sampled_softmax_loss(
-                    hidden[mask], targets[mask], model.items.weight, negatives
-                )
+                loss = sampled_softmax_loss(hidden, targets, model.items.weight, negatives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -160,6 +171,7 @@ def train_item_model(
         "loss": "full softmax" if full_softmax else f"sampled softmax, {cfg.negatives} negatives",
         "refit": refit,
         "train_sequences": len(sequences),
+        "train_targets": len(pieces),
         "parameters": sum(p.numel() for p in model.parameters()),
         "best": best[3],
         "epochs": history,
