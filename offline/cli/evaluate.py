@@ -52,6 +52,7 @@ def eval_cmd(
     ] = default_of(RecommendSettings, "reuse_snapshot_c"),
     paths: Annotated[int | None, _job("paths")] = None,
     fresh_path: Annotated[str, _job("fresh_path")] = "engine",
+    reasoning: Annotated[bool, _job("reasoning")] = True,
     item_model: ItemModelDir = None,
     progress: Progress = True,
 ) -> None:
@@ -73,6 +74,7 @@ def eval_cmd(
             "reuse_snapshot_c": reuse_snapshot_c,
             "paths": paths,
             "fresh_path": fresh_path,
+            "reasoning": reasoning,
             "item_model": item_model,
             "progress": progress,
         }

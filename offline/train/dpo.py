@@ -38,7 +38,12 @@ from offline.fsutil import atomic_directory
 from offline.train.checkpoint import peak_rss_gb
 from offline.train.config import DpoConfig
 from offline.train.dataset import IGNORE, LEVEL_OFFSETS
-from offline.train.trainer import evaluate_examples, length_batches, validation_sample
+from offline.train.trainer import (
+    evaluate_examples,
+    length_batches,
+    native_bf16,
+    validation_sample,
+)
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.manifest import ModelManifest, sha256_hex
@@ -153,6 +158,14 @@ def _flatten(pairs: list[Pair]) -> tuple[list[list[Code]], list[Code], list[int]
     return histories, items, starts
 
 
+def _length_batches(pairs: list[Pair], size: int, rng: np.random.Generator) -> list[list[Pair]]:
+    """Batches of similar history lengths (little padding), in random order."""
+    order = np.argsort([len(p.history) + rng.random() for p in pairs], kind="stable")
+    batches = [[pairs[i] for i in order[j : j + size]] for j in range(0, len(order), size)]
+    rng.shuffle(batches)  # type: ignore[arg-type]
+    return batches
+
+
 def dpo_loss(
     policy: torch.Tensor,
     reference: torch.Tensor,
@@ -204,6 +217,7 @@ def train_dpo(
     if not examples:
         raise InputError(interactions, "no training users with two or more catalog items")
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    use_bf16 = native_bf16()  # as supervised training: bf16 matmuls where the CPU has them
     history: list[dict[str, float]] = []
     best = evaluate_examples(policy, catalog, ids, valid, cfg.val_beam) if valid else {}
     best = {"epoch": 0, **best}
@@ -215,15 +229,14 @@ def train_dpo(
         t0 = time.monotonic()
         pairs = rollout_pairs(policy, catalog, ids, examples, cfg, progress)
         policy.train()
-        order = rng.permutation(len(pairs))
         losses = []
-        batches = [order[i : i + cfg.batch_users] for i in range(0, len(order), cfg.batch_users)]
-        for chunk in tqdm(batches, desc=f"dpo epoch {epoch}", disable=not progress, unit="batch"):
-            batch = [pairs[i] for i in chunk]
+        batches = _length_batches(pairs, cfg.batch_users, rng)
+        for batch in tqdm(batches, desc=f"dpo epoch {epoch}", disable=not progress, unit="batch"):
             histories, items, starts = _flatten(batch)
-            with torch.no_grad():
-                ref = item_logprobs(reference, ids, masks, histories, items)
-            pol = item_logprobs(policy, ids, masks, histories, items)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.no_grad():
+                    ref = item_logprobs(reference, ids, masks, histories, items)
+                pol = item_logprobs(policy, ids, masks, histories, items)
             loss = dpo_loss(pol, ref, batch, starts, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
