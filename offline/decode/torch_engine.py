@@ -20,11 +20,18 @@ from service.contracts.tokens import TokenIds
 from service.engine.base import ScoreRequest, TokenLogprobs, pick
 
 
-def _split(prompt: tuple[int, ...], sid_begin: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(history up to the last <|sid_begin|>, the item tokens after it)."""
+def _split(
+    prompt: tuple[int, ...], ids: TokenIds
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the shared root, the at most two item tokens after it): the root ends at the last
+    ``<|sid_begin|>`` when only item tokens follow it; any other prompt (e.g. ``history
+    <think>``) is a root of its own."""
     for i in range(len(prompt) - 1, -1, -1):
-        if prompt[i] == sid_begin:
-            return prompt[: i + 1], prompt[i + 1 :]
+        if prompt[i] == ids.sid_begin:
+            suffix = prompt[i + 1 :]
+            if len(suffix) <= 2 and all(t in ids.index_of for t in suffix):
+                return prompt[: i + 1], suffix
+            break
     return prompt, ()
 
 
@@ -37,7 +44,7 @@ class TorchBatchEngine:
         self.token_budget = token_budget  # cache rows x width per forward: bounds memory
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
-        split = [_split(r.prompt, self.ids.sid_begin) for r in requests]
+        split = [_split(r.prompt, self.ids) for r in requests]
         roots = sorted({root for root, _ in split}, key=len)
         nodes_of: dict[tuple[int, ...], set[tuple[int, ...]]] = {root: {()} for root in roots}
         for root, suffix in split:
