@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Headless locust run against a local service for a bounded time; CSVs land in OUT.
 #   scripts/load_test.sh HTTP_PORT GRPC_PORT OUT [SECONDS] [USERS] [USER_IDS_FILE] [ITEM_IDS_FILE]
+# THINKAHEAD_LOAD_SAMPLES / THINKAHEAD_LOAD_STATS in the environment: files the locustfile writes
+# at exit (every recommend's latency; the request stats once every user has stopped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 http_port=$1 grpc_port=$2 out=$3 seconds=${4:-30} users=${5:-16}

@@ -55,6 +55,118 @@ def _speed_table(speed: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _redis_bytes(speed: dict[str, Any]) -> str:
+    total = f"Redis {speed.get('redis_bytes_per_user', '?')} bytes per user, users + table"
+    rb = speed.get("redis_bytes")
+    if not rb:
+        return total
+    return (
+        f"{total}; `MEMORY USAGE`: user values {rb['user_values_per_user']} bytes per user "
+        f"({rb['user_value_keys']} keys), co-visitation table {rb['covisit_table_bytes']} "
+        f"bytes in {rb['covisit_table_keys']} keys, shared ({rb['covisit_table_per_user']} "
+        "per user)"
+    )
+
+
+def _na(value: Any) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _share(v: dict[str, Any] | None, count: str = "recommends") -> str:
+    if not v or v.get("share") is None:
+        return "n/a"
+    return f"{v['share']:.1%} of {int(v[count])}"
+
+
+def _mix_lines(loc: dict[str, Any]) -> list[str]:
+    """The mix's recommends per transport (client and server side), the answers that needed no
+    engine round, and the re-think worker beside the service."""
+    if "transports" not in loc:
+        return []
+    lines = [
+        f"Whole mix: {loc['throughput_rps']} req/s, {loc['requests']} requests, "
+        f"{loc['failures']} failures "
+        f"({', '.join(f'{t} {n}' for t, n in loc['failures_by_transport'].items()) or 'none'}); "
+        f"events {loc['events_per_s']}/s.",
+        "",
+        "Recommends by transport, every kind together: client side (locust's clock, answered "
+        "requests; `locust_recommends.tsv`) and server side (the histogram above).",
+        "",
+        "| transport | recommends | failures | req/s | client p50 ms | client p99 ms | "
+        "server p50 ms | server p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *[
+            f"| {t} | {v.get('requests', 0)} | {v.get('failures', 0)} | "
+            f"{v.get('recommends_per_s')} | {v.get('p50_ms')} | {v.get('p99_ms')} | "
+            f"{v.get('server_p50_ms')} | {v.get('server_p99_ms')} |"
+            for t, v in loc["transports"].items()
+        ],
+        "",
+        "| transport | recommend kind | requests | failures | client p50 ms | client p99 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[
+            f"| {t} | {kind} | {k['requests']} | {k['failures']} | {k['p50_ms']} | {k['p99_ms']} |"
+            for t, v in loc["transports"].items()
+            for kind, k in v.get("kinds", {}).items()
+        ],
+        "",
+    ]
+    free = loc.get("engine_free") or {}
+    after = free.get("2s_after_event") or {}
+    lines += [
+        "Answered without an engine round: "
+        f"{_share(free.get('all_recommends'), 'answers')} recommend answers of the mix "
+        '(`thinkahead_answers_total{engine_round="no"}`, difference of two scrapes); '
+        f"recommends 2 s after their event: {_share(after.get('all'))} "
+        f"(REST {_share(after.get('rest'))}, gRPC {_share(after.get('grpc'))}; "
+        "the tagged locust names).",
+        "",
+    ]
+    rt = loc.get("rethink")
+    if rt is None:
+        lines += ["No re-think worker ran during the mix (`--no-rethink`).", ""]
+        return lines
+    users = rt["users"]
+    lines += [
+        "#### Re-think worker beside the service",
+        "",
+        "`thinkahead rethink --engine torch` on the service's CPUs for the mix only (warmed up "
+        "on one user first; its registry scraped before and after the mix; CPU time from "
+        f"/proc/<pid>/stat; log `{rt['log']}`).",
+        "",
+        "| lag p50 ms | lag p99 ms | written | stale | skipped | failed batches | batches "
+        "| mean users / batch | backlog at end | users/s | CPU s | users per CPU-second |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| "
+        + " | ".join(
+            _na(v)
+            for v in (
+                rt["lag_p50_ms"],
+                rt["lag_p99_ms"],
+                users["written"],
+                users["stale"],
+                users["skipped"],
+                rt["failures"],
+                rt["batches"],
+                rt["mean_batch_users"],
+                rt["stream_backlog_at_end"],
+                rt["users_per_s"],
+                rt["cpu_seconds"],
+                rt["users_per_cpu_second"],
+            )
+        )
+        + " |",
+        "",
+        f"Lag: from the event's stream entry to its user's entry written "
+        f"(`thinkahead_rethink_lag_seconds`, within-bucket interpolation, "
+        f"{rt['lag_observations']} entries written; users still in the backlog at the end "
+        "have none yet); stale: the user acted again before the entry was written; the mix "
+        f"sent {loc['events_per_s']} events/s.",
+        "",
+    ]
+    return lines
+
+
 def ratios(speed: dict[str, Any]) -> list[dict[str, Any]]:
     by = {(p["scenario"], p["concurrency"]): p for p in speed["points"]}
     out = []
@@ -131,7 +243,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             f"Real HTTP to `thinkahead serve` (vLLM AsyncLLM in-process, real redis-server), "
             f"closed-loop clients, {speed['seconds_per_point']} s per point after a warm-up; "
             f"snapshot of {snap['written']} users (think-ahead worker: {snap['users_per_s']} "
-            f"users/s; Redis {speed.get('redis_bytes_per_user', '?')} bytes per user). Times in "
+            f"users/s; {_redis_bytes(speed)}). Times in "
             "ms; server overhead = server time − decode time. CPU pinning: "
             f"{speed.get('cpu_pinning', 'not recorded')}.",
             "",
@@ -169,7 +281,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             loc = speed["locust"]
             lines += [
                 f"### Locust mix ({loc['clients']} clients, {loc['seconds']} s, REST + gRPC, "
-                "Zipf users, 10% cold, events; `tests/load/locustfile.py`)",
+                "Zipf users, 10% cold, events, recommends 2 s after an event; "
+                "`tests/load/locustfile.py`)",
                 "",
                 "| type | name | requests | failures | p50 ms | p95 ms | p99 ms | req/s |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -196,4 +309,5 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                     ],
                     "",
                 ]
+            lines += _mix_lines(loc)
     (out / "report.md").write_text("\n".join(lines))

@@ -3,29 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tqdm.auto import tqdm
 
-from offline.bench.load import run_load
+from offline.bench.load import (
+    engine_free_after_event,
+    locust_totals,
+    read_samples,
+    recommend_latency,
+    run_load,
+)
 from offline.bench.report import write_report
-from offline.bench.server_latency import scrape_buckets, server_latency
+from offline.bench.server_latency import (
+    RETHINK_USERS,
+    engine_free_share,
+    parse_buckets,
+    rethink_summary,
+    sample_values,
+    scrape_text,
+    server_latency,
+)
 from offline.eval.baselines import baseline_rows
 from offline.eval.candidates import ThinkAheadEval, rank_full, rank_served
 from offline.eval.examples import select_examples
 from offline.eval.job import report_row
 from offline.eval.metrics import TOP_K
-from offline.localproc import pinned_to, start_redis, start_service
+from offline.localproc import free_port, launch_env, pinned_to, start_redis, start_service
 from offline.thinkahead.entries import CovisitSource
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.config import RecommendSettings
@@ -118,10 +136,12 @@ def speed(
     progress: bool,
     locust_seconds: float = 0,
     floor_users: int = 200,
+    rethink: bool = False,
 ) -> dict[str, Any]:
     """Snapshot for ``users`` users from their test-time history (everything but the last
     event), histories seeded the same way, then load through the running service, then the
-    floor (the same scoring in-process with plain PyTorch) once the service is down."""
+    floor (the same scoring in-process with plain PyTorch) once the service is down.
+    ``rethink``: the locust mix runs with ``thinkahead rethink`` beside the service."""
     redis_proc = start_redis(work / "redis")
     url = redis_proc.url
     service = None
@@ -133,6 +153,8 @@ def speed(
         before = int(client.info("memory")["used_memory"])
         snapshot = run.run(lambda: engine, progress=progress)
         per_user = (int(client.info("memory")["used_memory"]) - before) / max(snapshot.written, 1)
+        keys = Keyspace(run.job.key_prefix, run.job.history_prefix)
+        redis_bytes = snapshot_bytes(client, keys, snapshot.snapshot_id, snapshot.written)
         env = {
             "THINKAHEAD_RECOMMEND__MAX_IN_FLIGHT": "1024",
             "THINKAHEAD_RECOMMEND__DEFAULT_BUDGET_MS": "2000",
@@ -169,6 +191,14 @@ def speed(
             results.append(result.summary())
         locust = None
         if locust_seconds > 0:
+            # the re-think worker beside the service, on its CPUs, for the mix only
+            worker = (
+                partial(
+                    start_rethink, model_dir, catalog_dir, url, work / "rethink.log", cpus.service
+                )
+                if rethink
+                else None
+            )
             locust = run_locust(
                 base,
                 grpc_port,
@@ -177,6 +207,7 @@ def speed(
                 run.plan.users,
                 catalog.item_ids,
                 cpus=cpus.load,
+                rethink=worker,
             )
         service.stop(timeout=120)
         service = None
@@ -193,7 +224,9 @@ def speed(
             "points": results,
             "service_settings": env,
             "cpu_pinning": cpus.note,
+            # users + co-visitation table (+ manifest): Redis's used_memory over the publish
             "redis_bytes_per_user": round(per_user),
+            "redis_bytes": {**redis_bytes, "users_and_table_per_user": round(per_user)},
         }
     finally:
         if service is not None:
@@ -247,7 +280,10 @@ def run_bench(
     progress: bool = True,
     locust_seconds: float = 0,
     floor_users: int = 200,
+    rethink: bool = False,
 ) -> dict[str, Any]:
+    """``rethink``: run ``thinkahead rethink`` (torch engine) beside the service during the
+    locust mix (and during nothing else), and report its lag and throughput."""
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
     out.mkdir(parents=True, exist_ok=True)
@@ -278,10 +314,182 @@ def run_bench(
         progress,
         locust_seconds,
         floor_users,
+        rethink,
     )
     report["seconds"] = round(time.monotonic() - t0, 1)
     write_report(report, out)
     return report
+
+
+SERVER_TRANSPORTS = {"http": "rest"}  # the service's transport label -> the mix's name
+WARM_UP_ITEMS = 10  # the re-think worker's warm-up user: a history this long
+
+
+def snapshot_bytes(client: Any, keys: Keyspace, snapshot_id: str, users: int) -> dict[str, Any]:
+    """Redis's ``MEMORY USAGE`` summed over the snapshot's user values and, apart, over its
+    co-visitation table (one key per item, shared by every user)."""
+    values = memory_usage(client, keys.user(snapshot_id, "*"))
+    table = memory_usage(client, keys.covisit(snapshot_id, "*"))
+    return {
+        "user_value_keys": values["keys"],
+        "user_values_per_user": round(values["bytes"] / users) if users else None,
+        "covisit_table_keys": table["keys"],
+        "covisit_table_bytes": table["bytes"],
+        "covisit_table_per_user": round(table["bytes"] / users) if users else None,
+    }
+
+
+def memory_usage(client: Any, pattern: str, chunk: int = 500) -> dict[str, int]:
+    """Keys matching ``pattern`` (SCAN) and the sum of their ``MEMORY USAGE``."""
+    keys, total = 0, 0
+    batch: list[bytes] = []
+
+    def flush() -> None:
+        nonlocal total
+        pipe = client.pipeline(transaction=False)
+        for key in batch:
+            pipe.memory_usage(key, samples=0)
+        total += sum(int(b or 0) for b in pipe.execute())
+        batch.clear()
+
+    for key in client.scan_iter(match=pattern, count=1000):
+        keys += 1
+        batch.append(key)
+        if len(batch) >= chunk:
+            flush()
+    if batch:
+        flush()
+    return {"keys": keys, "bytes": total}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # from field 3 (state): the name may hold ") "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class RethinkWorker:
+    """``thinkahead rethink`` as a real process, its metrics on a loopback port."""
+
+    process: subprocess.Popen[bytes]
+    metrics_port: int
+    log_path: Path
+    redis_url: str
+    keys: Keyspace = field(default_factory=Keyspace)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def scrape(self) -> str:
+        return scrape_text(self.metrics_url)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+    def backlog(self) -> int | None:
+        """Stream entries its group has not handled yet (pending + unread), read from Redis
+        now (the worker's own gauge is set between batches only)."""
+        import redis
+
+        from offline.thinkahead.rethink import GROUP
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            for group in client.xinfo_groups(self.keys.events):
+                if group.get("name") in (GROUP, GROUP.encode()):
+                    return int(group.get("pending") or 0) + int(group.get("lag") or 0)
+        except redis.ResponseError:  # no stream yet
+            pass
+        finally:
+            client.close()
+        return None
+
+    def wait_until(self, done: Callable[[], bool], what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"thinkahead rethink exited with {self.process.returncode} waiting for "
+                    f"{what}:\n{self.log()[-4000:]}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if done():
+                    return
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"thinkahead rethink: no {what} in {timeout}s:\n{self.log()[-4000:]}")
+
+    def warm_up(self, base_url: str, items: list[str], timeout: float = 600) -> None:
+        """One event through the service for a user of its own (``items``: a history of a
+        usual length), and wait until the worker has handled it: its engine is loaded (on its
+        first batch) and has run once before the measurement."""
+        self.wait_until(lambda: bool(self.scrape()), "metrics endpoint", timeout)
+        reply = httpx.post(
+            f"{base_url}/v1/events",
+            json={"user_id": "bench-rethink-warm-up", "item_ids": items},
+            timeout=30,
+        )
+        reply.raise_for_status()
+
+        def handled() -> bool:
+            return sum(sample_values(self.scrape(), RETHINK_USERS, "outcome").values()) >= 1
+
+        self.wait_until(handled, "warm-up user re-thought", timeout)
+
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM (the worker finishes its batch), SIGKILL after ``timeout``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return int(self.process.returncode)
+
+
+def start_rethink(
+    model_dir: Path,
+    catalog_dir: Path,
+    redis_url: str,
+    log_path: Path,
+    cpus: set[int] | None = None,
+) -> RethinkWorker:
+    """``thinkahead rethink --engine torch`` on ``cpus``, its output to ``log_path``."""
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "offline.cli",
+        "rethink",
+        "--model",
+        str(model_dir),
+        "--catalog",
+        str(catalog_dir),
+        "--redis",
+        redis_url,
+        "--engine",
+        "torch",
+        "--metrics-port",
+        str(port),
+    ]
+    proc = subprocess.Popen(
+        args,
+        env=launch_env(None),
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=pinned_to(cpus),
+        start_new_session=True,  # its own process group: stop() takes what it started along
+    )
+    return RethinkWorker(proc, port, log_path, redis_url)
 
 
 def run_locust(
@@ -293,34 +501,78 @@ def run_locust(
     items: list[str],
     clients: int = 16,
     cpus: set[int] | None = None,
+    rethink: Callable[[], RethinkWorker] | None = None,
 ) -> dict[str, Any]:
-    """tests/load/locustfile.py headless against the bench's service; its CSV into the report."""
+    """tests/load/locustfile.py headless against the bench's service; its CSV and recommend
+    samples into the report, with the service's metrics over the mix (server-side latency, the
+    answers that needed no engine round). ``rethink``: starts the re-think worker, which runs
+    beside the service for the mix (warmed up first) and is stopped after it."""
     import csv
 
     root = Path(__file__).resolve().parent.parent.parent
     (work / "load_users.txt").write_text("\n".join(users))
     (work / "load_items.txt").write_text("\n".join(items))
+    samples_path = work / "locust_recommends.tsv"
+    stats_path = work / "locust_final_stats.csv"
     port = int(base.rsplit(":", 1)[1])
-    before = scrape_buckets(base)
-    subprocess.run(
-        [
-            str(root / "scripts" / "load_test.sh"),
-            str(port),
-            str(grpc_port),
-            str(work),
-            str(int(seconds)),
-            str(clients),
-            str(work / "load_users.txt"),
-            str(work / "load_items.txt"),
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=pinned_to(cpus),
-    )
-    server = server_latency(before, scrape_buckets(base))
-    with (work / "locust_stats.csv").open() as f:
+    worker = None
+    worker_before, cpu_before = "", 0.0
+    try:
+        if rethink is not None:
+            worker = rethink()
+            worker.warm_up(base, items[:WARM_UP_ITEMS])
+            worker_before, cpu_before = worker.scrape(), worker.cpu_seconds()
+        before = scrape_text(base)
+        t0 = time.monotonic()
+        subprocess.run(
+            [
+                str(root / "scripts" / "load_test.sh"),
+                str(port),
+                str(grpc_port),
+                str(work),
+                str(int(seconds)),
+                str(clients),
+                str(work / "load_users.txt"),
+                str(work / "load_items.txt"),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=pinned_to(cpus),
+            env={
+                **os.environ,
+                "THINKAHEAD_LOAD_SAMPLES": str(samples_path),
+                "THINKAHEAD_LOAD_STATS": str(stats_path),
+            },
+        )
+        wall = time.monotonic() - t0
+        worker_summary = None
+        if worker is not None:
+            cpu_after, worker_after = worker.cpu_seconds(), worker.scrape()
+            worker_summary = rethink_summary(
+                worker_before, worker_after, cpu_after - cpu_before, seconds, worker.backlog()
+            )
+            worker_summary["mix_wall_seconds"] = round(wall, 1)
+            worker_summary["log"] = worker.log_path.name
+        after = scrape_text(base)
+    finally:
+        if worker is not None:
+            worker.stop()
+    server = server_latency(parse_buckets(before), parse_buckets(after))
+    with stats_path.open() as f:  # locust's request stats once every user has stopped
         rows = list(csv.DictReader(f))
+    client = recommend_latency(read_samples(samples_path.read_text()), seconds)
+    # the service labels REST "http"
+    by_transport = {SERVER_TRANSPORTS.get(t, t): v for t, v in server.items()}
+    transports = {
+        t: {
+            **client.get(t, {}),
+            "server_p50_ms": by_transport.get(t, {}).get("p50_ms"),
+            "server_p99_ms": by_transport.get(t, {}).get("p99_ms"),
+            "server_recommends": by_transport.get(t, {}).get("requests"),
+        }
+        for t in sorted(set(client) | set(by_transport))
+    }
     keep = (
         "Type",
         "Name",
@@ -334,7 +586,15 @@ def run_locust(
     return {
         "clients": clients,
         "seconds": seconds,
-        "csv": "locust_stats.csv",
+        "csv": stats_path.name,
+        "samples": samples_path.name,
         "rows": [{k: r[k] for k in keep if k in r} for r in rows],
         "server": server,
+        "transports": transports,
+        **locust_totals(rows),
+        "engine_free": {
+            "all_recommends": engine_free_share(before, after),
+            "2s_after_event": engine_free_after_event(rows),
+        },
+        "rethink": worker_summary,
     }

@@ -30,6 +30,13 @@ def bench_cmd(
     floor_users: Annotated[
         int, typer.Option(help="users timed for the plain-PyTorch floor row (0 = skip)")
     ] = 200,
+    rethink: Annotated[
+        bool,
+        typer.Option(
+            help="run `thinkahead rethink` (torch engine) beside the service during the locust "
+            "mix and report its lag and throughput"
+        ),
+    ] = True,
     progress: Progress = True,
 ) -> None:
     """Think-ahead vs full decode: quality on the test split, speed through the service."""
@@ -51,6 +58,7 @@ def bench_cmd(
         progress=progress,
         locust_seconds=locust_seconds,
         floor_users=floor_users,
+        rethink=rethink,
     )
     typer.echo((out / "report.md").read_text())
     typer.echo(f"seconds: {report['seconds']}")

@@ -1,5 +1,6 @@
 """`thinkahead bench` end to end on the tiny world: quality rows, load points through the real
-service, the locust mix and the report files (speed is only reported, never asserted)."""
+service, the locust mix with the re-think worker beside the service, and the report files
+(speed is only reported, never asserted)."""
 
 from __future__ import annotations
 
@@ -78,10 +79,31 @@ def test_bench_writes_a_complete_report(tiny_world, tmp_path) -> None:  # type: 
     assert floor["think-ahead + 1 new event"]["requests_per_recommend"] > 0
     written = report["speed"]["snapshot"]["written"]
     assert all(r["users"] == written and r["p50_ms"] > 0 for r in floor.values())
-    assert report["speed"]["redis_bytes_per_user"] > 0
-    assert report["speed"]["locust"]["rows"]
+    assert report["speed"]["redis_bytes_per_user"] > 0  # users + co-visitation table
+    redis_bytes = report["speed"]["redis_bytes"]
+    assert redis_bytes["user_value_keys"] == written
+    assert 0 < redis_bytes["user_values_per_user"] < report["speed"]["redis_bytes_per_user"]
+    assert redis_bytes["covisit_table_keys"] > 0 and redis_bytes["covisit_table_bytes"] > 0
+    locust = report["speed"]["locust"]
+    assert locust["rows"] and locust["throughput_rps"] > 0 and locust["events_per_s"] > 0
+    for transport in ("rest", "grpc"):
+        mine = locust["transports"][transport]
+        assert mine["requests"] > 0 and mine["p50_ms"] > 0 and mine["p99_ms"] >= mine["p50_ms"]
+        assert mine["server_p50_ms"] is not None and mine["kinds"]
+    answers = locust["engine_free"]["all_recommends"]
+    assert answers["answers"] > 0 and 0 <= answers["share"] <= 1
+    assert "all" in locust["engine_free"]["2s_after_event"]
+    # the re-think worker ran beside the service for the mix (warmed up on a user first)
+    rethink = locust["rethink"]
+    assert set(rethink["users"]) == {"written", "stale", "skipped"}
+    assert rethink["failures"] == 0 and rethink["cpu_seconds"] > 0
+    # the mix's events reached its group: re-thought, or still in its backlog at the end
+    assert sum(rethink["users"].values()) + rethink["stream_backlog_at_end"] > 0
+    assert (out / "rethink.log").exists()
     assert (out / "latency_throughput.png").stat().st_size > 1000
-    assert (out / "locust_stats.csv").exists()
+    assert (out / "locust_stats.csv").exists() and (out / "locust_recommends.tsv").exists()
     text = (out / "report.md").read_text()
     assert "## Quality" in text and "## Speed through the service" in text
     assert "### Floor" in text
+    assert "#### Re-think worker beside the service" in text
+    assert "Answered without an engine round" in text
