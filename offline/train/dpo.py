@@ -13,8 +13,9 @@ plus ``sft_weight`` times the true item's negative log-likelihood, which keeps i
 off the data (DPO alone can lower both likelihoods). log pi(y) is the item's constrained
 log-probability, the sum over its a, b and c tokens of the per-level softmax the decoder is
 trained and decoded with. Rollouts are refreshed from the policy every epoch (on-policy); the
-best epoch on the validation sample (plain full decode, as in supervised training) is kept, and
-none if no epoch beats the supervised model.
+best epoch by NDCG@10 on the validation sample (plain full decode, as in supervised training;
+NDCG, since the preference is about rank) is kept, and none if no epoch beats the supervised
+model.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from service.contracts.model import load_model_info
 from service.contracts.tokens import Code, TokenIds
 
 log = logging.getLogger(__name__)
+SELECT_BY = "ndcg@10"
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,8 @@ def train_dpo(
         history.append(row)
         if progress:
             tqdm.write(f"dpo epoch {row}")
-        if refit or metrics.get("recall@10", -1.0) > best.get("recall@10", -1.0):
+        # the preference is rank-aware: an epoch is judged by NDCG@10 on validation
+        if refit or metrics.get(SELECT_BY, -1.0) > best.get(SELECT_BY, -1.0):
             best = {"epoch": epoch, **metrics}
             best_state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     if best_state is not None:

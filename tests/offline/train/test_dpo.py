@@ -66,7 +66,7 @@ def test_a_dpo_run_on_the_tiny_world(tiny_world, tmp_path: Path) -> None:  # typ
     assert info.manifest.parameters["stage"] == "dpo"
     (row,) = manifest.metrics["history"]
     assert row["pairs"] > 0 and math.isfinite(row["loss"])
-    supervised = manifest.metrics["supervised"]["recall@10"]
+    supervised = manifest.metrics["supervised"]["ndcg@10"]
     kept = manifest.parameters["dpo_kept_epoch"]
     ours = load_file(str(out / "model.safetensors"))
     theirs = load_file(str(tiny_world.model_dir / "model.safetensors"))
@@ -74,4 +74,4 @@ def test_a_dpo_run_on_the_tiny_world(tiny_world, tmp_path: Path) -> None:  # typ
     # an epoch is kept only if it beat the supervised model on validation, else its weights
     assert changed == (kept == 1)
     if kept:
-        assert manifest.metrics["validation"]["recall@10"] > supervised
+        assert manifest.metrics["validation"]["ndcg@10"] > supervised
