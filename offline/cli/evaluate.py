@@ -117,7 +117,9 @@ def tune_blend_cmd(
 @user_errors
 def quality_report_cmd(
     served: Annotated[Path, typer.Option(help="`eval --mode think-ahead` report (test split)")],
-    decoder: Annotated[Path, typer.Option(help="`eval --mode full` report (test split)")],
+    decoder: Annotated[
+        list[Path], typer.Option(help="`eval --mode full` report (test split; repeat)")
+    ],
     model: Annotated[Path, typer.Option(help="model directory (manifest, serving.json)")],
     out: Annotated[Path, typer.Option(help="directory for quality.md and quality.json")],
     refit: Annotated[

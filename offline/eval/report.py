@@ -14,7 +14,7 @@ from service.contracts.model import load_serving_config
 
 # Beauty, 22,363 users / 12,101 items, leave-one-out, full ranking: R@10, N@10 as published
 # (the papers, and the benchmark tables of blondered/transformer_benchmark and phonism/genrec).
-PUBLISHED: dict[str, tuple[float, float]] = {
+PUBLISHED: dict[str, tuple[float, float | None]] = {
     "TIGER": (0.0648, 0.0384),
     "ActionPiece": (0.0775, 0.0424),
     "OneRec-Think": (0.0791, 0.0471),
@@ -22,6 +22,9 @@ PUBLISHED: dict[str, tuple[float, float]] = {
     "HSTU (cross-entropy)": (0.0859, 0.0441),
     "SASRec (sampled softmax, 256 negatives)": (0.0921, 0.0531),
     "eSASRec": (0.0928, 0.0523),
+    "OneRec-style SFT decoder, 1.7B (phonism/genrec)": (0.0925, None),  # N@10 not given
+    "BSARec (official log)": (0.1008, 0.0611),
+    "WEARec": (0.1016, 0.0599),
 }
 COLUMNS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 QUALITY_REPORT_COMMAND = (
@@ -80,7 +83,7 @@ def _rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def build_quality_report(
     served: Path,
-    decoder: Path,
+    decoder: Path | Sequence[Path],
     model_dir: Path,
     out_dir: Path,
     commands: list[str],
@@ -88,16 +91,18 @@ def build_quality_report(
     items: Path | None = None,
 ) -> dict[str, Any]:
     served_report = json.loads(Path(served).read_text())
-    decoder_report = json.loads(Path(decoder).read_text())
+    decoders = [decoder] if isinstance(decoder, (str, Path)) else list(decoder)
+    decoder_reports = [json.loads(Path(path).read_text()) for path in decoders]
     manifest = ModelManifest.load(model_dir)
     serving = load_serving_config(model_dir)
     rows: dict[str, dict[str, Any]] = {}
     for name, row in _rows(served_report).items():
         if name.startswith("served"):
             rows[name] = {**row, "kind": "ours"}
-    for name, row in _rows(decoder_report).items():
-        if name.startswith("decoder"):
-            rows[f"{name}, decoder alone"] = {**row, "kind": "ours"}
+    for decoder_report in decoder_reports:
+        for name, row in _rows(decoder_report).items():
+            if name.startswith("decoder"):
+                rows[f"{name}, decoder alone"] = {**row, "kind": "ours"}
     items_report = json.loads(Path(items).read_text()) if items is not None else {}
     for name, row in _rows(items_report).items():
         if name.startswith("item-level"):
@@ -135,6 +140,14 @@ def build_quality_report(
         "serving": serving.model_dump(mode="json"),
         "item_model": items_report.get("item_model"),
         "refit_training": _refit_training(refit_reports),
+        "rationale": next(
+            (
+                r["rationale"]
+                for n, r in rows.items()
+                if n.startswith("served") and "rationale" in r
+            ),
+            None,
+        ),
         "rows": rows,
         "commands": commands,
     }
@@ -159,7 +172,7 @@ def render(report: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in report["rows"].items():
-        cells = [f"{row[c]:.4f}" if c in row else "" for c in COLUMNS]
+        cells = [f"{row[c]:.4f}" if row.get(c) is not None else "" for c in COLUMNS]
         kind = {"published": "*published*", "refit": "*refit*"}.get(row["kind"], row["kind"])
         lines.append(f"| {name} | {kind} | {' | '.join(cells)} | {row.get('invalid_items', '')} |")
     lines += [
@@ -176,6 +189,7 @@ def render(report: dict[str, Any]) -> str:
         f"epochs (best {t['best_epoch']}), {t['train_seconds'] / 60:.1f} minutes on this "
         f"machine's 2 cores, peak RSS {t['peak_rss_gb']} GB.",
         "",
+        *_rationale_lines(report.get("rationale")),
         *_item_model_lines(report.get("item_model")),
         *_refit_lines(report.get("refit_training")),
         "Evaluation: `thinkahead eval --mode think-ahead --engine torch` (the service's "
@@ -190,6 +204,24 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _rationale_lines(stats: dict[str, Any] | None) -> list[str]:
+    """How the stored rationales fare: accuracy beside the history baselines, faithfulness."""
+    if not stats:
+        return []
+    lines = [
+        "Rationales (the category the worker stored as the user's next item's, before any "
+        f"item; {stats.get('users_with_rationale', 0):,} of {stats.get('users', 0):,} users "
+        "have one):",
+        "",
+        "| rationale | share of users |",
+        "| --- | --- |",
+    ]
+    for key, value in stats.items():
+        if key.startswith(("accuracy", "faithfulness")):
+            lines.append(f"| {key} | {value:.4f} |")
+    return [*lines, ""]
 
 
 def _item_model_lines(item_model: dict[str, Any] | None) -> list[str]:

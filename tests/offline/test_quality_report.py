@@ -125,3 +125,33 @@ def test_refit_reports_add_their_served_and_decoder_rows_marked_refit(tmp_path: 
     text = (tmp_path / "out" / "quality.md").read_text()
     assert "| served answer, refit on train + validation | *refit* |" in text
     assert "serving model r1" in text and "exactly 12 epochs in 22.0 minutes" in text
+
+
+def test_rationales_and_several_decoder_rows_are_reported(tmp_path: Path) -> None:
+    model = write_model(tmp_path)
+    stats = {
+        "users": 3,
+        "users_with_rationale": 3,
+        "accuracy: rationale top-1": 0.5,
+        "accuracy: category of the last history item": 0.25,
+        "faithfulness: served items in the rationale's category": 0.75,
+    }
+    served = tmp_path / "served.json"
+    served.write_text(
+        json.dumps({"users": 3, "rows": {"served answer (fused)": {**ROW, "rationale": stats}}})
+    )
+    plain, reasoned = tmp_path / "plain.json", tmp_path / "reasoned.json"
+    plain.write_text(json.dumps({"rows": {"decoder (full, torch, beam 20)": ROW}}))
+    reasoned.write_text(
+        json.dumps({"rows": {"decoder (full, torch, beam 20, reasoning over 8 paths)": ROW}})
+    )
+    report = build_quality_report(served, [plain, reasoned], model, tmp_path / "out", ["c"])
+    assert {n for n in report["rows"] if n.startswith("decoder")} == {
+        "decoder (full, torch, beam 20), decoder alone",
+        "decoder (full, torch, beam 20, reasoning over 8 paths), decoder alone",
+    }
+    assert report["rationale"] == stats
+    text = (tmp_path / "out" / "quality.md").read_text()
+    assert "| accuracy: rationale top-1 | 0.5000 |" in text
+    assert "| faithfulness: served items in the rationale's category | 0.7500 |" in text
+    assert "| OneRec-style SFT decoder, 1.7B (phonism/genrec) | *published* |  | 0.0925 |" in text
