@@ -57,7 +57,10 @@ class EvalJob(BaseModel):
     reuse_snapshot_b: bool = True
     reuse_snapshot_c: bool = True
     paths: int | None = Field(
-        default=None, ge=1, description="G thought paths of a reasoning model (None: its own)"
+        default=None,
+        ge=0,
+        description="G thought paths of a reasoning model (None: its own; 0: a category "
+        "model states its rationale and searches plainly)",
     )
     reasoning: bool = Field(
         default=True,

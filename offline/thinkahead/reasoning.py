@@ -7,7 +7,7 @@ Two kinds, by the model manifest's reasoning template:
   categories that still hold an item the user has not had are the paths, each searched under
   ``history <think> <cat> </think> <|sid_begin|>`` within that category's items and weighted
   by its probability. The best ``RATIONALES_KEPT`` are stored as the user's rationales, with
-  the history items they rest on.
+  the history items they rest on. G = 0 states and stores them and searches the plain prompt.
 - ``free`` (a chat checkpoint's free text): G continuations sampled after ``history <think>``
   up to ``</think>`` (or the template's token budget, then closed); the search continues after
   each: ``history <think> path </think> <|sid_begin|>``; the first path's text is stored.
@@ -151,7 +151,7 @@ class CategoryReasoner:
             )
             for cat, lp in ranked[:paths]
             if math.isfinite(lp)
-        ]
+        ] or [ThoughtPath(self.ids.history(history))]  # G = 0: state it, search plainly
         rationales = tuple(
             Rationale(cat, lp, evidence_for(cat, items, cats))
             for cat, lp in ranked[:RATIONALES_KEPT]

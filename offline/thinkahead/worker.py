@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 class ThinkAheadJob(BaseModel):
     paths: int | None = Field(
         default=None,
-        ge=1,
-        description="G reasoning paths; None: the model's reasoning template's (1 without one)",
+        ge=0,
+        description="G reasoning paths; None: the model's reasoning template's (1 without one); "
+        "0 with a category model: the rationale is stated and stored, the search runs plainly",
     )
     prefixes: int = Field(default=32, ge=1, le=256, description="M prefixes kept per user")
     beam: int = Field(default=32, ge=1, description="beam width of the 2-token prefix search")
@@ -191,7 +192,9 @@ def reasoner_for(
 def thought_paths(model: ModelInfo, paths: int | None) -> int:
     """G: as asked, else the model's template's, else 1."""
     template = model.manifest.reasoning
-    return paths or (template.paths if template is not None else 1)
+    if paths is not None:
+        return paths
+    return template.paths if template is not None else 1
 
 
 def make_thinker(

@@ -87,7 +87,12 @@ class ReasoningTemplate(BaseModel):
     (``service.contracts.rationale``), the worker's G paths being the G likeliest."""
 
     kind: Literal["free", "categories"] = "free"
-    paths: int = Field(default=1, ge=1, description="G paths the worker takes by default")
+    paths: int = Field(
+        default=1,
+        ge=0,
+        description="G paths the worker takes by default (0, a category model: the rationale "
+        "is stated and stored, the prefix search runs on the plain prompt)",
+    )
     think_start: str = "<think>"
     think_end: str = "</think>"
     max_tokens: int = Field(default=128, ge=1)

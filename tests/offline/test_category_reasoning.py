@@ -119,3 +119,28 @@ def test_categories_load_checks_the_catalog_size(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not match a catalog of 4 items"):
         Categories.load_optional(tmp_path, 4)
     assert Categories.load_optional(tmp_path / "none", 3) is None
+
+
+def test_with_no_paths_the_rationale_is_stored_and_the_search_runs_plainly(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """G = 0: the worker states each user's rationale (one request) and searches the same
+    prefixes as for a model without one."""
+    catalog_dir, model_dir, inter = reasoning_world(tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    keys = Keyspace()
+    found = {}
+    for paths in (0, None):
+        job = ThinkAheadJob(prefixes=6, beam=6, answer_items=0, grace_s=0, paths=paths)
+        run = ThinkAheadRun(model_dir, catalog_dir, inter, redis_url, job)
+        if paths is None:  # the same model without its reasoning template
+            run.reasoner = None
+        run.run(FakeEngine, progress=False)
+        sid = client.get(keys.current).decode()
+        found[paths] = {
+            u: UserPrefixes.decode(client.get(keys.user(sid, u))) for u in run.plan.users
+        }
+    for user, value in found[0].items():
+        assert value.prefixes == found[None][user].prefixes
+        assert len(unpack_rationales(value.rationales)) == RATIONALES_KEPT
+        assert found[None][user].rationales == b""
