@@ -268,10 +268,11 @@ def _tour(
             ThinkAheadJob(prefixes=16, beam=16),
         )
         run.seed_histories(inter)
+        # the engine starts outside the progress block: its logs stay in the log file, only
+        # the worker's progress bar reaches the terminal
+        engine = VllmBatchEngine(work / "model", VllmOptions(multiprocessing=False))
         with screen.progress():
-            summary = run.run(
-                lambda: VllmBatchEngine(work / "model", VllmOptions(multiprocessing=False))
-            )
+            summary = run.run(lambda: engine)
         screen.echo(
             f"   snapshot {summary.snapshot_id}: {summary.written} users, "
             f"{summary.users_per_s} users/s"

@@ -251,12 +251,32 @@ def test_full_decode_strategy_on_request(stack: Stack) -> None:
 
 def test_blown_budget_answers_with_a_popular_fallback(stack: Stack) -> None:
     user, _ = stack.user_with_prefixes(6)
-    # a fresh event: the stored answer no longer applies, the engine would be needed
-    fresh = [stack.catalog.item_ids[0]]
-    body = stack.recommend(user_id=user, k=10, budget_ms=1, recent_item_ids=fresh).json()
-    assert body["source"] in FALLBACK_SOURCES
-    assert body["degraded_reason"] == "budget_exceeded"
+    # a full decode needs several engine steps: 1 ms cannot hold them
+    body = stack.recommend(user_id=user, k=10, budget_ms=1, strategy="full_decode").json()
+    assert body["source"] in FALLBACK_SOURCES, body
+    assert body["degraded"] is True and body["degraded_reason"] == "budget_exceeded"
     assert len(body["items"]) == 10
+
+
+def test_fresh_event_without_time_for_a_round_is_reranked_without_the_engine(
+    stack: Stack,
+) -> None:
+    user, _ = stack.user_with_prefixes(6)
+    fresh = [stack.catalog.item_ids[0]]
+    # one round with time to spare: the service learns how long a round takes here
+    timed = stack.recommend(user_id=user, k=10, recent_item_ids=fresh).json()
+    assert timed["source"] == "think_ahead", timed
+    rounds_before = metric(
+        stack.http.get("/metrics").text, 'thinkahead_answers_total{engine_round="yes"}'
+    )
+    body = stack.recommend(user_id=user, k=10, budget_ms=1, recent_item_ids=fresh).json()
+    assert body["source"] == "think_ahead_rerank", body
+    assert body["degraded"] is False and len(body["items"]) == 10
+    assert fresh[0] not in {i["item_id"] for i in body["items"]}
+    rounds_after = metric(
+        stack.http.get("/metrics").text, 'thinkahead_answers_total{engine_round="yes"}'
+    )
+    assert rounds_after == rounds_before
 
 
 def test_corrupt_and_mismatched_values_fall_back_and_are_counted(stack: Stack) -> None:
