@@ -63,10 +63,13 @@ def think_ahead_cmd(
     ),
     item_model: ItemModelDir = None,
     c_tails: Annotated[bool, _job("c_tails")] = default_of(ThinkAheadJob, "c_tails"),
+    engine: EngineChoice = "vllm",
     progress: Progress = True,
 ) -> None:
     """Compute every user's candidate prefixes (and whole answer) and publish them as a new
     Redis snapshot."""
+    from offline.decode.engines import batch_engine
+    from offline.errors import InputError
     from offline.thinkahead.worker import ThinkAheadRun, local_engine_factory
     from service.engine.reaper import guard_descendants
 
@@ -87,6 +90,8 @@ def think_ahead_cmd(
         item_model=str(item_model) if item_model is not None else None,
         c_tails=c_tails,
     )
+    if ray and engine != "vllm":
+        raise InputError(None, "--ray runs one vLLM engine per actor: drop --engine torch")
     run = ThinkAheadRun(model, catalog, interactions, redis, job, cluster=cluster)
     guard_descendants()  # the engine's processes never outlive this one
     if seed_history:
@@ -96,7 +101,12 @@ def think_ahead_cmd(
 
         summary = run_on_ray(run, workers=ray_workers, address=ray_address, progress=progress)
     else:
-        summary = run.run(local_engine_factory(model), progress=progress)
+        factory = (
+            local_engine_factory(model)
+            if engine == "vllm"
+            else lambda: batch_engine(engine, model, run.model)
+        )
+        summary = run.run(factory, progress=progress)
     typer.echo(json.dumps(summary.as_dict(), indent=2))
 
 
@@ -184,3 +194,40 @@ def rethink_cmd(
         start_http_server(metrics_port, registry=rethinker.metrics.registry)
     typer.echo(f"re-thinking users from {rethinker.keys.events} as {rethinker.consumer}")
     rethinker.run(lambda: stopping)
+
+
+@user_errors
+def snapshot_size_cmd(
+    redis: RedisUrl = default_of(RedisSettings, "url"),
+    key_prefix: Annotated[str, _job("key_prefix")] = default_of(ThinkAheadJob, "key_prefix"),
+    cluster: Annotated[bool, typer.Option(help="the URL is a Redis Cluster node")] = False,
+) -> None:
+    """Redis bytes of the current snapshot: its user values per user (``MEMORY USAGE``) and,
+    apart, the co-visitation table every user shares: what sizing a deployment needs."""
+    from offline.errors import InputError
+    from offline.thinkahead.publish import connect_sync
+    from offline.thinkahead.sizing import snapshot_bytes
+    from service.contracts.manifest import SnapshotManifest
+    from service.contracts.snapshot import Keyspace
+
+    client = connect_sync(redis, cluster=cluster)
+    keys = Keyspace(key_prefix)
+    current = client.get(keys.current)
+    if current is None:
+        raise InputError(None, f"no current snapshot under {keys.current} at {redis}")
+    snapshot_id = current.decode()
+    raw = client.get(keys.manifest(snapshot_id))
+    if raw is None:
+        raise InputError(None, f"snapshot {snapshot_id} has no manifest")
+    manifest = SnapshotManifest.model_validate_json(raw)
+    users = manifest.num_users or 0
+    typer.echo(
+        json.dumps(
+            {
+                "snapshot_id": snapshot_id,
+                "users": users,
+                **snapshot_bytes(client, keys, snapshot_id, users),
+            },
+            indent=2,
+        )
+    )

@@ -168,3 +168,39 @@ def test_killed_run_resumes_without_losing_or_duplicating_users(
     assert r.get(KEYS.current).decode() == sid
     keys = list(r.scan_iter(match=f"ta:snap:{sid}:u:*"))
     assert len(keys) == len(run.plan.users) == summary.written
+
+
+def test_cli_publishes_with_the_torch_engine_and_sizes_the_snapshot(tiny_world, redis_url):  # type: ignore[no-untyped-def]
+    """The plain-PyTorch engine (a CPU box's nightly run) publishes a complete snapshot, and
+    ``snapshot-size`` prices it per user with the shared table apart."""
+    base = [sys.executable, "-m", "offline.cli"]
+    publish = subprocess.run(
+        [*base, "think-ahead", *tiny_world.cli_args(), "--redis", redis_url, "--prefixes", "4",
+         "--engine", "torch", "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert publish.returncode == 0, publish.stderr[-2000:]
+    summary = json.loads(publish.stdout[publish.stdout.index("{") :])
+    r = redis.Redis.from_url(redis_url)
+    assert r.get(KEYS.current).decode() == summary["snapshot_id"]
+    sized = subprocess.run(
+        [*base, "snapshot-size", "--redis", redis_url], capture_output=True, text=True, timeout=60
+    )
+    assert sized.returncode == 0, sized.stderr[-2000:]
+    size = json.loads(sized.stdout)
+    assert size["snapshot_id"] == summary["snapshot_id"]
+    assert size["users"] == size["user_value_keys"] == summary["written"] > 0
+    stored = sum(
+        r.memory_usage(k, samples=0) for k in r.scan_iter(match=KEYS.user(size["snapshot_id"], "*"))
+    )
+    assert size["user_values_per_user"] == round(stored / summary["written"])
+    assert size["covisit_table_keys"] > 0 and size["covisit_table_bytes"] > 0
+
+
+def test_cli_refuses_ray_with_the_torch_engine(tiny_world, redis_url):  # type: ignore[no-untyped-def]
+    got = subprocess.run(
+        [sys.executable, "-m", "offline.cli", "think-ahead", *tiny_world.cli_args(),
+         "--redis", redis_url, "--ray", "--engine", "torch", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert got.returncode != 0 and "--ray runs one vLLM engine per actor" in got.stderr

@@ -34,10 +34,11 @@ from offline.bench.load import (
     untagged,
 )
 from offline.bench.report import _mix_lines
-from offline.bench.runner import RethinkWorker, cpu_seconds, snapshot_bytes
+from offline.bench.runner import RethinkWorker, cpu_seconds
 from offline.bench.server_latency import engine_free_share, rethink_summary
 from offline.localproc import free_ports
 from offline.thinkahead.rethink import GROUP, RethinkMetrics
+from offline.thinkahead.sizing import snapshot_bytes
 from service.contracts.snapshot import Keyspace
 from service.metrics import Metrics
 
