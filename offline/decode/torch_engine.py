@@ -20,9 +20,7 @@ from service.contracts.tokens import TokenIds
 from service.engine.base import ScoreRequest, TokenLogprobs, pick
 
 
-def _split(
-    prompt: tuple[int, ...], ids: TokenIds
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _split(prompt: tuple[int, ...], ids: TokenIds) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(the shared root, the at most two item tokens after it): the root ends at the last
     ``<|sid_begin|>`` when only item tokens follow it; any other prompt (e.g. ``history
     <think>``) is a root of its own."""

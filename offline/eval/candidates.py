@@ -28,7 +28,13 @@ from service.contracts.catalog import Catalog
 from service.contracts.covisit import Neighbours, covisit_scores
 from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
 from service.contracts.model import ModelInfo
-from service.contracts.rationale import Categories, Rationale, unpack_rationales
+from service.contracts.rationale import (
+    ANSWER_RATIONALE_ITEMS,
+    Categories,
+    Rationale,
+    answer_rationales,
+    unpack_rationales,
+)
 from service.contracts.scoring import ScoredCode
 from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
@@ -115,6 +121,16 @@ class UserCandidates:
         covisit_candidates: int | None = None,
         affinity_candidates: int | None = None,
     ) -> list[Code]:
+        ranked = self.ranked_scored(weights, k, covisit_candidates, affinity_candidates)
+        return [code for code, _ in ranked]
+
+    def ranked_scored(
+        self,
+        weights: FusionWeights,
+        k: int,
+        covisit_candidates: int | None = None,
+        affinity_candidates: int | None = None,
+    ) -> list[tuple[Code, float]]:
         affinity_ab = (
             self.affinity_ab
             if affinity_candidates is None
@@ -122,7 +138,7 @@ class UserCandidates:
         )
         keep = self.snapshot_ab | set(self.covisit_ab[:covisit_candidates]) | set(affinity_ab)
         scored = [(s.code, s.decoder, s.offline) for s in self.scored if s.code[:2] in keep]
-        return [code for code, _ in rank_fused(scored, self.features, weights)[:k]]
+        return rank_fused(scored, self.features, weights)[:k]
 
 
 @dataclass(frozen=True)
@@ -309,8 +325,22 @@ def rank_served(
     rationale = None
     if categories is not None:
         stats = RationaleStats(categories, catalog)
+        category_of = categories.of_items(catalog.item_ids)
         for user, served in zip(users, ranked, strict=True):
-            stats.add(user.history, user.target, user.rationales, served)
+            # a model that states none: the worker stores the rationale of this very answer
+            shown = user.rationales or answer_rationales(
+                [
+                    (item, score)
+                    for code, score in user.ranked_scored(
+                        spec.scoring.weights, ANSWER_RATIONALE_ITEMS
+                    )
+                    if (item := catalog.item_at(code)) is not None
+                ],
+                categories,
+                category_of,
+                user.history,
+            )
+            stats.add(user.history, user.target, shown, served)
         rationale = stats.report()
     return Ranked(ranked, invalid, time.monotonic() - t0, coverage, rationale)
 

@@ -31,7 +31,6 @@ from service.contracts.catalog import Catalog
 from service.contracts.covisit import CovisitTable
 from service.contracts.manifest import utc_now, write_json_atomic
 from service.contracts.model import ModelInfo, load_model_info, load_serving_config
-from service.contracts.rationale import Categories
 
 Mode = Literal["full", "think-ahead", "items"]
 
@@ -129,7 +128,7 @@ def run_eval(
                 reasoner=reasoner,
                 paths=paths,
             )
-            categories = Categories.load_optional(catalog_dir, len(catalog)) if reasoner else None
+            categories = catalog.categories
             if job.fresh_path == "rerank":
                 ranked = rank_reranked(batch, info, catalog, examples, spec, covisit, items)
             else:

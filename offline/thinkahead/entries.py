@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from service.contracts.answers import pack_answer
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import CovisitTable, Neighbours, covisit_scores
 from service.contracts.packed import pack_scored
-from service.contracts.rationale import pack_rationales
+from service.contracts.rationale import answer_rationales, pack_rationales
 from service.contracts.scoring import (
     MIN_TOP_C,
     CandidatePrefix,
@@ -275,14 +276,33 @@ class Thinker:
         if self.answer_items == 0:
             return values
         answers = self.answers(histories, values, neighbours)
-        return [replace(v, answer=a) for v, a in zip(values, answers, strict=True)]
+        return [
+            replace(v, answer=pack_answer(a), rationales=v.rationales or self._explain(h, a))
+            for v, h, a in zip(values, histories, answers, strict=True)
+        ]
+
+    def _explain(self, history: Sequence[Code], answer: Sequence[tuple[Code, float]]) -> bytes:
+        """The answer's own rationale (basis "answer") for an entry whose model stated none,
+        when the catalog has categories."""
+        catalog = self.scorer.catalog
+        if catalog.categories is None:
+            return b""
+        ranked = [(i, s) for c, s in answer if (i := catalog.item_at(c)) is not None]
+        seen = [i for c in history if (i := catalog.item_at(c)) is not None]
+        found = answer_rationales(ranked, catalog.categories, self._category_of, seen)
+        return pack_rationales(found) if found else b""
+
+    @cached_property
+    def _category_of(self) -> dict[str, int]:
+        categories = self.scorer.catalog.categories
+        return categories.of_items(self.scorer.catalog.item_ids) if categories else {}
 
     def answers(
         self,
         histories: Sequence[Sequence[Code]],
         values: Sequence[UserPrefixes],
         neighbours: Mapping[str, Neighbours],
-    ) -> list[bytes]:
+    ) -> list[list[tuple[Code, float]]]:
         """Each user's whole think-ahead answer for the unchanged history, top
         ``answer_items``, scored exactly as the service would, in one engine batch."""
         scorer = self.scorer
@@ -297,9 +317,10 @@ class Thinker:
             for history, value in zip(histories, values, strict=True)
         ]
         parts = score_plans(self.engine, [p.scoring for p in plans])
-        packed = []
+        answers = []
         for plan, part in zip(plans, parts, strict=True):
             ranked = scorer.rank(plan, part)
-            kept = [(code, s) for code, s in ranked if math.isfinite(s)][: self.answer_items]
-            packed.append(pack_answer(kept))
-        return packed
+            answers.append(
+                [(code, s) for code, s in ranked if math.isfinite(s)][: self.answer_items]
+            )
+        return answers

@@ -84,6 +84,7 @@ def _rationale(found: Explanation | None) -> pb.Rationale | None:
             pb.Alternative(category=a.category, probability=a.probability)
             for a in found.alternatives
         ],
+        basis=found.basis,
     )
 
 

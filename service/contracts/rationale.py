@@ -9,6 +9,11 @@ think-ahead worker takes each user's top-G categories, searches the item prefixe
 stores the best categories (:class:`Rationale`) in the snapshot value; the service only reads
 and renders them (``include_reasoning``), at no engine cost.
 
+A model that does not reason still explains its answer: the worker sums the probability its
+ranked answer puts on each category (``answer_rationales``) and stores the best categories with
+``basis`` "answer". Such a rationale says where the model's answer lies, not what it thought
+first; a stated one (basis "stated") came before the item.
+
 A rationale is checkable: its category either is the next item's or it is not, and the items
 served beside it either sit in it or do not. Its evidence is the user's history items of the
 same category, newest first.
@@ -21,9 +26,11 @@ category (-1: none).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import msgpack
 import numpy as np
@@ -34,6 +41,9 @@ THINK_END = "</think>"
 RATIONALES_KEPT = 3  # categories stored per user
 EVIDENCE_KEPT = 2  # history items stored per rationale
 NO_CATEGORY = -1
+ANSWER_RATIONALE_ITEMS = 50  # the answer's top items whose probability is summed by category
+
+Basis = Literal["stated", "answer"]
 
 
 def category_token(index: int) -> str:
@@ -56,6 +66,10 @@ class Categories:
 
     def text(self, index: int) -> str:
         return " > ".join(self.paths[index])
+
+    def of_items(self, item_ids: Sequence[str]) -> dict[str, int]:
+        """Item id -> category, for the catalog rows ``item_ids`` (aligned with ``of_row``)."""
+        return {i: int(c) for i, c in zip(item_ids, self.of_row, strict=True) if c != NO_CATEGORY}
 
     @classmethod
     def from_paths(cls, item_paths: Sequence[tuple[str, ...]]) -> Categories:
@@ -92,11 +106,13 @@ class Categories:
 class Rationale:
     """One category the model expects the user's next item in, with its log-probability
     under the history the snapshot was computed from, and the history items it rests on
-    (same category, newest first)."""
+    (same category, newest first). ``basis``: "stated" (the model named the category before
+    the item) or "answer" (the category's share of the model's ranked answer)."""
 
     category: int
     logprob: float
     evidence: tuple[str, ...] = ()
+    basis: Basis = "stated"
 
 
 class RationaleError(ValueError):
@@ -104,17 +120,59 @@ class RationaleError(ValueError):
 
 
 def pack_rationales(rationales: Sequence[Rationale]) -> bytes:
-    """msgpack ``[[category, logprob, [item ids]], ...]``: a few dozen bytes per user."""
-    body = [[r.category, round(float(r.logprob), 4), list(r.evidence)] for r in rationales]
+    """msgpack ``[[category, logprob, [item ids]] (+ 1 for basis "answer"), ...]``: a few
+    dozen bytes per user; a stated rationale keeps the three-field form older readers know."""
+    body = [
+        [r.category, round(float(r.logprob), 4), list(r.evidence)]
+        + ([1] if r.basis == "answer" else [])
+        for r in rationales
+    ]
     return msgpack.packb(body, use_bin_type=True)
 
 
 def unpack_rationales(raw: bytes) -> tuple[Rationale, ...]:
     try:
         body = msgpack.unpackb(raw, raw=False)
-        return tuple(Rationale(int(c), float(lp), tuple(str(i) for i in ev)) for c, lp, ev in body)
+        return tuple(_rationale(*fields) for fields in body)
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise RationaleError(f"rationales do not decode: {exc!r}") from exc
+
+
+def _rationale(category: Any, logprob: Any, evidence: Any, basis: Any = 0) -> Rationale:
+    if not isinstance(evidence, list) or basis not in (0, 1):
+        raise ValueError("a rationale is [category, logprob, [item ids], basis?]")
+    kind: Basis = "answer" if basis else "stated"
+    return Rationale(int(category), float(logprob), tuple(str(i) for i in evidence), kind)
+
+
+def answer_rationales(
+    ranked: Sequence[tuple[str, float]],
+    categories: Categories,
+    category_of: dict[str, int],
+    history: Sequence[str],
+    keep: int = RATIONALES_KEPT,
+) -> tuple[Rationale, ...]:
+    """Where the model's answer lies: ``ranked`` (item id, log-score; best first, its top
+    ``ANSWER_RATIONALE_ITEMS``) normalised into probabilities, summed by category; the best
+    ``keep`` categories, each with the history items it rests on. Empty when no ranked item
+    has a category."""
+    top = [(i, s) for i, s in ranked[:ANSWER_RATIONALE_ITEMS] if math.isfinite(s)]
+    if not top:
+        return ()
+    scores = np.array([s for _, s in top], dtype=np.float64)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    mass: dict[int, float] = {}
+    for (item, _), p in zip(top, probs, strict=True):
+        cat = category_of.get(item, NO_CATEGORY)
+        if cat != NO_CATEGORY:
+            mass[cat] = mass.get(cat, 0.0) + float(p)
+    best = sorted(mass.items(), key=lambda kv: (-kv[1], kv[0]))[:keep]
+    history_cats = [category_of.get(i, NO_CATEGORY) for i in history]
+    return tuple(
+        Rationale(cat, math.log(p), evidence_for(cat, history, history_cats), "answer")
+        for cat, p in best
+    )
 
 
 def evidence_for(

@@ -12,7 +12,13 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-from service.contracts.rationale import Categories, Rationale, RationaleError, unpack_rationales
+from service.contracts.rationale import (
+    Basis,
+    Categories,
+    Rationale,
+    RationaleError,
+    unpack_rationales,
+)
 from service.contracts.snapshot import UserPrefixes
 from service.core.corrupt import CorruptValues
 
@@ -22,7 +28,7 @@ class RationaleAbsent(StrEnum):
 
     NO_ENTRY = "no_entry"  # no usable snapshot entry: a cold user, a snapshot problem
     FALLBACK_ANSWER = "fallback_answer"  # the answer is not the entry's (a fallback)
-    NO_RATIONALE = "no_rationale"  # the entry holds none (its model does not reason)
+    NO_RATIONALE = "no_rationale"  # the entry holds none (a catalog without categories)
     CORRUPT_RATIONALE = "corrupt_rationale"
 
 
@@ -43,10 +49,15 @@ class Explanation:
     probability: float
     evidence_item_ids: tuple[str, ...]
     alternatives: tuple[Alternative, ...] = ()
+    basis: Basis = "stated"
 
 
 def render(best: Rationale, categories: Categories) -> str:
-    text = f"next: {categories.text(best.category)} ({math.exp(best.logprob):.0%})"
+    share = f"{math.exp(best.logprob):.0%}"
+    if best.basis == "answer":
+        text = f"mostly {categories.text(best.category)} ({share} of this answer)"
+    else:
+        text = f"next: {categories.text(best.category)} ({share})"
     if best.evidence:
         n = len(best.evidence)
         text += f", like {'the item' if n == 1 else f'{n} items'} you recently took there"
@@ -76,6 +87,7 @@ def explain(
             Alternative(categories.text(r.category), round(math.exp(r.logprob), 4))
             for r in usable[1:]
         ),
+        basis=best.basis,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -61,6 +61,10 @@ class RationaleOut(BaseModel):
         description="the user's history items in that category, newest first"
     )
     alternatives: list[AlternativeOut] = Field(description="the next likeliest categories")
+    basis: Literal["stated", "answer"] = Field(
+        description="stated: the model named the category before the item (a reasoning "
+        "model); answer: the category's share of the model's own ranked answer"
+    )
 
 
 class RecommendOut(BaseModel):

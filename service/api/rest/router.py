@@ -78,6 +78,7 @@ def _rationale(found: Explanation | None) -> RationaleOut | None:
             AlternativeOut(category=a.category, probability=a.probability)
             for a in found.alternatives
         ],
+        basis=found.basis,
     )
 
 
