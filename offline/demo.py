@@ -98,6 +98,12 @@ class Screen:
                 f"   {item['score']:8.3f}  <{sid['a']},{sid['b']},{sid['c']}>  "
                 f"{titles.get(item['item_id'], item['item_id'])[:70]}"
             )
+        if body.get("reasoning"):
+            self.echo(f"   why: {body['reasoning']} ({body['rationale']['basis']})")
+            for item in body["rationale"]["evidence_item_ids"]:
+                self.echo(f"        - {titles.get(item, item)[:70]}")
+        elif body.get("reasoning_absent"):
+            self.echo(f"   why: no rationale ({body['reasoning_absent']})")
 
 
 def default_data() -> Path:
@@ -339,8 +345,11 @@ def _requests(
         screen.echo(f"   user {user} recently bought:")
         for item in history[-3:]:
             screen.echo(f"     - {titles.get(item, item)[:70]}")
-        screen.echo(f"\n   POST {base}/v1/recommend {{user_id: {user}, k: 5}}")
-        screen.show(titles, http.post("/v1/recommend", json={"user_id": user, "k": 5}).json())
+        screen.echo(
+            f"\n   POST {base}/v1/recommend {{user_id: {user}, k: 5, include_reasoning: true}}"
+        )
+        asked = {"user_id": user, "k": 5, "include_reasoning": True}
+        screen.show(titles, http.post("/v1/recommend", json=asked).json())
         screen.echo(f"\n   POST /v1/events: the user just bought {[titles[i][:40] for i in fresh]}")
         http.post("/v1/events", json={"user_id": user, "item_ids": fresh})
         screen.show(titles, http.post("/v1/recommend", json={"user_id": user, "k": 5}).json())
