@@ -159,18 +159,23 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(15)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        # vLLM's engine core is a child process that outlives a killed parent and spins on
-        # its socket: whatever is left of the service's session goes with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        return int(self.process.returncode)
+        return stop_session(self.process, timeout)
+
+
+def stop_session(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM (the process drains), SIGKILL after ``timeout``; then whatever is left of its
+    session: vLLM's engine core is a child process that outlives a killed parent and spins on
+    its socket. The process's exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    return int(process.returncode)
 
 
 def pinned_to(cpus: set[int] | None) -> Callable[[], None] | None:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -43,7 +42,14 @@ from offline.eval.candidates import ThinkAheadEval, rank_full, rank_served
 from offline.eval.examples import select_examples
 from offline.eval.job import report_row
 from offline.eval.metrics import TOP_K
-from offline.localproc import free_port, launch_env, pinned_to, start_redis, start_service
+from offline.localproc import (
+    free_port,
+    launch_env,
+    pinned_to,
+    start_redis,
+    start_service,
+    stop_session,
+)
 from offline.thinkahead.entries import CovisitSource
 from offline.thinkahead.sizing import snapshot_bytes
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
@@ -408,16 +414,7 @@ class RethinkWorker:
 
     def stop(self, timeout: float = 120) -> int:
         """SIGTERM (the worker finishes its batch), SIGKILL after ``timeout``."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        return int(self.process.returncode)
+        return stop_session(self.process, timeout)
 
 
 def start_rethink(

@@ -14,7 +14,7 @@ from offline.cli.common import (
     HoldoutLast,
     Interactions,
     default_of,
-    help_of,
+    options_of,
     user_errors,
 )
 from offline.errors import InputError
@@ -23,8 +23,7 @@ catalog_app = typer.Typer(no_args_is_help=True, help="Semantic-ID catalogs.")
 covisit_app = typer.Typer(no_args_is_help=True, help="Item-to-item co-visitation tables.")
 
 
-def _spec(name: str) -> typer.models.OptionInfo:
-    return typer.Option(help=help_of(CatalogSpec, name))
+_spec = options_of(CatalogSpec)
 
 
 @catalog_app.command("build")

@@ -62,6 +62,17 @@ def help_of(model: type[BaseModel], name: str) -> str | None:
     return model.model_fields[name].description
 
 
+def options_of(model: type[BaseModel]) -> Callable[..., typer.models.OptionInfo]:
+    """``option(name, help=None)``: a typer option worded as ``model``'s field ``name`` is
+    described (one wording for the setting, its job and its flag), unless ``help`` says
+    otherwise."""
+
+    def option(name: str, help: str | None = None) -> typer.models.OptionInfo:
+        return typer.Option(help=help or help_of(model, name))
+
+    return option
+
+
 CatalogDir = Annotated[Path, typer.Option("--catalog", help="catalog directory")]
 ModelDir = Annotated[Path, typer.Option("--model", help="model directory")]
 Interactions = Annotated[

@@ -17,15 +17,13 @@ from offline.cli.common import (
     ModelDir,
     Progress,
     default_of,
-    help_of,
+    options_of,
     user_errors,
 )
 from offline.eval.job import EvalJob
 from service.config import RecommendSettings
 
-
-def _job(name: str, help: str | None = None) -> typer.models.OptionInfo:
-    return typer.Option(help=help or help_of(EvalJob, name))
+_job = options_of(EvalJob)
 
 
 @user_errors

@@ -16,7 +16,7 @@ from offline.cli.common import (
     Progress,
     RedisUrl,
     default_of,
-    help_of,
+    options_of,
     user_errors,
 )
 from offline.thinkahead.worker import ThinkAheadJob
@@ -25,8 +25,7 @@ from service.config import RedisSettings
 history_app = typer.Typer(no_args_is_help=True, help="Users' recent histories in Redis.")
 
 
-def _job(name: str, help: str | None = None) -> typer.models.OptionInfo:
-    return typer.Option(help=help or help_of(ThinkAheadJob, name))
+_job = options_of(ThinkAheadJob)
 
 
 @user_errors

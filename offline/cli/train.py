@@ -13,19 +13,16 @@ from offline.cli.common import (
     Progress,
     Refit,
     default_of,
-    help_of,
+    options_of,
     user_errors,
 )
 from offline.items.config import ItemTrainConfig
 from offline.train.config import DpoConfig, TrainConfig
 
-
-def _train(name: str, help: str | None = None) -> typer.models.OptionInfo:
-    return typer.Option(help=help or help_of(TrainConfig, name))
+_train = options_of(TrainConfig)
 
 
-def _items(name: str, help: str | None = None) -> typer.models.OptionInfo:
-    return typer.Option(help=help or help_of(ItemTrainConfig, name))
+_items = options_of(ItemTrainConfig)
 
 
 @user_errors
@@ -174,8 +171,7 @@ def _chosen_by(refit: bool, best: dict[str, Any], epoch: int | None = None) -> s
     )
 
 
-def _dpo(name: str, help: str | None = None) -> typer.models.OptionInfo:
-    return typer.Option(help=help or help_of(DpoConfig, name))
+_dpo = options_of(DpoConfig)
 
 
 @user_errors

@@ -11,7 +11,7 @@ History items are excluded from the ranking in every mode (as the service does).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,6 +36,7 @@ from service.contracts.rationale import (
     unpack_rationales,
 )
 from service.contracts.scoring import ScoredCode
+from service.contracts.snapshot import UserPrefixes
 from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
 from service.engine.base import BatchEngine
@@ -160,6 +161,53 @@ class ThinkAheadEval:
     # after fresh events: the engine round, or the stored answer re-ranked without one
     fresh_path: Literal["engine", "rerank"] = "engine"
 
+    def thinker(
+        self,
+        engine: BatchEngine,
+        scorer: ThinkAheadScorer,
+        model: ModelInfo,
+        covisit: Mapping[str, Neighbours],
+        items: ItemSource | None,
+        answer_items: int = 0,
+    ) -> Thinker:
+        """The worker's entry computer as this eval meets users. Stored scores only for a
+        stale history (with an unchanged one the online step asks the engine the same
+        questions) or when the entry's stored answer is re-ranked."""
+        return Thinker(
+            engine,
+            scorer,
+            model.version,
+            beam=max(self.beam, self.scoring.prefixes),
+            covisit=CovisitSource(covisit),
+            items=items,
+            answer_items=answer_items,
+            c_tails=self.scoring.reuse_snapshot_c,
+            stored=self.stale_events > 0 or answer_items > 0,
+            reasoner=self.reasoner,
+            paths=self.paths,
+        )
+
+    def entries(
+        self,
+        thinker: Thinker,
+        catalog: Catalog,
+        model: ModelInfo,
+        examples: Sequence[Example],
+        desc: str,
+    ) -> Iterator[tuple[Sequence[Example], list[list[Code]], list[UserPrefixes]]]:
+        """Per batch of examples: the examples, their fresh histories (codes, the model's
+        window) and the entries computed ``stale_events`` before them."""
+        for start in tqdm(
+            range(0, len(examples), self.batch_users),
+            desc=desc,
+            disable=not self.progress,
+            unit="batch",
+        ):
+            chunk = examples[start : start + self.batch_users]
+            fresh = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
+            stale = [h[: len(h) - self.stale_events] if self.stale_events else h for h in fresh]
+            yield chunk, fresh, thinker.entries(stale)
+
 
 def think_ahead_candidates(
     engine: BatchEngine,
@@ -177,32 +225,14 @@ def think_ahead_candidates(
     the engine the same questions."""
     scorer = ThinkAheadScorer(catalog, model.token_ids, spec.scoring)
     prefixes = spec.scoring.prefixes
-    thinker = Thinker(
-        engine,
-        scorer,
-        model.version,
-        beam=max(spec.beam, prefixes),
-        covisit=CovisitSource(covisit),
-        items=items,
-        c_tails=spec.scoring.reuse_snapshot_c,
-        stored=spec.stale_events > 0,
-        reasoner=spec.reasoner,
-        paths=spec.paths,
-    )
+    thinker = spec.thinker(engine, scorer, model, covisit, items)
     covered = {m: 0 for m in (8, 16, 32, prefixes) if m <= prefixes}
     with_covisit = with_extra = 0
     out: list[UserCandidates] = []
-    for start in tqdm(
-        range(0, len(examples), spec.batch_users),
-        desc="think-ahead",
-        disable=not spec.progress,
-        unit="batch",
-    ):
-        chunk = examples[start : start + spec.batch_users]
-        fresh = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
-        stale = [h[: len(h) - spec.stale_events] if spec.stale_events else h for h in fresh]
+    for chunk, fresh, values in spec.entries(thinker, catalog, model, examples, "think-ahead"):
+        start = len(out)
         plans = []
-        for e, history, value in zip(chunk, fresh, thinker.entries(stale), strict=True):
+        for e, history, value in zip(chunk, fresh, values, strict=True):
             plan = scorer.plan(
                 value,
                 history,
@@ -270,29 +300,11 @@ def rank_reranked(
     ``spec.stale_events`` short, re-ranked for the fresh history (``ThinkAheadScorer.rerank``)."""
     t0 = time.monotonic()
     scorer = ThinkAheadScorer(catalog, model.token_ids, spec.scoring)
-    thinker = Thinker(
-        engine,
-        scorer,
-        model.version,
-        beam=max(spec.beam, spec.scoring.prefixes),
-        covisit=CovisitSource(covisit),
-        items=items,
-        answer_items=DEFAULT_ANSWER_ITEMS,
-        reasoner=spec.reasoner,
-        paths=spec.paths,
-    )
+    thinker = spec.thinker(engine, scorer, model, covisit, items, DEFAULT_ANSWER_ITEMS)
     ranked: list[list[str]] = []
     invalid = 0
-    for start in tqdm(
-        range(0, len(examples), spec.batch_users),
-        desc="re-rank",
-        disable=not spec.progress,
-        unit="batch",
-    ):
-        chunk = examples[start : start + spec.batch_users]
-        fresh = [catalog.codes_of(e.history)[0][-model.max_history :] for e in chunk]
-        stale = [h[: len(h) - spec.stale_events] for h in fresh]
-        for e, history, value in zip(chunk, fresh, thinker.entries(stale), strict=True):
+    for chunk, fresh, values in spec.entries(thinker, catalog, model, examples, "re-rank"):
+        for e, history, value in zip(chunk, fresh, values, strict=True):
             before = e.history[: len(e.history) - spec.stale_events]
             order = scorer.rerank(
                 value,
