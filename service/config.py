@@ -114,7 +114,15 @@ class RecommendSettings(BaseModel):
         description="after fresh events (no re-thought entry yet): 'engine' scores the "
         "candidates in one engine round; 'rerank' re-ranks the entry's stored answer for the "
         "fresh co-visitation without one; 'auto' takes the round unless the rounds in flight "
-        "say it would not end within the budget",
+        "say it would not end within the budget or within fresh_round_target_ms",
+    )
+    fresh_round_target_ms: float | None = Field(
+        default=100.0,
+        gt=0,
+        description="auto: an engine round after fresh events is taken only when the rounds in "
+        "flight say it would end within this long (an idle round x the rounds ahead of it); "
+        "otherwise the stored answer is re-ranked without one. On a CPU engine that keeps about "
+        "one round in flight under load, on a GPU many; None: the budget alone decides",
     )
     full_decode_beam: int = Field(default=20, ge=1)
     max_list_items: int = Field(default=MAX_LIST_ITEMS, ge=1, le=MAX_LIST_ITEMS)

@@ -202,7 +202,9 @@ class Recommender:
         mode = self.settings.fresh_path
         if mode == "engine" or ctx.manifest is None:
             return False
-        return mode == "rerank" or not self.rounds.round_fits(ctx.clock)
+        target_ms = self.settings.fresh_round_target_ms
+        target_s = None if target_ms is None else target_ms / 1000
+        return mode == "rerank" or not self.rounds.round_fits(ctx.clock, target_s)
 
     async def _rerank(self, ctx: RequestContext, value: UserPrefixes) -> list[ScoredItem] | None:
         """The fresh-event answer without an engine round: the entry's stored answer re-ranked

@@ -37,14 +37,19 @@ class EngineRounds:
     def full_decode_fits(self, clock: Clock) -> bool:
         return clock.remaining() > self._full_decode_s * 1.1
 
-    def round_fits(self, clock: Clock) -> bool:
-        """Whether one more round would end within the budget: rounds queue behind the ones
-        in flight on a busy engine, so it waits about an idle round per round ahead of it.
-        The estimate halves every ``ROUND_MEMORY_S`` without a new measurement, so an engine
-        judged too slow is tried again."""
-        age = time.monotonic() - self._learned_at
-        idle_round = self._round_s * 0.5 ** (age / ROUND_MEMORY_S)
-        return clock.remaining() > idle_round * (1 + self.rounds_in_flight) * 1.2
+    def round_fits(self, clock: Clock, target_s: float | None = None) -> bool:
+        """Whether one more round would end within the budget and, when given, within
+        ``target_s``: rounds queue behind the ones in flight on a busy engine, so it waits
+        about an idle round per round ahead of it. On an idle engine the estimate halves every
+        ``ROUND_MEMORY_S`` without a new measurement, so an engine judged too slow is tried
+        again; while rounds are in flight it holds (they are what would slow this one)."""
+        idle_round = self._round_s
+        if self.rounds_in_flight == 0:
+            age = time.monotonic() - self._learned_at
+            idle_round *= 0.5 ** (age / ROUND_MEMORY_S)
+        expected = idle_round * (1 + self.rounds_in_flight) * 1.2
+        within_target = target_s is None or expected <= target_s
+        return within_target and clock.remaining() > expected
 
     async def score(
         self, requests: list[ScoreRequest], clock: Clock, request_id: str

@@ -5,6 +5,7 @@ real worker, the real core and a real redis-server; a fake engine."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -94,3 +95,32 @@ async def test_auto_takes_the_round_until_rounds_stop_fitting_the_budget(
     assert after.source is Source.THINK_AHEAD_RERANK and not after.degraded
     assert engine.calls == calls  # not sent to the slow engine
     assert after.timings.total_ms < 200
+
+
+async def test_auto_keeps_about_one_round_in_flight_whatever_the_budget(
+    artifacts, redis_url
+) -> None:  # type: ignore[no-untyped-def]
+    """A generous budget: the engine would answer every fresh user in time, one after another
+    behind a queue. The target keeps a busy engine's queue short instead: a fresh user arriving
+    while a round is in flight, on an engine whose idle round is 60 ms, is re-ranked at once."""
+    async with serving(artifacts, redis_url, default_budget_ms=2000, fresh_round_target_ms=100) as (
+        rt,
+        engine,
+    ):
+        await rt.events.append("u3", ["7"])
+        await rt.events.append("u1", ["7"])
+        engine.delay_s = 0.06
+        alone = await rt.core.recommend(RecommendQuery("u3", k=5))
+        assert alone.source is Source.THINK_AHEAD and engine.calls == 1  # idle: 72 ms fits
+        engine.delay_s = 0.5
+        busy = asyncio.create_task(rt.core.recommend(RecommendQuery("u3", k=5)))
+        for _ in range(200):  # until that round is in flight
+            if rt.core.rounds.rounds_in_flight:
+                break
+            await asyncio.sleep(0.01)
+        assert rt.core.rounds.rounds_in_flight == 1
+        queued = await rt.core.recommend(RecommendQuery("u1", k=5))
+        assert rt.core.rounds.rounds_in_flight == 1  # answered while the round went on
+        assert queued.source is Source.THINK_AHEAD_RERANK and not queued.degraded
+        assert (await busy).source is Source.THINK_AHEAD
+    assert engine.calls == 2  # the re-ranked user asked the engine nothing
