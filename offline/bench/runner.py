@@ -444,7 +444,8 @@ def start_rethink(
     ]
     proc = subprocess.Popen(
         args,
-        env=launch_env(None),
+        # one thread: on cores it shares with the service, more would only spin against it
+        env=launch_env({"OMP_NUM_THREADS": "1"}),
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
         preexec_fn=pinned_to(cpus),

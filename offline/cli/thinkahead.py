@@ -144,7 +144,9 @@ def rethink_cmd(
     consumer: Annotated[
         str | None, typer.Option(help="this consumer's name in the group (default: host-pid)")
     ] = None,
-    batch_users: Annotated[int, typer.Option(help="stream entries read per batch")] = 64,
+    batch_users: Annotated[
+        int, typer.Option(help="stream entries read per batch (smaller: less lag per user)")
+    ] = 16,
     block_ms: Annotated[int, typer.Option(help="how long a read waits for new events")] = 1000,
     claim_idle_s: Annotated[
         float, typer.Option(help="claim entries a dead consumer left pending this long")

@@ -144,7 +144,7 @@ class Rethinker:
         engine_factory: Callable[[], BatchEngine],
         consumer: str,
         keys: Keyspace | None = None,
-        batch_users: int = 64,
+        batch_users: int = 16,
         block_ms: int = 1000,
         claim_idle_s: float = 30.0,
         cluster: bool = False,

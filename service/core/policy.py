@@ -74,6 +74,9 @@ class Recommender:
         self.scorer = ThinkAheadScorer(catalog, model.token_ids, scoring)
         self.metrics = metrics
         self.max_snapshot_age_s = max_snapshot_age_s
+        # a user with no history and no exclusions decodes the same empty prompt under the
+        # same constraint: decoded once per beam width, then answered without the engine
+        self._no_history_beams: dict[int, list[tuple[Code, float]]] = {}
 
     def validate(self, q: RecommendQuery) -> None:
         s = self.settings
@@ -248,12 +251,17 @@ class Recommender:
     ) -> Recommendation:
         """``reason``: why think-ahead did not answer (None: the query asked for full decode)."""
         width = max(ctx.q.k, self.settings.full_decode_beam)
-        search = BeamSearch(ctx.prompt, self.model.token_ids, ctx.constraint, width)
-        try:
-            await self.rounds.full_decode(search, ctx.clock, ctx.request_id)
-        except Degraded as exc:
-            return await self._without_engine(ctx, reason or exc.reason)
-        beams = [(cast(Code, b.code), b.score) for b in search.beams]
+        shared = not ctx.history and not ctx.excluded_ids
+        beams = self._no_history_beams.get(width) if shared else None
+        if beams is None:
+            search = BeamSearch(ctx.prompt, self.model.token_ids, ctx.constraint, width)
+            try:
+                await self.rounds.full_decode(search, ctx.clock, ctx.request_id)
+            except Degraded as exc:
+                return await self._without_engine(ctx, reason or exc.reason)
+            beams = [(cast(Code, b.code), b.score) for b in search.beams]
+            if shared:
+                self._no_history_beams[width] = beams
         items = top_items(self.catalog, beams, ctx.q.k)
         if not items:  # the trie search never dead-ends: nothing decoded, nothing is allowed
             return await self._without_engine(ctx, reason or DegradedReason.ALL_EXCLUDED)

@@ -38,9 +38,10 @@ class EngineRounds:
         return clock.remaining() > self._full_decode_s * 1.1
 
     def round_fits(self, clock: Clock, target_s: float | None = None) -> bool:
-        """Whether one more round would end within the budget and, when given, within
-        ``target_s``: rounds queue behind the ones in flight on a busy engine, so it waits
-        about an idle round per round ahead of it. On an idle engine the estimate halves every
+        """Whether one more round would end within the budget and, behind rounds already in
+        flight, within ``target_s`` (an idle engine always takes it when the budget allows):
+        rounds queue behind the ones in flight on a busy engine, so it waits about an idle
+        round per round ahead of it. On an idle engine the estimate halves every
         ``ROUND_MEMORY_S`` without a new measurement, so an engine judged too slow is tried
         again; while rounds are in flight it holds (they are what would slow this one)."""
         idle_round = self._round_s
@@ -48,8 +49,8 @@ class EngineRounds:
             age = time.monotonic() - self._learned_at
             idle_round *= 0.5 ** (age / ROUND_MEMORY_S)
         expected = idle_round * (1 + self.rounds_in_flight) * 1.2
-        within_target = target_s is None or expected <= target_s
-        return within_target and clock.remaining() > expected
+        queued_in_time = target_s is None or self.rounds_in_flight == 0 or expected <= target_s
+        return queued_in_time and clock.remaining() > expected
 
     async def score(
         self, requests: list[ScoreRequest], clock: Clock, request_id: str

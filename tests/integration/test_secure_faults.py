@@ -373,12 +373,13 @@ def engine_killed_and_back(s: Secure) -> None:
     engine answering; then full decode answers again."""
     headers = {"authorization": f"Bearer {BACKEND_KEY}"}
     with httpx.Client(base_url=s.base_url, verify=s.verify(), timeout=30) as http:
-        cold = {"user_id": "cold-after-restart", "k": 5}
+        # one recent item: a user with no history at all is answered from the shared decode
+        cold = {"user_id": "cold-after-restart", "k": 5, "recent_item_ids": ["7"]}
         assert http.post("/v1/recommend", json=cold, headers=headers).json()["source"] == (
             "full_decode"
         )
         s.engine.kill()
-        for _ in range(4):  # a cold user's full decode fails: popular items, flagged
+        for _ in range(4):  # this user's full decode fails: popular items, flagged
             body = http.post("/v1/recommend", json=cold, headers=headers).json()
             assert body["source"].startswith("fallback_") and body["degraded"]
         assert s.metric("thinkahead_engine_breaker_state") == 2

@@ -340,14 +340,16 @@ async def test_engine_breaker_opens_then_recovers_with_no_request(
 ) -> None:
     engine, breaker = svc.engine, svc.runtime.breaker
     headers = bearer(BACKEND_KEY)
-    # the largest budget: a loaded machine must not turn the healthy answer into a fallback
+    # the largest budget: a loaded machine must not turn the healthy answer into a fallback;
+    # one recent item: a user with no history at all is answered from the shared cold decode
     body = {
         "user_id": "cold-breaker-user",
         "k": 3,
         "budget_ms": svc.settings.recommend.max_budget_ms,
+        "recent_item_ids": [svc.runtime.catalog.item_ids[0]],
     }
     healthy = (await http.post("/v1/recommend", json=body, headers=headers)).json()
-    assert healthy["source"] == "full_decode"  # cold user, engine up
+    assert healthy["source"] == "full_decode"  # no entry, engine up
     engine.down = True
     try:
         for _ in range(svc.settings.engine.breaker.failures):

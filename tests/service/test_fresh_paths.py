@@ -124,3 +124,26 @@ async def test_auto_keeps_about_one_round_in_flight_whatever_the_budget(
         assert queued.source is Source.THINK_AHEAD_RERANK and not queued.degraded
         assert (await busy).source is Source.THINK_AHEAD
     assert engine.calls == 2  # the re-ranked user asked the engine nothing
+
+
+async def test_users_without_history_share_one_decode(artifacts, redis_url) -> None:  # type: ignore[no-untyped-def]
+    """Every never-seen user with nothing excluded decodes the same empty prompt under the
+    same constraint: the first one pays the engine, the next ones are answered without it;
+    a history or an exclusion is decoded for itself."""
+    async with serving(artifacts, redis_url) as (rt, engine):
+        first = await rt.core.recommend(RecommendQuery("cold-1", k=5))
+        paid = engine.calls
+        second = await rt.core.recommend(RecommendQuery("cold-2", k=5))
+        assert engine.calls == paid > 0
+        excluded = first.items[0].item_id
+        own = await rt.core.recommend(RecommendQuery("cold-3", k=5, exclude_item_ids=[excluded]))
+        assert engine.calls > paid
+        paid = engine.calls
+        seen = await rt.core.recommend(RecommendQuery("cold-4", k=5, recent_item_ids=["7"]))
+        assert engine.calls > paid
+    assert first.source is second.source is Source.FULL_DECODE
+    assert second.degraded and second.degraded_reason == first.degraded_reason
+    assert [i.item_id for i in second.items] == [i.item_id for i in first.items]
+    assert second.timings.decode_ms == 0 < first.timings.decode_ms
+    assert excluded not in {i.item_id for i in own.items}
+    assert "7" not in {i.item_id for i in seen.items}
