@@ -119,11 +119,11 @@ class RecommendSettings(BaseModel):
     fresh_round_target_ms: float | None = Field(
         default=100.0,
         gt=0,
-        description="auto: behind rounds already in flight, an engine round after fresh events "
-        "is taken only when it would end within this long (an idle round x the rounds ahead of "
-        "it); otherwise the stored answer is re-ranked without one. An idle engine always takes "
-        "it (within the budget). On a CPU engine that keeps about one round in flight under "
-        "load, on a GPU many; None: the budget alone decides",
+        description="auto: an engine round after fresh events is taken only when it would end "
+        "within this long (a lone round, the median of the last ones, x the rounds in flight "
+        "and this one); otherwise the stored answer is re-ranked without one. On an idle CPU "
+        "engine a round fits; under load, where contention slows every round, fresh users are "
+        "re-ranked; on a GPU many rounds fit. None: the budget alone decides",
     )
     full_decode_beam: int = Field(default=20, ge=1)
     max_list_items: int = Field(default=MAX_LIST_ITEMS, ge=1, le=MAX_LIST_ITEMS)

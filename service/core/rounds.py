@@ -5,7 +5,9 @@ decode, and whether it fits what is left of a budget."""
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 
 from service.contracts.beam import BeamSearch, run_searches_async
 from service.core.clock import Clock
@@ -17,6 +19,7 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 ROUND_FLOOR_S = 0.0005  # a round still gets this long when the budget is already spent
 ROUND_MEMORY_S = 5.0  # half-life of the round-time estimate without new measurements
+ROUND_SAMPLES = 8  # lone rounds whose median is the estimate
 
 
 class EngineRounds:
@@ -25,7 +28,8 @@ class EngineRounds:
         self.breaker = breaker
         self.metrics = metrics
         self._full_decode_s = 0.0  # running estimate, decides whether full decode fits a budget
-        self._round_s = 0.0  # running estimate of one round on an otherwise idle engine
+        # the last rounds that ran with no other in flight (seconds): what one more costs
+        self._lone_rounds: deque[float] = deque(maxlen=ROUND_SAMPLES)
         self._learned_at = 0.0
         self.rounds_in_flight = 0
 
@@ -38,19 +42,20 @@ class EngineRounds:
         return clock.remaining() > self._full_decode_s * 1.1
 
     def round_fits(self, clock: Clock, target_s: float | None = None) -> bool:
-        """Whether one more round would end within the budget and, behind rounds already in
-        flight, within ``target_s`` (an idle engine always takes it when the budget allows):
-        rounds queue behind the ones in flight on a busy engine, so it waits about an idle
-        round per round ahead of it. On an idle engine the estimate halves every
-        ``ROUND_MEMORY_S`` without a new measurement, so an engine judged too slow is tried
-        again; while rounds are in flight it holds (they are what would slow this one)."""
-        idle_round = self._round_s
+        """Whether one more round would end within the budget and, when given, within
+        ``target_s``: rounds queue behind the ones in flight on a busy engine, so it waits
+        about a lone round per round ahead of it. A lone round is the median of the last
+        ``ROUND_SAMPLES`` rounds that ran with no other in flight: on an idle engine its cost,
+        on a loaded box what CPU contention adds (then fresh users are re-ranked instead). On
+        an idle engine the estimate halves every ``ROUND_MEMORY_S`` without a new measurement,
+        so an engine judged too slow is tried again; while rounds are in flight it holds."""
+        idle_round = statistics.median(self._lone_rounds) if self._lone_rounds else 0.0
         if self.rounds_in_flight == 0:
             age = time.monotonic() - self._learned_at
             idle_round *= 0.5 ** (age / ROUND_MEMORY_S)
         expected = idle_round * (1 + self.rounds_in_flight) * 1.2
-        queued_in_time = target_s is None or self.rounds_in_flight == 0 or expected <= target_s
-        return queued_in_time and clock.remaining() > expected
+        within_target = target_s is None or expected <= target_s
+        return within_target and clock.remaining() > expected
 
     async def score(
         self, requests: list[ScoreRequest], clock: Clock, request_id: str
@@ -87,10 +92,14 @@ class EngineRounds:
                 self._learn_round(time.perf_counter() - t0, cut=clock.remaining() <= 0)
 
     def _learn_round(self, elapsed: float, cut: bool) -> None:
-        """A running mean; a round the deadline cut took at least its budget, so the estimate
-        goes straight to that."""
-        est = self._round_s
-        self._round_s = max(est, elapsed) if cut or est == 0 else 0.8 * est + 0.2 * elapsed
+        """A round the deadline cut took at least its budget: the estimate goes straight to
+        that (every sample becomes it); otherwise one more sample for the median, so a single
+        slow first round does not price the engine for long."""
+        if cut:
+            worst = max([elapsed, *self._lone_rounds])
+            self._lone_rounds.extend([worst] * (self._lone_rounds.maxlen or 1))
+        else:
+            self._lone_rounds.append(elapsed)
         self._learned_at = time.monotonic()
 
     async def full_decode(self, search: BeamSearch, clock: Clock, request_id: str) -> None:
