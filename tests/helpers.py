@@ -44,6 +44,9 @@ def start_service(*args, env: dict[str, str] | None = None, **kwargs) -> Service
     defaults = {
         "THINKAHEAD_REDIS__SNAPSHOT_POLL_S": "0.2",
         "THINKAHEAD_RECOMMEND__DEFAULT_BUDGET_MS": "2000",
+        # likewise whether a fresh user gets the engine round: the budget alone decides here
+        # (the load rule has its own tests, tests/service/test_fresh_paths.py)
+        "THINKAHEAD_RECOMMEND__FRESH_ROUND_TARGET_MS": "60000",
     }
     return _start_service(*args, env={**defaults, **(env or {})}, **kwargs)
 

@@ -197,6 +197,9 @@ def test_slow_decode_the_budget_holds(tiny_world, faulty: Faulty, tmp_path) -> N
             faulty.redis.url,
             tmp_path / "slow.log",
             extra_args=("--engine", "remote", "--remote-url", f"http://127.0.0.1:{slow.port}"),
+            # the engine path itself: under 'auto' a user after the first cut round would be
+            # re-ranked without the engine (tests/service/test_fresh_paths.py)
+            env={"THINKAHEAD_RECOMMEND__FRESH_PATH": "engine"},
         )
         try:
             for user, budget in (
