@@ -211,9 +211,11 @@ def _rationale_lines(stats: dict[str, Any] | None) -> list[str]:
     if not stats:
         return []
     lines = [
-        "Rationales (the category the worker stored as the user's next item's, before any "
-        f"item; {stats.get('users_with_rationale', 0):,} of {stats.get('users', 0):,} users "
-        "have one):",
+        "Rationales (the category the worker stores as the user's next item's: stated before "
+        "the item by a reasoning model, else the category share of the model's own ranked "
+        f"answer, basis 'answer'; {stats.get('users_with_rationale', 0):,} of "
+        f"{stats.get('users', 0):,} users have one; faithfulness: the share of the served top "
+        "10 in the top-1 category):",
         "",
         "| rationale | share of users |",
         "| --- | --- |",
