@@ -186,6 +186,22 @@ def pinned_to(cpus: set[int] | None) -> Callable[[], None] | None:
     return lambda: os.sched_setaffinity(0, chosen)
 
 
+def cli_command(command: str, model_dir: Path, catalog_dir: Path, redis_url: str) -> list[str]:
+    """``thinkahead <command>`` for a model, its catalog and a Redis, run by this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "offline.cli",
+        command,
+        "--model",
+        str(model_dir),
+        "--catalog",
+        str(catalog_dir),
+        "--redis",
+        redis_url,
+    ]
+
+
 def start_service(
     model_dir: Path,
     catalog_dir: Path,
@@ -204,16 +220,7 @@ def start_service(
 
     http_port, grpc_port = free_ports(2)
     args = [
-        sys.executable,
-        "-m",
-        "offline.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--catalog",
-        str(catalog_dir),
-        "--redis",
-        redis_url,
+        *cli_command("serve", model_dir, catalog_dir, redis_url),
         "--http-port",
         str(http_port),
         "--grpc-port",

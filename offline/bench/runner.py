@@ -43,6 +43,7 @@ from offline.eval.examples import select_examples
 from offline.eval.job import report_row
 from offline.eval.metrics import TOP_K
 from offline.localproc import (
+    cli_command,
     free_port,
     launch_env,
     pinned_to,
@@ -427,16 +428,7 @@ def start_rethink(
     """``thinkahead rethink --engine torch`` on ``cpus``, its output to ``log_path``."""
     port = free_port()
     args = [
-        sys.executable,
-        "-m",
-        "offline.cli",
-        "rethink",
-        "--model",
-        str(model_dir),
-        "--catalog",
-        str(catalog_dir),
-        "--redis",
-        redis_url,
+        *cli_command("rethink", model_dir, catalog_dir, redis_url),
         "--engine",
         "torch",
         "--metrics-port",
