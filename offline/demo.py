@@ -316,10 +316,10 @@ def _validation_quality(
     and co-visitation on the same users: what the trained demo is worth, beside the baseline."""
     from offline.data import leave_one_out, read_interactions
     from offline.eval.baselines import covisitation_baseline
-    from offline.items.artifact import ItemModel
     from offline.items.train import evaluate
     from offline.train.trainer import validation_sample
     from service.contracts.catalog import Catalog
+    from service.contracts.item_model import ItemModel
 
     split = leave_one_out(read_interactions(interactions), cfg.max_history)
     sample = validation_sample(split.valid, cfg.val_users, cfg.seed)

@@ -40,10 +40,10 @@ class ItemTrainConfig(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     max_minutes: float | None = Field(default=None, gt=0)
     seed: int = 0
-    # The block (offline.items.model): "attention" (SASRec) or "bsarec" (BSARec, AAAI 2024:
-    # alpha x a low-pass/high-pass frequency filter + (1 - alpha) x self-attention). The official
-    # Beauty recipe: dim 64, blocks 2, heads 1, dropout 0.5, alpha 0.7, c 5, lr 5e-4, batch 256,
-    # prefixes.
+    # The block (service.contracts.item_network): "attention" (SASRec) or "bsarec" (BSARec,
+    # AAAI 2024: alpha x a low-pass/high-pass frequency filter + (1 - alpha) x self-attention).
+    # The official Beauty recipe: dim 64, blocks 2, heads 1, dropout 0.5, alpha 0.7, c 5,
+    # lr 5e-4, batch 256, prefixes.
     mixer: Literal["attention", "bsarec"] = Field(
         default="bsarec", description="the block: attention (SASRec) or bsarec"
     )

@@ -26,12 +26,13 @@ from offline.data import Example, leave_one_out, read_interactions
 from offline.errors import InputError
 from offline.eval.metrics import TOP_K, ranking_metrics
 from offline.fsutil import atomic_directory
-from offline.items.artifact import ItemModelManifest, left_padded, save_item_model
+from offline.items.artifact import save_item_model
 from offline.items.config import ItemTrainConfig
-from offline.items.index import ExactIndex
-from offline.items.model import ItemModelConfig, ItemSequenceModel
 from offline.train.checkpoint import peak_rss_gb
 from service.contracts.catalog import Catalog
+from service.contracts.item_index import ExactIndex
+from service.contracts.item_model import ItemModelManifest, left_padded
+from service.contracts.item_network import ItemModelConfig, ItemSequenceModel
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from service.contracts.tokens import Code
 from service.engine.base import BatchEngine
 
 if TYPE_CHECKING:  # torch stays out of imports that only read entries
-    from offline.items.artifact import ItemModel
     from offline.thinkahead.reasoning import CategoryReasoner, Reasoner
+    from service.contracts.item_model import ItemModel
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class ItemSource:
         items: int = DEFAULT_AFFINITY_ITEMS,
     ) -> ItemSource | None:
         """The item model in ``directory``, else in ``<model_dir>/items`` when there is one."""
-        from offline.items.artifact import ItemModel
+        from service.contracts.item_model import ItemModel
 
         path = Path(directory) if directory is not None else Path(model_dir) / ITEMS_DIR
         if directory is not None and not path.is_dir():

@@ -14,14 +14,14 @@ from typer.testing import CliRunner
 from offline.cli import app
 from offline.data import leave_one_out, read_interactions
 from offline.eval.baselines import popularity_baseline
-from offline.items.artifact import ItemModel, ItemModelError
 from offline.items.config import ItemTrainConfig
-from offline.items.index import ExactIndex
 from offline.items.train import train_item_model
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
 from service.contracts.affinity import Affinity
 from service.contracts.catalog import Catalog
 from service.contracts.fusion import FusionWeights
+from service.contracts.item_index import ExactIndex
+from service.contracts.item_model import ItemModel, ItemModelError
 from service.contracts.model import ServingConfig
 from service.contracts.snapshot import Keyspace, UserPrefixes
 from service.core import RecommendQuery, Source

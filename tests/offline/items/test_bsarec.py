@@ -13,16 +13,17 @@ import torch
 
 from offline.data import leave_one_out, read_interactions
 from offline.eval.baselines import popularity_baseline
-from offline.items.artifact import MANIFEST_FILE, ItemModel, left_padded, save_item_model
+from offline.items.artifact import save_item_model
 from offline.items.config import ItemTrainConfig
-from offline.items.model import (
+from offline.items.train import train_item_model
+from service.contracts.catalog import Catalog
+from service.contracts.item_model import MANIFEST_FILE, ItemModel, left_padded
+from service.contracts.item_network import (
     FrequencyLayer,
     ItemModelConfig,
     ItemSequenceModel,
     low_pass_operator,
 )
-from offline.items.train import train_item_model
-from service.contracts.catalog import Catalog
 from tests.fake_engine import write_tiny_artifacts
 from tests.helpers import synthetic_interactions
 

@@ -1,10 +1,11 @@
 """Finding a user's best items among the item vectors.
 
 :class:`ExactIndex` scores every item (one matrix product per batch of users): exact, and fast
-enough for catalogs up to a few million items on the worker. It is the only implementation the
-worker needs here; at 10^8 items the same ``search`` contract is met by an approximate index
-(HNSW or IVF-PQ over the same vectors, built offline, queried by the worker, never by the online
-service), which is why the worker asks for a fixed top N rather than for scores of all items.
+enough for catalogs up to a few million items (Beauty's 12,101 x 64: about 0.3 ms for one user
+on one core, which is what lets the service search it for a user who just acted). At 10^8 items
+the same ``search`` contract is met by an approximate index (HNSW or IVF-PQ over the same
+vectors, built offline), which is why callers ask for a fixed top N rather than for scores of
+all items.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The item-level sequence model: SASRec trained with a softmax over items.
 
 It is the collaborative signal the semantic-ID decoder lacks (notes/quality-probe.md: an
-item-level softmax model beat every semantic-ID generator on Beauty). It never serves online and
-adds nothing to the vLLM vocabulary: the think-ahead worker encodes each user's history into a
-vector, looks up the user's best items in an index over the item vectors
-(:mod:`offline.items.index`) and stores them with their scores in the user's snapshot value,
-where they join the candidates and the fused score (``service.contracts.affinity``).
+item-level softmax model beat every semantic-ID generator on Beauty). It adds nothing to the vLLM
+vocabulary: the think-ahead worker encodes each user's history into a vector, looks up the
+user's best items in an index over the item vectors (:mod:`service.contracts.item_index`) and
+stores them with their scores in the user's snapshot value, where they join the candidates and
+the fused score (``service.contracts.affinity``); the service encodes a fresh history the same
+way for its no-engine answer after an event (``service.core.fresh_items``). Shared, so both sides
+load one definition.
 
 Configuration as in the eSASRec benchmark for Beauty: item embeddings tied between input and
 output (256-d by default, ``offline.items.config``), learned positions, one causal
