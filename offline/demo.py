@@ -220,10 +220,10 @@ def _tour(
     from offline.data import read_interactions
     from offline.items.config import ItemTrainConfig
     from offline.items.train import train_item_model
-    from offline.thinkahead.entries import ITEMS_DIR
     from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
     from offline.train.trainer import TrainConfig, train
     from service.contracts.catalog import Catalog
+    from service.contracts.item_model import ITEMS_DIR
     from service.engine.vllm_engine import VllmBatchEngine, VllmOptions
 
     hf_logging.disable_progress_bar()  # transformers' loading / saving bars are not our steps

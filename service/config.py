@@ -125,6 +125,13 @@ class RecommendSettings(BaseModel):
         "engine a round fits; under load, where contention slows every round, fresh users are "
         "re-ranked; on a GPU many rounds fit. None: the budget alone decides",
     )
+    fresh_item_model: bool = Field(
+        default=True,
+        description="after fresh events, the no-engine answer encodes the fresh history with the "
+        "model directory's item-level model (its items/), in-process on one thread: about 1 ms "
+        "and items x dim x 4 bytes of memory (3.1 MB for Beauty); off: it re-ranks with the "
+        "item-level scores the worker stored for the history before the events",
+    )
     full_decode_beam: int = Field(default=20, ge=1)
     max_list_items: int = Field(default=MAX_LIST_ITEMS, ge=1, le=MAX_LIST_ITEMS)
     max_in_flight: int = Field(default=64, ge=1)

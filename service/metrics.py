@@ -48,7 +48,7 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             f"{PREFIX}_stage_duration_seconds",
-            "Time per request stage (redis, decode).",
+            "Time per request stage (redis, decode, encode).",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

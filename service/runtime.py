@@ -20,6 +20,7 @@ from service.contracts.model import ModelInfo, load_model_info, load_serving_con
 from service.contracts.snapshot import Keyspace
 from service.core import Events, Recommender
 from service.core.corrupt import CorruptValues
+from service.core.fresh_items import FreshItems
 from service.core.reads import Reads
 from service.core.rounds import EngineRounds
 from service.engine.base import Engine, ScoreRequest
@@ -118,6 +119,9 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         store, catalog.version, model.version, settings.redis.snapshot_poll_s, metrics
     )
     recommend = settings.recommend
+    fresh_items = (
+        FreshItems.load(settings.model_dir, catalog) if recommend.fresh_item_model else None
+    )
     reads = Reads(store, watcher, catalog, CorruptValues(metrics), recommend.covisit_cache_items)
     core = Recommender(
         catalog,
@@ -128,6 +132,7 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         scoring,
         metrics,
         settings.redis.max_snapshot_age_s,
+        fresh_items,
     )
     events = Events(catalog, store, metrics, recommend.max_list_items)
     admission = Admission(recommend.max_in_flight, metrics.in_flight)
@@ -148,11 +153,12 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
             name="engine-probe",
         )
         log.info(
-            "event=runtime_ready model=%s catalog=%s items=%d auth=%s",
+            "event=runtime_ready model=%s catalog=%s items=%d auth=%s fresh_items=%s",
             model.version,
             catalog.version,
             len(catalog),
             "keys" if auth.enabled else "open",
+            fresh_items.version if fresh_items is not None else "off",
         )
         yield Runtime(
             settings, catalog, model, engine, store, watcher, breaker, core, events, metrics, gate
@@ -165,6 +171,8 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         await watcher.stop()
         await engine.close()
         await store.close()
+        if fresh_items is not None:
+            fresh_items.close()
 
 
 def _breaker(settings: Settings, metrics: Metrics) -> CircuitBreaker:

@@ -23,6 +23,7 @@ from offline.eval.metrics import TOP_K
 from offline.eval.rationale import RationaleStats
 from offline.thinkahead.entries import CovisitSource, ItemSource, Thinker
 from offline.thinkahead.prefixes import merge_items, path_weights, score_plans, search_paths
+from service.contracts.affinity import Affinity
 from service.contracts.answers import DEFAULT_ANSWER_ITEMS
 from service.contracts.catalog import Catalog
 from service.contracts.covisit import Neighbours, covisit_scores
@@ -297,20 +298,28 @@ def rank_reranked(
     items: ItemSource | None = None,
 ) -> Ranked:
     """The no-engine fresh path: the worker's entry (with its stored answer) for the history
-    ``spec.stale_events`` short, re-ranked for the fresh history (``ThinkAheadScorer.rerank``)."""
+    ``spec.stale_events`` short, re-ranked for the fresh history (``ThinkAheadScorer.rerank``),
+    with the fresh history's item-level scores when there is an item-level model (as the
+    service encodes them: ``service.core.fresh_items``)."""
     t0 = time.monotonic()
     scorer = ThinkAheadScorer(catalog, model.token_ids, spec.scoring)
     thinker = spec.thinker(engine, scorer, model, covisit, items, DEFAULT_ANSWER_ITEMS)
     ranked: list[list[str]] = []
     invalid = 0
     for chunk, fresh, values in spec.entries(thinker, catalog, model, examples, "re-rank"):
-        for e, history, value in zip(chunk, fresh, values, strict=True):
+        encoded: list[Affinity | None] = (
+            list(items.affinities(catalog, fresh, spec.scoring.exclude_history))
+            if items is not None
+            else [None] * len(chunk)
+        )
+        for e, history, value, fresh_affinity in zip(chunk, fresh, values, encoded, strict=True):
             before = e.history[: len(e.history) - spec.stale_events]
             order = scorer.rerank(
                 value,
                 history,
                 covisit_scores(e.history, covisit, set(e.history)),
                 covisit_scores(before, covisit, set(before)),
+                fresh_affinity=fresh_affinity,
             )
             codes = [code for code, _ in order or []]
             got, bad = _to_items(catalog, codes, spec.k)

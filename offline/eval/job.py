@@ -138,7 +138,8 @@ def run_eval(
     reused = reused_steps(job.reuse_snapshot_b, job.reuse_snapshot_c)
     stale = f", snapshot {job.stale_events} event(s) behind{reused}" if job.stale_events else ""
     if job.fresh_path == "rerank":
-        stale = f", snapshot {job.stale_events} event(s) behind, stored answer re-ranked"
+        encoded = " with the fresh item-level scores" if items is not None else ""
+        stale = f", snapshot {job.stale_events} event(s) behind, stored answer re-ranked{encoded}"
     label = (
         f"served answer (think-ahead M={job.prefixes} + {scoring.covisit_candidates} "
         f"co-visitation + {scoring.affinity_candidates} item-level candidates, "

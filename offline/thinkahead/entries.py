@@ -60,9 +60,6 @@ class CovisitSource:
         return None if table is None else cls(table.as_mapping(), table.version)
 
 
-ITEMS_DIR = "items"  # the item-level model's default place: inside the model directory
-
-
 @dataclass(frozen=True)
 class ItemSource:
     """The item-level model whose best items per user the worker stores (``<model>/items`` by
@@ -86,7 +83,7 @@ class ItemSource:
         items: int = DEFAULT_AFFINITY_ITEMS,
     ) -> ItemSource | None:
         """The item model in ``directory``, else in ``<model_dir>/items`` when there is one."""
-        from service.contracts.item_model import ItemModel
+        from service.contracts.item_model import ITEMS_DIR, ItemModel
 
         path = Path(directory) if directory is not None else Path(model_dir) / ITEMS_DIR
         if directory is not None and not path.is_dir():

@@ -27,6 +27,7 @@ from service.contracts.item_network import ItemModelConfig, ItemSequenceModel
 from service.contracts.manifest import ManifestError
 from service.contracts.tokens import Code
 
+ITEMS_DIR = "items"  # the item-level model's default place: inside the model directory
 WEIGHTS_FILE = "item_model.safetensors"
 MANIFEST_FILE = "manifest.json"
 

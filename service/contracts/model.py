@@ -25,6 +25,7 @@ from service.contracts.think_ahead import (
     DEFAULT_AFFINITY_CANDIDATES,
     DEFAULT_COVISIT_CANDIDATES,
     DEFAULT_WEIGHTS,
+    RerankSettings,
     ScoringSettings,
 )
 from service.contracts.tokens import TokenIds
@@ -75,6 +76,8 @@ class ServingConfig(BaseModel):
     weights: FusionWeights = Field(default_factory=lambda: DEFAULT_WEIGHTS)
     covisit_candidates: int = Field(default=DEFAULT_COVISIT_CANDIDATES, ge=0)
     affinity_candidates: int = Field(default=DEFAULT_AFFINITY_CANDIDATES, ge=0)
+    # the no-engine answer after fresh events; None: RerankSettings' defaults
+    rerank: RerankSettings | None = None
     covisit_version: str | None = None
     item_model_version: str | None = None  # the item-level model the weights were learned with
     chosen_on: str | None = None
@@ -97,6 +100,8 @@ class ServingConfig(BaseModel):
             "covisit_candidates": self.covisit_candidates,
             "affinity_candidates": self.affinity_candidates,
         }
+        if self.rerank is not None:
+            learned["rerank"] = self.rerank
         return ScoringSettings.model_validate(learned | overrides)
 
     def write(self, model_dir: Path | str) -> None:

@@ -58,6 +58,30 @@ DEFAULT_AFFINITY_CANDIDATES = 10
 DEFAULT_PREFIXES = 32
 
 
+class RerankSettings(BaseModel):
+    """How the no-engine fresh answer weighs what it knows: the stored answer's decoder and
+    offline terms (computed for the history before the fresh events), the fresh co-visitation,
+    and the fresh history's item-level scores when the service encodes it
+    (``service.core.fresh_items``). Chosen on validation (``benchmarks/beauty/fresh-paths.md``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weights: FusionWeights | None = Field(
+        default=None, description="the fused score's weights here (None: the served ones)"
+    )
+    stored: float = Field(
+        default=1.0,
+        ge=0,
+        description="scale of the stored decoder and offline terms: they describe the history "
+        "before the fresh events",
+    )
+    affinity_candidates: int = Field(
+        default=20,
+        ge=0,
+        description="the fresh history's best item-level items added to the candidates",
+    )
+
+
 class ScoringSettings(BaseModel):
     """Everything that decides a user's served ranking besides the model, the catalog and the
     snapshot entry itself."""
@@ -92,6 +116,10 @@ class ScoringSettings(BaseModel):
         description="reuse log P(c | a, b) stored in the snapshot, renormalised over the c's "
         "still allowed: no engine request for the c step of a prefix whose allowed c's were "
         "all stored (exact for an unchanged history)",
+    )
+    rerank: RerankSettings = Field(
+        default_factory=lambda: RerankSettings(),
+        description="the no-engine answer after fresh events (THINK_AHEAD_RERANK)",
     )
 
     def key(self) -> str:
@@ -235,35 +263,47 @@ class ThinkAheadScorer:
         stale_covisit: Mapping[str, float],
         constraint: Constraint | None = None,
         on_corrupt: OnCorrupt = _ignore,
+        fresh_affinity: Affinity | None = None,
     ) -> list[tuple[Code, float]] | None:
         """The fresh-event answer without an engine round: the entry's stored answer (ranked
-        under the history it was computed from) re-scored for the fresh history's
-        co-visitation, plus the fresh events' co-visitation neighbours it lacked; None when the
-        entry stores no answer.
+        under the history it was computed from) re-scored for the fresh history, plus the
+        fresh candidates it lacked; None when the entry stores no answer.
 
-        A stored item keeps its decoder and offline terms and swaps its co-visitation feature
-        (``stale_covisit``: the scores under the entry's history) for the fresh one. A new
-        neighbour's decoder and offline terms are not known without the engine: it gets the
-        lowest of the stored items' (it was not in the top answer, so the decoder put it
-        lower), plus its own features. Measured against the engine path on validation
-        (``thinkahead eval --stale-events 1 --fresh-path rerank``)."""
+        A stored item keeps its decoder and offline terms (scaled by ``rerank.stored``) and
+        swaps its co-visitation feature (``stale_covisit``: the scores under the entry's
+        history) for the fresh one; with ``fresh_affinity`` (the fresh history's best
+        item-level items, encoded by the service) its item-level feature too. A new candidate
+        (the fresh events' co-visitation neighbours, the fresh item-level items) has no decoder
+        or offline term without the engine: it gets the lowest of the stored items' (it was not
+        in the top answer, so the decoder put it lower), plus its own features. Measured
+        against the engine path on validation (``thinkahead eval --stale-events 1 --fresh-path
+        rerank``)."""
         s = self.settings
         raw = _unpack("snapshot_answer", unpack_scored, value.answer, on_corrupt)
         if not raw:
             return None
-        affinity = _unpack("snapshot_affinity", Affinity.unpack, value.affinity, on_corrupt)
-        fresh = ItemFeatures(self.catalog, covisit, affinity or NO_AFFINITY)
-        stale = ItemFeatures(self.catalog, stale_covisit, affinity or NO_AFFINITY)
+        stored = _unpack("snapshot_affinity", Affinity.unpack, value.affinity, on_corrupt)
+        stored = stored or NO_AFFINITY
+        fresh_items = fresh_affinity if fresh_affinity is not None else stored
+        fresh = ItemFeatures(self.catalog, covisit, fresh_items)
+        stale = ItemFeatures(self.catalog, stale_covisit, stored)
         allowed = constraint if constraint is not None else self.constraint(history)
         rest: dict[Code, float] = {}  # decoder + offline terms of the stored items
         for code, score in raw:
             rest[code] = score - stale.bonus(code, s.weights)
         floor = min(rest.values())
         codes = (self.catalog.code_of(item) for item in top_scored(covisit, s.covisit_candidates))
-        neighbours = [c for c in codes if c is not None and c not in rest]
+        new = [c for c in codes if c is not None]
+        if fresh_affinity is not None:
+            new.extend(code for code, _ in fresh_affinity.ranked[: s.rerank.affinity_candidates])
+        weights = s.rerank.weights or s.weights
+        scale = s.rerank.stored
         ranked = [
-            (c, base + fresh.bonus(c, s.weights))
-            for c, base in [*rest.items(), *((n, floor) for n in neighbours)]
+            (c, scale * base + fresh.bonus(c, weights))
+            for c, base in [
+                *rest.items(),
+                *((n, floor) for n in dict.fromkeys(new) if n not in rest),
+            ]
             if allowed.allows(c)
         ]
         ranked.sort(key=lambda cs: (-cs[1], cs[0]))

@@ -1,4 +1,5 @@
-"""One request's deadline and the one stage timer of the chain's reads and engine rounds."""
+"""One request's deadline and the one stage timer of the chain's reads, engine rounds and
+in-process encodes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from prometheus_client import Histogram
 
 from service.core.types import Timings
 
-Stage = Literal["redis", "decode"]
+Stage = Literal["redis", "decode", "encode"]
 
 
 class Clock:
@@ -23,7 +24,7 @@ class Clock:
         self.start = time.perf_counter()
         self.deadline = self.start + budget_s
         self._stage_seconds = stage_seconds
-        self._spent: dict[Stage, float] = {"redis": 0.0, "decode": 0.0}
+        self._spent: dict[Stage, float] = {"redis": 0.0, "decode": 0.0, "encode": 0.0}
 
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()

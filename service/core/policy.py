@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from service.config import RecommendSettings
 from service.contracts.answers import unpack_answer
@@ -44,6 +44,9 @@ from service.errors import InvalidRequest
 from service.metrics import Metrics
 from service.storage.store import UserRead
 
+if TYPE_CHECKING:  # torch stays out of the chain's imports
+    from service.core.fresh_items import FreshItems
+
 # Answers made from the user's snapshot entry: they may show its rationale.
 _FROM_ENTRY = frozenset({Source.THINK_AHEAD, Source.THINK_AHEAD_RERANK})
 # After these, full decode is not tried: the engine just failed, or the budget is spent.
@@ -64,8 +67,12 @@ class Recommender:
         scoring: ScoringSettings,
         metrics: Metrics,
         max_snapshot_age_s: float,
+        fresh_items: FreshItems | None = None,
     ) -> None:
+        """``fresh_items``: the item-level model, to encode a fresh history for the no-engine
+        answer after an event (None: that answer uses the entry's stored item-level scores)."""
         self.catalog = catalog
+        self.fresh_items = fresh_items
         self.model = model
         self.reads = reads
         self.corrupt = reads.corrupt  # the one decode-or-count helper, shared with the reads
@@ -211,8 +218,9 @@ class Recommender:
 
     async def _rerank(self, ctx: RequestContext, value: UserPrefixes) -> list[ScoredItem] | None:
         """The fresh-event answer without an engine round: the entry's stored answer re-ranked
-        for the fresh co-visitation (``ThinkAheadScorer.rerank``); None when the entry stores
-        no answer for this scoring."""
+        for the fresh co-visitation and, with :attr:`fresh_items`, the fresh history's
+        item-level scores (``ThinkAheadScorer.rerank``); None when the entry stores no answer
+        for this scoring."""
         manifest = ctx.manifest
         if manifest is None or manifest.answers_key != self.answer_scoring(manifest).key():
             return None
@@ -222,8 +230,19 @@ class Recommender:
         if old is not None and ctx.snapshot_id is not None:
             old_ids = [i for c in old if (i := self.catalog.item_at(c)) is not None]
             stale = await self.reads.covisit(ctx.snapshot_id, old_ids, set(old_ids), ctx.clock)
+        fresh_affinity = None
+        if self.fresh_items is not None:
+            fresh_affinity = await self.fresh_items.affinity(
+                ctx.history, self.scorer.settings.exclude_history, ctx.clock
+            )
         ranked = self.scorer.rerank(
-            value, ctx.history, fresh, stale, ctx.constraint, self.corrupt.count
+            value,
+            ctx.history,
+            fresh,
+            stale,
+            ctx.constraint,
+            self.corrupt.count,
+            fresh_affinity=fresh_affinity,
         )
         return top_items(self.catalog, ranked, ctx.q.k) if ranked else None
 

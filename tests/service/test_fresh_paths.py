@@ -6,6 +6,7 @@ real worker, the real core and a real redis-server; a fake engine."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,9 +14,14 @@ from typing import Any
 
 import pytest
 import redis
+import torch
 
 from offline.catalog.covisit import build_covisit_file
+from offline.items.artifact import save_item_model
 from offline.thinkahead.worker import ThinkAheadJob, ThinkAheadRun
+from service.contracts.catalog import Catalog
+from service.contracts.item_model import ITEMS_DIR, left_padded
+from service.contracts.item_network import ItemModelConfig, ItemSequenceModel
 from service.contracts.snapshot import Keyspace
 from service.core import RecommendQuery, Source
 from service.runtime import Runtime, open_runtime
@@ -37,11 +43,40 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     return catalog_dir, model_dir, interactions
 
 
+@pytest.fixture(scope="module")
+def artifacts_with_items(
+    artifacts: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, Path, str]:
+    """The same artifacts plus an item-level model in the model directory, made so that one
+    item, TARGET, is the best item for u2's history after the event "7" and scores 0 for
+    the history before it: only an encode of the fresh history can find it."""
+    catalog_dir, model_dir, interactions = artifacts
+    with_items = tmp_path_factory.mktemp("fresh-items") / "model"
+    shutil.copytree(model_dir, with_items)
+    catalog = Catalog.load(catalog_dir)
+    torch.manual_seed(0)
+    net = ItemSequenceModel(ItemModelConfig(num_items=len(catalog), dim=16, mixer="bsarec"))
+    net.eval()
+    rows = [catalog.row_of[i] for i in ("1", "2", "7")]
+    target = catalog.row_of[TARGET]
+    with torch.no_grad():
+        old = net.user_vectors(left_padded([rows[:2]]))[0]
+        new = net.user_vectors(left_padded([rows]))[0]
+        only_new = new - (new @ old) / (old @ old) * old  # orthogonal to the old history
+        net.items.weight[target + 1] = 50 * only_new / (only_new @ new)
+    (with_items / ITEMS_DIR).mkdir()
+    save_item_model(with_items / ITEMS_DIR, net, catalog.version, 0, {})
+    return catalog_dir, with_items, interactions, TARGET
+
+
+TARGET = "50"  # not in u2's history, its answer or the neighbours of "7"
+
+
 @asynccontextmanager
 async def serving(
-    artifacts: tuple[Path, Path, Path], redis_url: str, **recommend: Any
+    artifacts: tuple[Path, ...], redis_url: str, **recommend: Any
 ) -> AsyncIterator[tuple[Runtime, FakeEngine]]:
-    catalog_dir, model_dir, interactions = artifacts
+    catalog_dir, model_dir, interactions = artifacts[:3]
     job = ThinkAheadJob(prefixes=4, beam=4, answer_items=8, grace_s=0)
     run = ThinkAheadRun(model_dir, catalog_dir, interactions, redis_url, job)
     run.seed_histories(interactions)
@@ -78,6 +113,29 @@ async def test_rerank_answers_a_fresh_event_without_an_engine_round(artifacts, r
     # "7" is followed by items 20+ in the other users' histories: its neighbours join
     assert any(int(i) >= 20 for i in ids)
     assert ids != [i.item_id for i in unchanged.items]
+
+
+async def test_rerank_encodes_the_fresh_history_with_the_item_level_model(
+    artifacts_with_items, redis_url
+) -> None:  # type: ignore[no-untyped-def]
+    """The no-engine answer after an event asks the service's item-level model about the fresh
+    history: its best item (scored 0 under the old history, so not in the stored answer) leads
+    the answer; without the model the same request re-ranks with the stored scores only."""
+    target = artifacts_with_items[3]
+    async with serving(artifacts_with_items, redis_url, fresh_path="rerank") as (rt, engine):
+        assert rt.core.fresh_items is not None
+        unchanged = await rt.core.recommend(RecommendQuery("u2", k=10))
+        await rt.events.append("u2", ["7"])
+        fresh = await rt.core.recommend(RecommendQuery("u2", k=10))
+        items, rt.core.fresh_items = rt.core.fresh_items, None
+        stored_only = await rt.core.recommend(RecommendQuery("u2", k=10))
+        rt.core.fresh_items = items
+    assert target not in {i.item_id for i in unchanged.items}
+    assert fresh.source is stored_only.source is Source.THINK_AHEAD_RERANK
+    assert engine.calls == 0 and fresh.timings.decode_ms == 0
+    assert fresh.items[0].item_id == target
+    assert target not in {i.item_id for i in stored_only.items}
+    assert not {"1", "2", "7"} & {i.item_id for i in fresh.items}
 
 
 async def test_auto_takes_the_round_until_rounds_stop_fitting_the_budget(

@@ -7,12 +7,18 @@ import math
 
 import numpy as np
 
+from service.contracts.affinity import Affinity
 from service.contracts.answers import pack_answer
 from service.contracts.catalog import Catalog
 from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import CatalogManifest
 from service.contracts.snapshot import Prefix, UserPrefixes, history_digest
-from service.contracts.think_ahead import ScoringSettings, ThinkAheadScorer, entry_history
+from service.contracts.think_ahead import (
+    RerankSettings,
+    ScoringSettings,
+    ThinkAheadScorer,
+    entry_history,
+)
 from service.contracts.tokens import TokenIds, all_item_tokens
 
 # six items over K=4: i0 (0,0,0) i1 (0,0,1) i2 (0,1,0) i3 (1,0,0) i4 (1,0,2) i5 (2,1,1)
@@ -81,3 +87,50 @@ def test_the_stored_answer_is_re_ranked_for_the_fresh_co_visitation() -> None:
     assert abs(scores[CODES[0]] - (-1.0)) < 1e-5  # stored as float32
     assert abs(scores[CODES[3]] - (-3.0 + math.log1p(50.0))) < 1e-5
     assert s.rerank(entry(old, []), fresh_history, fresh_cov, stale_cov) is None
+
+
+def test_the_fresh_item_level_scores_replace_the_stored_ones_and_add_candidates() -> None:
+    """With the fresh history encoded (the service's item-level model), a stored item's stale
+    item-level score is swapped for the fresh one, and the fresh history's best items join
+    even when neither the stored answer nor the co-visitation had them."""
+    base = scorer(affinity=1.0)
+    old = [CODES[5]]
+    stored_affinity = Affinity.of_items([(CODES[0], 4.0), (CODES[1], 1.0)])
+    # the worker's fused scores: decoder -1 / -1.2 plus the stored item-level terms
+    answer = [(CODES[0], -1.0 + 4.0), (CODES[1], -1.2 + 1.0)]
+    value = UserPrefixes(**{**entry(old, answer).__dict__, "affinity": stored_affinity.pack()})
+    fresh_history = [*old, CODES[2]]
+    fresh = Affinity.of_items([(CODES[4], 6.0), (CODES[1], 5.0), (CODES[0], 0.5)])
+    stale_only = base.rerank(value, fresh_history, {}, {})
+    assert stale_only is not None
+    assert [c for c, _ in stale_only] == [CODES[0], CODES[1]]  # nothing fresh is known
+    ranked = base.rerank(value, fresh_history, {}, {}, fresh_affinity=fresh)
+    assert ranked is not None
+    scores = dict(ranked)
+    assert [c for c, _ in ranked] == [CODES[4], CODES[1], CODES[0]]
+    assert abs(scores[CODES[1]] - (-1.2 + 5.0)) < 1e-5  # its stored decoder term, fresh score
+    assert abs(scores[CODES[4]] - (-1.2 + 6.0)) < 1e-5  # new: the lowest stored decoder term
+    none_added = ScoringSettings(
+        weights=FusionWeights(affinity=1.0),
+        covisit_candidates=5,
+        rerank=RerankSettings(affinity_candidates=0),
+    )
+    kept = ThinkAheadScorer(base.catalog, base.ids, none_added).rerank(
+        value, fresh_history, {}, {}, fresh_affinity=fresh
+    )
+    assert kept is not None and CODES[4] not in dict(kept)
+    # stored terms scaled to 0: the fresh item-level scores alone decide
+    fresh_only = ScoringSettings(
+        weights=FusionWeights(affinity=1.0), rerank=RerankSettings(stored=0.0)
+    )
+    alone = ThinkAheadScorer(base.catalog, base.ids, fresh_only).rerank(
+        value, fresh_history, {}, {}, fresh_affinity=fresh
+    )
+    assert alone is not None and [c for c, _ in alone] == [CODES[4], CODES[1], CODES[0]]
+    assert abs(dict(alone)[CODES[0]] - 0.5) < 1e-5
+    # the constraint still rules: an excluded fresh item never appears
+    blocked = base.rerank(
+        value, fresh_history, {}, {}, base.constraint(fresh_history, [CODES[4]]),
+        fresh_affinity=fresh,
+    )  # fmt: skip
+    assert blocked is not None and CODES[4] not in dict(blocked)
