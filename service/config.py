@@ -113,7 +113,10 @@ class RecommendSettings(BaseModel):
         default="auto",
         description="after fresh events (no re-thought entry yet): 'engine' scores the "
         "candidates in one engine round; 'rerank' re-ranks the entry's stored answer for the "
-        "fresh co-visitation without one; 'auto' takes the round unless the rounds in flight "
+        "fresh history without one (with the fresh item-level scores when fresh_item_model "
+        "is on and the model has items/); 'auto' re-ranks when the service encodes the fresh "
+        "history (on Beauty validation that answer keeps 105% of the engine round's NDCG@10: "
+        "benchmarks/beauty/fresh-paths.md), else takes the round unless the rounds in flight "
         "say it would not end within the budget or within fresh_round_target_ms",
     )
     fresh_round_target_ms: float | None = Field(

@@ -3,10 +3,10 @@ service, one module per group of commands (``offline/cli/<group>.py``) over the 
 aliases of :mod:`offline.cli.common`.
 
 Pipeline stages, in order: ``catalog build``, ``train`` (and ``train-items``), ``model
-add-item-tokens`` (an existing LLM instead), ``tune-blend``, ``think-ahead``, ``serve``; beside
-them ``covisit build``, ``history load``, ``eval``, ``quality-report``, ``bench`` and ``demo``
-(the whole pipeline on a sample). Input errors print ``error: <message>`` to stderr and exit
-with code 2.
+add-item-tokens`` (an existing LLM instead), ``tune-blend``, ``tune-rerank``, ``think-ahead``,
+``serve``; beside them ``covisit build``, ``history load``, ``eval``, ``quality-report``,
+``bench`` and ``demo`` (the whole pipeline on a sample). Input errors print
+``error: <message>`` to stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ app.command("snapshot-size")(thinkahead.snapshot_size_cmd)
 app.command("serve")(serve.serve_cmd)
 app.add_typer(covisit_app, name="covisit")
 app.command("tune-blend")(evaluate.tune_blend_cmd)
+app.command("tune-rerank")(evaluate.tune_rerank_cmd)
 app.command("quality-report")(evaluate.quality_report_cmd)
 app.add_typer(thinkahead.history_app, name="history")
 app.add_typer(model_app, name="model")

@@ -1,5 +1,6 @@
-"""``thinkahead eval``, ``tune-blend`` and ``quality-report``: quality on the leave-one-out
-splits, the fused score's weights (validation only) and the report beside published figures."""
+"""``thinkahead eval``, ``tune-blend``, ``tune-rerank`` and ``quality-report``: quality on the
+leave-one-out splits, the fused score's weights and the no-engine fresh answer's settings
+(validation only) and the report beside published figures."""
 
 from __future__ import annotations
 
@@ -110,6 +111,40 @@ def tune_blend_cmd(
     )
     shown = ("weights", "covisit_candidates", "affinity_candidates", "tuning")
     typer.echo(json.dumps({k: config[k] for k in shown}))
+
+
+@user_errors
+def tune_rerank_cmd(
+    model: Annotated[Path, typer.Option(help="model directory (serving.json is written there)")],
+    catalog: CatalogDir,
+    interactions: Interactions,
+    prefixes: Annotated[int, typer.Option(help="M prefixes, as served")] = default_of(
+        RecommendSettings, "max_prefixes"
+    ),
+    beam: Annotated[int, typer.Option(help="the worker's beam, as `eval --beam`")] = default_of(
+        RecommendSettings, "full_decode_beam"
+    ),
+    limit: Annotated[int | None, typer.Option(help="validation users sampled")] = 3000,
+    engine: EngineChoice = "vllm",
+    item_model: ItemModelDir = None,
+    progress: Progress = True,
+) -> None:
+    """Learn the no-engine fresh answer's settings on the validation split (after
+    tune-blend): users one event past their entry, the stored answer re-ranked."""
+    from offline.eval.tune_rerank import tune_rerank
+
+    config = tune_rerank(
+        model,
+        catalog,
+        interactions,
+        prefixes=prefixes,
+        beam=beam,
+        limit=limit,
+        engine=engine,
+        progress=progress,
+        item_model=item_model,
+    )
+    typer.echo(json.dumps({k: config[k] for k in ("rerank", "rerank_tuning")}))
 
 
 @user_errors

@@ -76,8 +76,11 @@ class ServingConfig(BaseModel):
     weights: FusionWeights = Field(default_factory=lambda: DEFAULT_WEIGHTS)
     covisit_candidates: int = Field(default=DEFAULT_COVISIT_CANDIDATES, ge=0)
     affinity_candidates: int = Field(default=DEFAULT_AFFINITY_CANDIDATES, ge=0)
-    # the no-engine answer after fresh events; None: RerankSettings' defaults
+    # the no-engine answer after fresh events (``thinkahead tune-rerank``, run after
+    # tune-blend: a new tune-blend drops it, the stored answers it re-ranks having changed);
+    # None: RerankSettings' defaults
     rerank: RerankSettings | None = None
+    rerank_tuning: dict[str, Any] = Field(default_factory=dict)
     covisit_version: str | None = None
     item_model_version: str | None = None  # the item-level model the weights were learned with
     chosen_on: str | None = None

@@ -212,9 +212,11 @@ class Recommender:
         mode = self.settings.fresh_path
         if mode == "engine" or ctx.manifest is None:
             return False
+        if mode == "rerank" or self.fresh_items is not None:
+            return True  # with the fresh encode the re-rank is the better answer, not a cheaper one
         target_ms = self.settings.fresh_round_target_ms
         target_s = None if target_ms is None else target_ms / 1000
-        return mode == "rerank" or not self.rounds.round_fits(ctx.clock, target_s)
+        return not self.rounds.round_fits(ctx.clock, target_s)
 
     async def _rerank(self, ctx: RequestContext, value: UserPrefixes) -> list[ScoredItem] | None:
         """The fresh-event answer without an engine round: the entry's stored answer re-ranked

@@ -171,6 +171,24 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     label, row, _ = served_row(model, common, tmp_path / "stale.json", "--stale-events", "1")
     assert "reused" in label and row["invalid_items"] == 0 and row["users"] == 60
 
+    # the no-engine answer after an event, tuned on the same users one event behind; the eval
+    # of that path with the recorded settings finds the tune's own figure (the same code)
+    result = run_cli(
+        *["tune-rerank", "--model", str(model), *common, "--limit", "60", "--prefixes", "8"]
+    )
+    assert result.exit_code == 0, result.output
+    tuned = ServingConfig.model_validate_json((model / "serving.json").read_text())
+    assert tuned.weights == serving.weights and tuned.rerank is not None
+    record = tuned.rerank_tuning
+    assert record["fresh_item_model"] == serving.item_model_version
+    assert record["best"]["ndcg@10"] == max(r["ndcg@10"] for r in record["top"])
+    assert record["best"]["ndcg@10"] >= record["served_weights_without_encode"]["ndcg@10"]
+    label, row, _ = served_row(
+        model, common, tmp_path / "rerank.json", "--stale-events", "1", "--fresh-path", "rerank"
+    )
+    assert "re-ranked with the fresh item-level scores" in label and row["invalid_items"] == 0
+    assert abs(row["ndcg@10"] - record["best"]["ndcg@10"]) < 1e-4
+
 
 def served_row(
     model: Path, common: list[str], out: Path, *extra: str

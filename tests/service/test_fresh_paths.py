@@ -138,6 +138,20 @@ async def test_rerank_encodes_the_fresh_history_with_the_item_level_model(
     assert not {"1", "2", "7"} & {i.item_id for i in fresh.items}
 
 
+async def test_auto_re_ranks_without_the_engine_when_the_fresh_history_is_encoded(
+    artifacts_with_items, redis_url
+) -> None:  # type: ignore[no-untyped-def]
+    """With the item-level model in the service the re-rank is the better answer (validation:
+    fresh-paths.md), so auto takes it even on an idle engine; without the model, the round."""
+    async with serving(artifacts_with_items, redis_url) as (rt, engine):
+        await rt.events.append("u3", ["7"])
+        encoded = await rt.core.recommend(RecommendQuery("u3", k=5))
+        assert encoded.source is Source.THINK_AHEAD_RERANK and engine.calls == 0
+        rt.core.fresh_items = None
+        round_ = await rt.core.recommend(RecommendQuery("u3", k=5))
+    assert round_.source is Source.THINK_AHEAD and engine.calls == 1
+
+
 async def test_auto_takes_the_round_until_rounds_stop_fitting_the_budget(
     artifacts, redis_url
 ) -> None:  # type: ignore[no-untyped-def]
