@@ -56,6 +56,11 @@ DEFAULT_WEIGHTS = FusionWeights(offline=0.0, covisit=4.0, popularity=0.1, affini
 DEFAULT_COVISIT_CANDIDATES = 10
 DEFAULT_AFFINITY_CANDIDATES = 10
 DEFAULT_PREFIXES = 32
+# The no-engine fresh answer's, as `thinkahead tune-rerank` chose them on Beauty's validation
+# split (benchmarks/beauty/fresh-paths.md): the stored decoder terms, computed for the history
+# before the event, count a quarter; the fresh item-level scores twice.
+DEFAULT_RERANK_WEIGHTS = FusionWeights(offline=0.0, covisit=4.0, popularity=0.0, affinity=2.0)
+DEFAULT_RERANK_STORED = 0.25
 
 
 class RerankSettings(BaseModel):
@@ -67,10 +72,11 @@ class RerankSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     weights: FusionWeights | None = Field(
-        default=None, description="the fused score's weights here (None: the served ones)"
+        default_factory=lambda: DEFAULT_RERANK_WEIGHTS,
+        description="the fused score's weights here (None: the served ones)",
     )
     stored: float = Field(
-        default=1.0,
+        default=DEFAULT_RERANK_STORED,
         ge=0,
         description="scale of the stored decoder and offline terms: they describe the history "
         "before the fresh events",

@@ -4,6 +4,7 @@ damaged field does to a plan, and the no-engine re-rank of a stored answer after
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from service.contracts.answers import pack_answer
 from service.contracts.catalog import Catalog
 from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import CatalogManifest
+from service.contracts.model import ServingConfig, load_serving_config
 from service.contracts.snapshot import Prefix, UserPrefixes, history_digest
 from service.contracts.think_ahead import (
     RerankSettings,
@@ -34,7 +36,11 @@ def catalog() -> Catalog:
 
 def scorer(**weights: float) -> ThinkAheadScorer:
     vocab = {t: i for i, t in enumerate(["<|sid_begin|>", "<|sid_end|>", *all_item_tokens(4)])}
-    settings = ScoringSettings(weights=FusionWeights(**weights), covisit_candidates=5)
+    # the re-rank with the served weights and whole stored terms: the arithmetic stays legible
+    rerank = RerankSettings(weights=None, stored=1.0)
+    settings = ScoringSettings(
+        weights=FusionWeights(**weights), covisit_candidates=5, rerank=rerank
+    )
     return ThinkAheadScorer(catalog(), TokenIds.from_vocab(vocab, 4), settings)
 
 
@@ -110,18 +116,16 @@ def test_the_fresh_item_level_scores_replace_the_stored_ones_and_add_candidates(
     assert [c for c, _ in ranked] == [CODES[4], CODES[1], CODES[0]]
     assert abs(scores[CODES[1]] - (-1.2 + 5.0)) < 1e-5  # its stored decoder term, fresh score
     assert abs(scores[CODES[4]] - (-1.2 + 6.0)) < 1e-5  # new: the lowest stored decoder term
-    none_added = ScoringSettings(
-        weights=FusionWeights(affinity=1.0),
-        covisit_candidates=5,
-        rerank=RerankSettings(affinity_candidates=0),
+    none_added = base.settings.model_copy(
+        update={"rerank": RerankSettings(weights=None, stored=1.0, affinity_candidates=0)}
     )
     kept = ThinkAheadScorer(base.catalog, base.ids, none_added).rerank(
         value, fresh_history, {}, {}, fresh_affinity=fresh
     )
     assert kept is not None and CODES[4] not in dict(kept)
     # stored terms scaled to 0: the fresh item-level scores alone decide
-    fresh_only = ScoringSettings(
-        weights=FusionWeights(affinity=1.0), rerank=RerankSettings(stored=0.0)
+    fresh_only = base.settings.model_copy(
+        update={"rerank": RerankSettings(weights=None, stored=0.0)}
     )
     alone = ThinkAheadScorer(base.catalog, base.ids, fresh_only).rerank(
         value, fresh_history, {}, {}, fresh_affinity=fresh
@@ -134,3 +138,16 @@ def test_the_fresh_item_level_scores_replace_the_stored_ones_and_add_candidates(
         fresh_affinity=fresh,
     )  # fmt: skip
     assert blocked is not None and CODES[4] not in dict(blocked)
+
+
+def test_the_re_rank_settings_come_from_serving_json_and_never_key_stored_answers(
+    tmp_path: Path,
+) -> None:
+    """tune-rerank records them in serving.json; they shape only the fresh-event answer, so a
+    snapshot's stored answers stay servable whatever they are."""
+    tuned = RerankSettings(weights=FusionWeights(covisit=1.0), stored=0.5, affinity_candidates=7)
+    ServingConfig(weights=FusionWeights(covisit=2.0), rerank=tuned).write(tmp_path)
+    settings = load_serving_config(tmp_path).scoring()
+    assert settings.rerank == tuned
+    assert ServingConfig(weights=FusionWeights(covisit=2.0)).scoring().rerank == RerankSettings()
+    assert settings.key() == settings.model_copy(update={"rerank": RerankSettings()}).key()
