@@ -100,6 +100,12 @@ def tune_rerank(
         fresh_path="rerank",
     )
     served = ThinkAheadScorer(catalog, info.token_ids, scoring)
+    # the re-rank before the fresh encode: served weights, whole stored terms, no encode
+    plain = ThinkAheadScorer(
+        catalog,
+        info.token_ids,
+        scoring.model_copy(update={"rerank": RerankSettings(weights=None, stored=1.0)}),
+    )
     grid = rerank_grid(scoring.weights, items is not None)
     scorers = [
         ThinkAheadScorer(catalog, info.token_ids, scoring.model_copy(update={"rerank": r}))
@@ -109,7 +115,8 @@ def tune_rerank(
     thinker = spec.thinker(batch_engine(engine, model_dir, info), served, info, covisit, items,
                            DEFAULT_ANSWER_ITEMS)  # fmt: skip
     ranked: list[list[list[str]]] = [[] for _ in grid]
-    untuned: list[list[str]] = []  # the defaults, without the fresh encode: the old re-rank
+    untuned: list[list[str]] = []  # ``plain``
+    alone: list[list[str]] = []  # the item-level model alone on the fresh history
     targets: list[str] = []
     for chunk, fresh, values in spec.entries(thinker, catalog, info, examples, "tune-rerank"):
         encoded = (
@@ -120,7 +127,9 @@ def tune_rerank(
         for e, history, value, affinity in zip(chunk, fresh, values, encoded, strict=True):
             targets.append(e.target)
             inputs = _rerank_inputs(e.history, covisit)
-            untuned.append(_top(served.rerank(value, history, *inputs), catalog, k))
+            untuned.append(_top(plain.rerank(value, history, *inputs), catalog, k))
+            if affinity is not None:
+                alone.append(_top(affinity.ranked, catalog, k))
             for n, scorer in enumerate(scorers):
                 reranked = _rerank(scorer, value, history, inputs, affinity)
                 ranked[n].append(_top(reranked, catalog, k))
@@ -143,7 +152,10 @@ def tune_rerank(
                 f"snapshot entry: the best NDCG@{k} over a grid of {len(grid)} settings",
                 "fresh_item_model": items.model.version if items is not None else None,
                 "best": row(best),
-                "served_weights_without_encode": _rounded(untuned_row, k),
+                "without_encode": _rounded(untuned_row, k),
+                "item_level_alone": _rounded(ranking_metrics(alone, targets, (k,)), k)
+                if alone
+                else None,
                 "top": [row(n) for n in order[:10]],
                 "seconds": round(time.monotonic() - t0, 1),
                 "created_at": utc_now(),

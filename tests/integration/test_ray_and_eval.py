@@ -182,7 +182,8 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     record = tuned.rerank_tuning
     assert record["fresh_item_model"] == serving.item_model_version
     assert record["best"]["ndcg@10"] == max(r["ndcg@10"] for r in record["top"])
-    assert record["best"]["ndcg@10"] >= record["served_weights_without_encode"]["ndcg@10"]
+    assert record["best"]["ndcg@10"] >= record["without_encode"]["ndcg@10"]
+    assert set(record["item_level_alone"]) == {"recall@10", "ndcg@10"}  # it has an item model
     label, row, _ = served_row(
         model, common, tmp_path / "rerank.json", "--stale-events", "1", "--fresh-path", "rerank"
     )
