@@ -418,6 +418,9 @@ class RethinkWorker:
         return stop_session(self.process, timeout)
 
 
+RETHINK_NICE = 10
+
+
 def start_rethink(
     model_dir: Path,
     catalog_dir: Path,
@@ -433,6 +436,9 @@ def start_rethink(
         "torch",
         "--metrics-port",
         str(port),
+        # near-line work on the service's cores: requests go first, the lag shows the cost
+        "--nice",
+        str(RETHINK_NICE),
     ]
     proc = subprocess.Popen(
         args,

@@ -156,6 +156,15 @@ def rethink_cmd(
         int | None, typer.Option(help="serve Prometheus metrics on this port")
     ] = None,
     cluster: Annotated[bool, typer.Option(help="the URL is a Redis Cluster node")] = False,
+    nice: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=19,
+            help="lower the worker's CPU priority by this much: on cores it shares with the "
+            "service (10), requests go first and the re-think lag grows instead",
+        ),
+    ] = 0,
 ) -> None:
     """Near-line re-think: recompute the snapshot entries of the users who just acted (the
     events stream), with the nightly worker's code, until stopped."""
@@ -176,6 +185,8 @@ def rethink_cmd(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if nice:
+        os.nice(nice)
     guard_descendants()  # the engine's processes never outlive this one
     rethinker = Rethinker(
         model,

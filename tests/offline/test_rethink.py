@@ -5,6 +5,7 @@ claimed and done."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -123,3 +124,31 @@ def test_the_worker_refuses_a_snapshot_of_another_model(world, tmp_path: Path) -
     with pytest.raises(InputError, match="built with model"):
         worker.process(_batch(entries))
     assert not worker._thinkers  # nothing built for a snapshot it must not write into
+
+
+def test_the_cli_worker_lowers_its_own_cpu_priority_when_told(world) -> None:  # type: ignore[no-untyped-def]
+    """``thinkahead rethink --nice 10``: the process runs at nice 10 (requests on shared cores
+    go first) and still stops cleanly on SIGTERM."""
+    import signal
+    import subprocess
+
+    from offline.localproc import cli_command, launch_env
+
+    catalog_dir, model_dir, url = world
+    before = os.nice(0)
+    proc = subprocess.Popen(
+        [*cli_command("rethink", model_dir, catalog_dir, url), "--nice", "10"],
+        env=launch_env(None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()  # printed once the worker is set up
+        assert line.startswith("re-thinking users from"), line
+        # /proc/<pid>/stat field 19 is the nice value (after the command name's parentheses)
+        nice = int(Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        assert nice == before + 10
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
