@@ -93,6 +93,14 @@ def tune_blend_cmd(
     limit: Annotated[int | None, typer.Option(help="validation users sampled")] = 5000,
     engine: EngineChoice = "vllm",
     item_model: ItemModelDir = None,
+    judge_fresh: Annotated[
+        bool | None,
+        typer.Option(
+            "--judge-fresh/--no-judge-fresh",
+            help="also judge on users one event past their entry scored by an engine round; "
+            "default: only without an item-level model (with one, tune-rerank owns that path)",
+        ),
+    ] = None,
     progress: Progress = True,
 ) -> None:
     """Learn the fused score's weights on the validation split (never on test)."""
@@ -108,6 +116,7 @@ def tune_blend_cmd(
         engine=engine,
         progress=progress,
         item_model=item_model,
+        judge_fresh=judge_fresh,
     )
     shown = ("weights", "covisit_candidates", "affinity_candidates", "tuning")
     typer.echo(json.dumps({k: config[k] for k in shown}))

@@ -216,10 +216,16 @@ def tune_blend(
     engine: str = "vllm",
     progress: bool = True,
     item_model: Path | None = None,
+    judge_fresh: bool | None = None,
 ) -> dict[str, Any]:
     """Learn the fused score's weights and the co-visitation and item-level candidate counts
     on the validation split only, and record them in the model directory's ``serving.json``
-    (the service's, the eval's and the bench's default)."""
+    (the service's, the eval's and the bench's default).
+
+    ``judge_fresh``: judge each setting also on the users one event past their entry, scored
+    by an engine round. None: only when there is no item-level model; with one the service
+    answers those users without the engine (the stored answer re-ranked with the fresh
+    history encoded, ``tune-rerank``), so the weights decide the stored answers alone."""
     catalog = Catalog.load(catalog_dir)
     info = load_model_info(model_dir, catalog)
     table = CovisitTable.load_optional(catalog_dir, catalog.item_ids, catalog.version)
@@ -235,9 +241,11 @@ def tune_blend(
         affinity_candidates=max(AFFINITY_CANDIDATES_GRID) if items is not None else 0,
         prefixes=prefixes,
     )
+    if judge_fresh is None:
+        judge_fresh = items is None
     t0 = time.monotonic()
     # as the service meets users: the history of their snapshot, and one event past it
-    users, fresh = (
+    scored = (
         think_ahead_candidates(
             batch,
             info,
@@ -256,9 +264,10 @@ def tune_blend(
             covisit,
             items,
         )[0]
-        for stale_events in (0, 1)
+        for stale_events in ((0, 1) if judge_fresh else (0,))
     )
-    trials = grid_search(users, k, fresh=fresh)
+    users, *fresh = scored
+    trials = grid_search(users, k, fresh=fresh[0] if fresh else None)
     best = trials[0]
     decoder_only = next(
         t
@@ -271,8 +280,9 @@ def tune_blend(
         affinity_candidates=best.affinity_candidates,
         covisit_version=table.version if table is not None else None,
         item_model_version=items.model.version if items is not None else None,
-        chosen_on=f"validation split, {len(examples)} users, each scored unchanged and one "
-        f"event past its snapshot: the fewest extra candidates within 1% of the best mean "
+        chosen_on=f"validation split, {len(examples)} users, each scored unchanged"
+        + (" and one event past its snapshot (an engine round)" if judge_fresh else "")
+        + f": the fewest extra candidates within 1% of the best {'mean ' if judge_fresh else ''}"
         f"NDCG@{k} over a grid of {len(trials)} settings",
         created_at=utc_now(),
         tuning={

@@ -154,9 +154,10 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     # the recorded choice is within 1% of the grid's best on validation, no worse than the decoder
     assert tuning["best"]["ndcg@10"] >= 0.99 * tuning["grid_best_ndcg@10"]
     assert tuning["best"]["ndcg@10"] >= tuning["decoder_only"]["ndcg@10"]
-    # judged on both paths the service meets users on (the mean of the two)
-    paths = (tuning["best"]["unchanged ndcg@10"], tuning["best"]["one event behind ndcg@10"])
-    assert abs(tuning["best"]["ndcg@10"] - sum(paths) / 2) < 1e-4
+    # with an item-level model the service answers users one event past their entry without
+    # the engine (tune-rerank's path): the weights are judged on the stored answers alone
+    assert "one event behind ndcg@10" not in tuning["best"]
+    assert serving.chosen_on is not None and "engine round" not in serving.chosen_on
     assert serving.weights.covisit == tuning["best"]["covisit"]
     assert serving.covisit_version is not None  # the catalog carries its co-visitation table
 
