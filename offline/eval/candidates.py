@@ -346,7 +346,6 @@ def rank_served(
     rationale = None
     if categories is not None:
         stats = RationaleStats(categories, catalog)
-        category_of = categories.of_items(catalog.item_ids)
         for user, served in zip(users, ranked, strict=True):
             # a model that states none: the worker stores the rationale of this very answer
             shown = user.rationales or answer_rationales(
@@ -358,7 +357,7 @@ def rank_served(
                     if (item := catalog.item_at(code)) is not None
                 ],
                 categories,
-                category_of,
+                catalog.category_of,
                 user.history,
             )
             stats.add(user.history, user.target, shown, served)

@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -286,13 +285,8 @@ class Thinker:
             return b""
         ranked = [(i, s) for c, s in answer if (i := catalog.item_at(c)) is not None]
         seen = [i for c in history if (i := catalog.item_at(c)) is not None]
-        found = answer_rationales(ranked, catalog.categories, self._category_of, seen)
+        found = answer_rationales(ranked, catalog.categories, catalog.category_of, seen)
         return pack_rationales(found) if found else b""
-
-    @cached_property
-    def _category_of(self) -> dict[str, int]:
-        categories = self.scorer.catalog.categories
-        return categories.of_items(self.scorer.catalog.item_ids) if categories else {}
 
     def answers(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,12 @@ class Catalog:
         self.valid_a = np.array(sorted(self.b_under_a), dtype=np.int32)
         # Stable sort so ties keep catalog order: fallbacks are deterministic.
         self.rows_by_popularity = np.argsort(-self.popularity, kind="stable")
+
+    @cached_property
+    def category_of(self) -> dict[str, int]:
+        """Item id -> its category (``categories``), items without one left out; empty for a
+        catalog without categories. Built once, on first use."""
+        return self.categories.of_items(self.item_ids) if self.categories is not None else {}
 
     @property
     def codebook_size(self) -> int:

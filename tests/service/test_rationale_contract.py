@@ -10,6 +10,8 @@ import msgpack
 import numpy as np
 import pytest
 
+from service.contracts.catalog import Catalog
+from service.contracts.manifest import CatalogManifest
 from service.contracts.rationale import (
     Categories,
     Rationale,
@@ -76,4 +78,11 @@ def test_damaged_rationales_are_an_error_not_a_crash(body: object) -> None:
 
 def test_category_of_items_skips_rows_without_one() -> None:
     assert CATEGORY_OF == {"a": 0, "b": 1, "c": 0, "d": 2}
-    assert np.all(CATEGORIES.of_row[:4] >= 0)
+    # the catalog keeps the same map, built once; a catalog without categories has none
+    manifest = CatalogManifest(
+        catalog_version="v", codebook_size=4, num_items=5, embedding_model="t"
+    )
+    codes = np.array([(0, 0, i) for i in range(5)], np.int32)
+    ids = ["a", "b", "c", "d", "e"]
+    assert Catalog(manifest, ids, codes, np.ones(5), CATEGORIES).category_of == CATEGORY_OF
+    assert Catalog(manifest, ids, codes, np.ones(5)).category_of == {}
