@@ -130,7 +130,8 @@ def _mix_lines(loc: dict[str, Any]) -> list[str]:
     lines += [
         "#### Re-think worker beside the service",
         "",
-        "`thinkahead rethink --engine torch` on the service's CPUs for the mix only (warmed up "
+        f"`thinkahead rethink --engine torch --nice {rt.get('nice', 0)}` on the service's "
+        "CPUs for the mix only (warmed up "
         "on one user first; its registry scraped before and after the mix; CPU time from "
         f"/proc/<pid>/stat; log `{rt['log']}`).",
         "",

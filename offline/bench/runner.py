@@ -514,6 +514,7 @@ def run_locust(
             )
             worker_summary["mix_wall_seconds"] = round(wall, 1)
             worker_summary["log"] = worker.log_path.name
+            worker_summary["nice"] = RETHINK_NICE
         after = scrape_text(base)
     finally:
         if worker is not None:
