@@ -31,7 +31,16 @@ class RedisSettings(BaseModel):
         pattern=r"^[A-Za-z0-9_.-]{1,32}$",
         description="prefix of users' history lists; None: the snapshot prefix",
     )
-    socket_timeout_ms: int = Field(default=100, ge=1)
+    socket_timeout_ms: int = Field(
+        default=100, ge=1, description="reads: the request's budget decides, not the driver"
+    )
+    write_timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        description="history appends and the events stream: an append cut off by a timeout may "
+        "still have been applied, and a caller's retry without an idempotency key would append "
+        "it twice, so a write outwaits a short stall that a read would fall back from",
+    )
     connect_timeout_ms: int = Field(default=100, ge=1)
     max_connections: int = Field(default=128, ge=1)
     history_cap: int = Field(default=MAX_HISTORY, ge=1, le=1000)

@@ -110,6 +110,7 @@ async def open_runtime(settings: Settings, engine: Engine | None = None) -> Asyn
         settings.redis.history_cap,
         settings.redis.idempotency_window_s,
         settings.redis.events_maxlen,
+        writer=connect(settings.redis, settings.redis.write_timeout_ms),
     )
     keys = settings.auth.keys_file
     auth = Authenticator(KeyStore(keys, settings.auth.reload_s) if keys is not None else None)

@@ -36,11 +36,13 @@ def redis_errors(what: str, error: Callable[[str], Exception] = RedisUnavailable
         raise error(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def connect(settings: RedisSettings) -> Any:
+def connect(settings: RedisSettings, socket_timeout_ms: int | None = None) -> Any:
     """An asyncio client (standalone or cluster) with short timeouts and no retries: the request
-    deadline, not the driver, decides how long to wait."""
+    deadline, not the driver, decides how long to wait. ``socket_timeout_ms``: other than the
+    settings' read timeout (the writes' client)."""
+    timeout_ms = socket_timeout_ms if socket_timeout_ms is not None else settings.socket_timeout_ms
     common: dict[str, Any] = {
-        "socket_timeout": settings.socket_timeout_ms / 1000,
+        "socket_timeout": timeout_ms / 1000,
         "socket_connect_timeout": settings.connect_timeout_ms / 1000,
         "max_connections": settings.max_connections,
         "decode_responses": False,

@@ -71,8 +71,12 @@ class SnapshotStore:
         history_cap: int,
         idempotency_window_s: float = 86400.0,
         events_maxlen: int = 0,
+        writer: Any | None = None,
     ) -> None:
+        """``writer``: the client for history appends and the events stream, with a longer
+        timeout than the reads' (``RedisSettings.write_timeout_ms``); None: ``client``."""
         self.client = client
+        self.writer = writer if writer is not None else client
         self.keys = keys
         self.history_cap = history_cap
         self.idempotency_window_s = idempotency_window_s
@@ -102,12 +106,12 @@ class SnapshotStore:
     async def append_history(self, user_id: str, item_ids: Sequence[str]) -> int:
         """LPUSH oldest-to-newest so the newest ends first, then cap, atomically."""
         key = self.keys.history(user_id)
-        if isinstance(self.client, RedisCluster):
+        if isinstance(self.writer, RedisCluster):
             with redis_errors("append"):
-                length = await self.client.eval(_APPEND_CAPPED, 1, key, self.history_cap, *item_ids)
+                length = await self.writer.eval(_APPEND_CAPPED, 1, key, self.history_cap, *item_ids)
             return int(length)
         with redis_errors("append"):
-            pipe = self.client.pipeline(transaction=True)
+            pipe = self.writer.pipeline(transaction=True)
             pipe.lpush(key, *item_ids)
             pipe.ltrim(key, 0, self.history_cap - 1)
             pipe.llen(key)
@@ -121,7 +125,7 @@ class SnapshotStore:
         if not self.events_maxlen:
             return
         with redis_errors("announce"):
-            await self.client.xadd(
+            await self.writer.xadd(
                 self.keys.events, {"u": user_id}, maxlen=self.events_maxlen, approximate=True
             )
 
@@ -138,7 +142,7 @@ class SnapshotStore:
         keys = (self.keys.history(user_id), self.idempotency_key(user_id, key))
         window_ms = max(1, int(self.idempotency_window_s * 1000))
         with redis_errors("append"):
-            prior, length = await self.client.eval(
+            prior, length = await self.writer.eval(
                 _APPEND_ONCE, 2, *keys, self.history_cap, window_ms, digest, *item_ids
             )
         prior_digest = prior.decode() if isinstance(prior, bytes) else str(prior)
@@ -171,5 +175,7 @@ class SnapshotStore:
             return False
 
     async def close(self) -> None:
-        close = getattr(self.client, "aclose", None) or self.client.close
-        await close()
+        clients = [self.client] if self.writer is self.client else [self.client, self.writer]
+        for client in clients:
+            close = getattr(client, "aclose", None) or client.close
+            await close()

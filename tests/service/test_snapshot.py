@@ -14,6 +14,7 @@ from service.contracts.snapshot import (
     UserPrefixes,
     validate_snapshot_id,
 )
+from service.errors import RedisUnavailable
 from service.storage.redis import connect
 from service.storage.store import SnapshotStore
 
@@ -190,3 +191,41 @@ def test_history_prefix_is_independent_of_the_snapshot_prefix() -> None:
     assert keys.history("u1") == "ta:hist:{u1}"
     assert keys.user("s", "u1") == "ta-v2:snap:s:u:{u1}"
     assert Keyspace("x").history("u1") == "x:hist:{u1}"
+
+
+BUSY_MS = """
+local start = redis.call('TIME')
+local t0 = start[1] * 1000000 + start[2]
+while true do
+  local now = redis.call('TIME')
+  if now[1] * 1000000 + now[2] - t0 > tonumber(ARGV[1]) * 1000 then return 1 end
+end
+"""
+
+
+async def test_writes_outwait_a_stall_that_reads_fall_back_from(redis_url: str) -> None:
+    """Redis stalls for 300 ms (a script holds it): a read gives up after its 100 ms and the
+    request falls back; an append waits (1 s) and lands once, so no caller retries it twice."""
+    import asyncio
+
+    settings = RedisSettings(url=redis_url)
+    store = SnapshotStore(
+        connect(settings), Keyspace(), 50, writer=connect(settings, settings.write_timeout_ms)
+    )
+    blocker = redis.Redis.from_url(redis_url)
+    try:
+        await store.read_user(None, "u1")  # both clients connected before the stall
+        await store.append_history("u1", ["warm"])
+        stall = asyncio.create_task(asyncio.to_thread(blocker.eval, BUSY_MS, 0, 300))
+        await asyncio.sleep(0.05)  # the script is running
+        with pytest.raises(RedisUnavailable, match="read failed"):
+            await store.read_user(None, "u1")
+        assert await store.append_history("u1", ["i1"]) == 2
+        await stall
+    finally:
+        await store.close()
+        blocker.close()
+    assert redis.Redis.from_url(redis_url).lrange(Keyspace().history("u1"), 0, -1) == [
+        b"i1",
+        b"warm",
+    ]
