@@ -25,7 +25,12 @@ from service.contracts.catalog import Catalog
 from service.contracts.manifest import CatalogManifest
 
 # the fallback tier: co-visitation of recent items, else popular under prefixes, else popular
-FALLBACK_SOURCES = ("fallback_covisitation", "fallback_prefix_popular", "fallback_global_popular")
+FALLBACK_SOURCES = (
+    "fallback_item_level",
+    "fallback_covisitation",
+    "fallback_prefix_popular",
+    "fallback_global_popular",
+)
 
 __all__ = [
     "RedisProcess",

@@ -35,6 +35,7 @@ _SOURCES = {
     "fallback_global_popular": pb.SOURCE_FALLBACK_GLOBAL_POPULAR,
     "fallback_covisitation": pb.SOURCE_FALLBACK_COVISITATION,
     "think_ahead_rerank": pb.SOURCE_THINK_AHEAD_RERANK,
+    "fallback_item_level": pb.SOURCE_FALLBACK_ITEM_LEVEL,
 }
 _STRATEGIES = {
     pb.STRATEGY_UNSPECIFIED: Strategy.THINK_AHEAD,

@@ -1,11 +1,13 @@
 """The recommend chain, transport-free: REST and gRPC are thin adapters over :class:`Recommender`.
 
 Per request: one Redis round trip (C_u + history), one for the co-visitation neighbours of the
-fresh last items (often served from an in-process cache), one engine round scoring whole items
-under the fresh history, fused with the features that need no engine (``service.contracts.fusion``),
-all under a deadline. Anything missing, mismatched, slow or down becomes a flagged fallback: full
-decode when the budget allows, else co-visitation of the user's recent items, else popular
-items under the user's prefixes, else global popular.
+fresh last items (often served from an in-process cache); the stored answer for an unchanged
+history; after fresh events the stored answer re-ranked with the fresh history encoded by the
+item-level model (or one engine round scoring whole items under the fresh history), fused with
+the features that need no engine (``service.contracts.fusion``), all under a deadline. Anything
+missing, mismatched, slow or down becomes a flagged fallback: the item-level model on the known
+history, else full decode when the budget allows, else co-visitation of the user's recent items,
+else popular items under the user's prefixes, else global popular.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from service.contracts.tokens import Code
 from service.core.clock import Clock
 from service.core.context import RequestContext, snapshot_problem
 from service.core.explain import Explanation, RationaleAbsent, explain
-from service.core.ranking import backfill, covisitation, popular, top_items
+from service.core.ranking import backfill, covisitation, item_level, popular, top_items
 from service.core.reads import Reads
 from service.core.rounds import EngineRounds
 from service.core.types import (
@@ -118,6 +120,9 @@ class Recommender:
             return await self._think_ahead(ctx, ctx.value)
         except Degraded as exc:
             reason = exc.reason
+        answer = await self._item_level(ctx, reason)
+        if answer is not None:
+            return answer
         rounds = self.rounds
         if reason not in _ENGINE_SPENT and rounds.healthy and rounds.full_decode_fits(ctx.clock):
             return await self._full_decode(ctx, reason)
@@ -287,6 +292,25 @@ class Recommender:
         if not items:  # the trie search never dead-ends: nothing decoded, nothing is allowed
             return await self._without_engine(ctx, reason or DegradedReason.ALL_EXCLUDED)
         return self._answer(ctx, items, Source.FULL_DECODE, reason)
+
+    async def _item_level(
+        self, ctx: RequestContext, reason: DegradedReason
+    ) -> Recommendation | None:
+        """No usable entry but a known history: the item-level model on it (about 1 ms, no
+        engine), fused with its co-visitation. Before full decode: on Beauty test the item-level
+        model alone reaches R@10 .0990 where the decoder's full decode reaches .0774. None
+        without the model, a history or the budget for an encode."""
+        if self.fresh_items is None or not ctx.history:
+            return None
+        affinity = await self.fresh_items.affinity(
+            ctx.history, self.scorer.settings.exclude_history, ctx.clock
+        )
+        if affinity is None or not affinity.ranked:
+            return None
+        weights = self.scorer.settings.rerank.weights or self.scorer.settings.weights
+        covisit = await self._covisit(ctx)
+        items = item_level(self.catalog, affinity, covisit, ctx.constraint, weights, ctx.q.k)
+        return self._answer(ctx, items, Source.ITEM_LEVEL, reason) if items else None
 
     async def _without_engine(self, ctx: RequestContext, reason: DegradedReason) -> Recommendation:
         """Co-visitation of the user's recent items, else popular items under the user's

@@ -1,12 +1,13 @@
-"""Answers that need no engine: the top k known items of a scored list, the co-visitation
-fallback's ranking, the popular items under the user's prefixes (else globally) and the
-popularity backfill of a short answer. Never an item the constraint excludes."""
+"""Answers that need no engine: the top k known items of a scored list, the item-level and
+co-visitation fallbacks' rankings, the popular items under the user's prefixes (else globally)
+and the popularity backfill of a short answer. Never an item the constraint excludes."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
 
+from service.contracts.affinity import Affinity
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
@@ -44,6 +45,23 @@ def covisitation(
         for item in covisit
         if (code := catalog.code_of(item)) is not None and constraint.allows(code)
     ]
+    return top_items(catalog, rank_fused(scored, features, weights), k)
+
+
+def item_level(
+    catalog: Catalog,
+    affinity: Affinity,
+    covisit: Mapping[str, float],
+    constraint: Constraint,
+    weights: FusionWeights,
+    k: int,
+) -> list[ScoredItem]:
+    """The fused score's terms that need no engine and no entry: the fresh history's best
+    item-level items and its co-visitation neighbours, scored by both (and popularity)."""
+    features = ItemFeatures(catalog, covisit, affinity)
+    codes = [code for code, _ in affinity.ranked]
+    codes += [c for item in covisit if (c := catalog.code_of(item)) is not None]
+    scored = [(code, 0.0, 0.0) for code in dict.fromkeys(codes) if constraint.allows(code)]
     return top_items(catalog, rank_fused(scored, features, weights), k)
 
 

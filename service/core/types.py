@@ -22,6 +22,8 @@ class Source(StrEnum):
     # engine round would not fit the budget, or the settings say so)
     THINK_AHEAD_RERANK = "think_ahead_rerank"
     FULL_DECODE = "full_decode"
+    # no usable entry, a known history: the item-level model on it, fused with co-visitation
+    ITEM_LEVEL = "fallback_item_level"
     COVISITATION = "fallback_covisitation"
     PREFIX_POPULAR = "fallback_prefix_popular"
     GLOBAL_POPULAR = "fallback_global_popular"

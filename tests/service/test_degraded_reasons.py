@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from service.contracts.manifest import SnapshotManifest
 from service.contracts.snapshot import Keyspace, Prefix, UserPrefixes
-from service.core import DegradedReason
+from service.core import DegradedReason, Source
 from tests.fake_engine import FAKE_MODEL_VERSION, FakeEngine, write_tiny_artifacts
 from tests.helpers import RedisProcess, start_redis
 from tests.inproc import InProc, make_settings, serve_in_process
@@ -195,3 +195,13 @@ def test_reasons_match_the_documented_list() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for reason in DOCUMENTED:
         assert f"`{reason}`" in readme, reason
+
+
+def test_every_source_has_its_own_grpc_value_and_is_documented() -> None:
+    from service.api.grpc_api import _SOURCES
+
+    assert set(_SOURCES) == {source.value for source in Source}
+    assert len(set(_SOURCES.values())) == len(_SOURCES) and 0 not in _SOURCES.values()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for source in Source:
+        assert f"`{source.value}`" in readme, source

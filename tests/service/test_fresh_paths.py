@@ -23,7 +23,7 @@ from service.contracts.catalog import Catalog
 from service.contracts.item_model import ITEMS_DIR, left_padded
 from service.contracts.item_network import ItemModelConfig, ItemSequenceModel
 from service.contracts.snapshot import Keyspace
-from service.core import RecommendQuery, Source
+from service.core import DegradedReason, RecommendQuery, Source
 from service.runtime import Runtime, open_runtime
 from tests.fake_engine import FakeEngine, write_tiny_artifacts
 from tests.inproc import make_settings
@@ -150,6 +150,28 @@ async def test_auto_re_ranks_without_the_engine_when_the_fresh_history_is_encode
         rt.core.fresh_items = None
         round_ = await rt.core.recommend(RecommendQuery("u3", k=5))
     assert round_.source is Source.THINK_AHEAD and engine.calls == 1
+
+
+async def test_a_user_without_an_entry_is_answered_by_the_item_level_model(
+    artifacts_with_items, redis_url
+) -> None:  # type: ignore[no-untyped-def]
+    """No snapshot entry but a history (a new user who acted): the item-level model answers it
+    with no engine round (it beats the decoder's full decode on Beauty test); a user with no
+    history at all still gets the shared full decode, and without the model a full decode."""
+    target = artifacts_with_items[3]
+    async with serving(artifacts_with_items, redis_url) as (rt, engine):
+        await rt.events.append("new-user", ["1", "2", "7"])
+        known = await rt.core.recommend(RecommendQuery("new-user", k=10))
+        assert engine.calls == 0
+        cold = await rt.core.recommend(RecommendQuery("never-seen", k=10))
+        assert engine.calls > 0
+        rt.core.fresh_items, calls = None, engine.calls
+        decoded = await rt.core.recommend(RecommendQuery("new-user", k=10))
+    assert known.source is Source.ITEM_LEVEL and known.degraded_reason is DegradedReason.NO_PREFIXES
+    assert known.items[0].item_id == target and known.timings.decode_ms == 0
+    assert not {"1", "2", "7"} & {i.item_id for i in known.items}
+    assert cold.source is Source.FULL_DECODE
+    assert decoded.source is Source.FULL_DECODE and engine.calls > calls
 
 
 async def test_auto_takes_the_round_until_rounds_stop_fitting_the_budget(
