@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -134,6 +135,20 @@ def history_load(
     typer.echo(f"histories loaded: {n}")
 
 
+def lower_priority(nice: int) -> None:
+    """``nice`` for this process and, when it leads its own session, for its autogroup: with
+    Linux's autogroup scheduling a session is scheduled as one group, so a worker started in a
+    session of its own (as the bench and process managers start it) would otherwise get an
+    equal share beside the service whatever its own nice value."""
+    import contextlib
+    import os
+
+    os.nice(nice)
+    if os.getsid(0) == os.getpid():
+        with contextlib.suppress(OSError):
+            Path("/proc/self/autogroup").write_text(f"{nice}\n")
+
+
 @user_errors
 def rethink_cmd(
     model: ModelDir,
@@ -186,7 +201,7 @@ def rethink_cmd(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if nice:
-        os.nice(nice)
+        lower_priority(nice)
     guard_descendants()  # the engine's processes never outlive this one
     rethinker = Rethinker(
         model,

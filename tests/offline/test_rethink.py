@@ -141,6 +141,7 @@ def test_the_cli_worker_lowers_its_own_cpu_priority_when_told(world) -> None:  #
         env=launch_env(None),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # as the bench starts it: its own autogroup, lowered too
     )
     try:
         assert proc.stdout is not None
@@ -149,6 +150,9 @@ def test_the_cli_worker_lowers_its_own_cpu_priority_when_told(world) -> None:  #
         # /proc/<pid>/stat field 19 is the nice value (after the command name's parentheses)
         nice = int(Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
         assert nice == before + 10
+        autogroup = Path(f"/proc/{proc.pid}/autogroup")
+        if autogroup.exists():  # Linux with autogroup scheduling
+            assert autogroup.read_text().split()[-1] == "10"
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
