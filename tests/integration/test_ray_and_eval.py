@@ -172,10 +172,12 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     label, row, _ = served_row(model, common, tmp_path / "stale.json", "--stale-events", "1")
     assert "reused" in label and row["invalid_items"] == 0 and row["users"] == 60
 
-    # the no-engine answer after an event, tuned on the same users one event behind; the eval
-    # of that path with the recorded settings finds the tune's own figure (the same code)
+    # the no-engine answer after an event, tuned on validation users one event behind; the
+    # eval of that path on the same users with the recorded settings finds the tune's own
+    # figure (the same code; the plain-PyTorch engine on both sides, deterministic)
     result = run_cli(
-        *["tune-rerank", "--model", str(model), *common, "--limit", "60", "--prefixes", "8"]
+        *["tune-rerank", "--model", str(model), *common, "--limit", "60", "--prefixes", "8"],
+        *["--engine", "torch"],
     )
     assert result.exit_code == 0, result.output
     tuned = ServingConfig.model_validate_json((model / "serving.json").read_text())
@@ -186,8 +188,9 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     assert record["best"]["ndcg@10"] >= record["without_encode"]["ndcg@10"]
     assert set(record["item_level_alone"]) == {"recall@10", "ndcg@10"}  # it has an item model
     label, row, _ = served_row(
-        model, common, tmp_path / "rerank.json", "--stale-events", "1", "--fresh-path", "rerank"
-    )
+        model, common, tmp_path / "rerank.json", "--stale-events", "1", "--fresh-path", "rerank",
+        "--engine", "torch", "--split", "valid",
+    )  # fmt: skip
     assert "re-ranked with the fresh item-level scores" in label and row["invalid_items"] == 0
     assert abs(row["ndcg@10"] - record["best"]["ndcg@10"]) < 1e-4
 
