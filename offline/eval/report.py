@@ -42,6 +42,8 @@ BEAUTY_COMMANDS = [
     "$B/interactions.csv --out artifacts/beauty-model/items",
     "thinkahead tune-blend --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
     "--interactions $B/interactions.csv --limit 3000 --engine torch   # validation split only",
+    "thinkahead tune-rerank --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
+    "--interactions $B/interactions.csv --limit 3000 --engine torch   # validation split only",
     "thinkahead eval --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
     "--interactions $B/interactions.csv --mode think-ahead --engine torch "
     "--out artifacts/eval-served.json",

@@ -6,6 +6,7 @@ history (none was left for a stale one), and every recommend was answered."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import subprocess
@@ -41,18 +42,6 @@ def start_worker(world, url: str, log: Path) -> subprocess.Popen[bytes]:  # type
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )  # fmt: skip
-
-
-def reap(worker: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    """Waits for a killed worker, bounded: on this 2-core VM a SIGKILLed process was once seen
-    in the kernel's exit path for minutes while vLLM's worker spun beside it; the test says so
-    rather than hanging the suite."""
-    try:
-        worker.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        state = Path(f"/proc/{worker.pid}/stat").read_text().split()[2]
-        message = f"killed worker {worker.pid} not gone after {timeout_s} s (state {state})"
-        raise AssertionError(message) from None
 
 
 class Traffic:
@@ -99,12 +88,15 @@ def test_rethink_survives_a_killed_worker_and_a_restarted_redis(tiny_world, tmp_
         wait_for="/readyz", timeout=600,
     )  # fmt: skip
     worker = start_worker(tiny_world, url, tmp_path / "rethink.log")
+    killed: subprocess.Popen[bytes] | None = None
     traffic = Traffic(service.base_url, users, run.catalog.item_ids[:40])
     try:
         traffic.thread.start()
         time.sleep(8)
         worker.send_signal(signal.SIGKILL)  # mid-run: it batches continuously under this load
-        reap(worker)
+        # a SIGKILLed process runs no more user code, so its successor need not wait for the
+        # kernel to reap it (on this 2-core VM that once took minutes while vLLM's worker spun)
+        killed = worker
         time.sleep(1)
         worker = start_worker(tiny_world, url, tmp_path / "rethink.log")
         time.sleep(6)
@@ -140,7 +132,11 @@ def test_rethink_survives_a_killed_worker_and_a_restarted_redis(tiny_world, tmp_
         assert sum(len(a) for a in traffic.acked.values()) > 50
     finally:
         traffic.stop.set()
-        worker.kill()
-        reap(worker)
+        for process in (worker, killed):
+            if process is not None:
+                process.kill()
+                # bounded: the kernel's reaping is not what this test is about
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=60)
         service.stop(timeout=60)
         redis_proc.stop(kill=True)
