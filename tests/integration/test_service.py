@@ -250,9 +250,13 @@ def test_full_decode_strategy_on_request(stack: Stack) -> None:
 
 
 def test_blown_budget_answers_with_a_popular_fallback(stack: Stack) -> None:
-    user, _ = stack.user_with_prefixes(6)
-    # a full decode needs several engine steps: 1 ms cannot hold them
-    body = stack.recommend(user_id=user, k=10, budget_ms=1, strategy="full_decode").json()
+    user, history = stack.user_with_prefixes(6)
+    # a full decode needs several engine steps: 1 ms cannot hold them. With a history of its
+    # own: a request with none is answered from the decode every such request shares (cached
+    # by whichever test decoded one first)
+    body = stack.recommend(
+        user_id=user, k=10, budget_ms=1, strategy="full_decode", recent_item_ids=history[-2:]
+    ).json()
     assert body["source"] in FALLBACK_SOURCES, body
     assert body["degraded"] is True and body["degraded_reason"] == "budget_exceeded"
     assert len(body["items"]) == 10
