@@ -288,6 +288,19 @@ def rank_candidates(
     return ranked, invalid
 
 
+def rerank_covisit(
+    history: Sequence[str], covisit: Mapping[str, Neighbours], stale_events: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """What the re-rank reads for a user ``stale_events`` past their entry: the co-visitation
+    scores of the fresh history and of the entry's, each without its own history, as the
+    service reads them."""
+    before = history[: len(history) - stale_events]
+    return (
+        covisit_scores(history, covisit, set(history)),
+        covisit_scores(before, covisit, set(before)),
+    )
+
+
 def rank_reranked(
     engine: BatchEngine,
     model: ModelInfo,
@@ -313,12 +326,10 @@ def rank_reranked(
             else [None] * len(chunk)
         )
         for e, history, value, fresh_affinity in zip(chunk, fresh, values, encoded, strict=True):
-            before = e.history[: len(e.history) - spec.stale_events]
             order = scorer.rerank(
                 value,
                 history,
-                covisit_scores(e.history, covisit, set(e.history)),
-                covisit_scores(before, covisit, set(before)),
+                *rerank_covisit(e.history, covisit, spec.stale_events),
                 fresh_affinity=fresh_affinity,
             )
             codes = [code for code, _ in order or []]

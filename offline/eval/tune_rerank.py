@@ -21,20 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from offline.decode.engines import batch_engine
-from offline.eval.candidates import ThinkAheadEval
+from offline.eval.candidates import ThinkAheadEval, rerank_covisit
 from offline.eval.examples import select_examples
 from offline.eval.guards import check_sources
 from offline.eval.metrics import TOP_K, ranking_metrics
 from offline.thinkahead.entries import ItemSource
 from offline.thinkahead.worker import reasoner_for, thought_paths
-from service.contracts.affinity import Affinity
 from service.contracts.answers import DEFAULT_ANSWER_ITEMS
 from service.contracts.catalog import Catalog
-from service.contracts.covisit import CovisitTable, covisit_scores
+from service.contracts.covisit import CovisitTable
 from service.contracts.fusion import FusionWeights
 from service.contracts.manifest import utc_now
 from service.contracts.model import load_model_info, load_serving_config
-from service.contracts.snapshot import UserPrefixes
 from service.contracts.think_ahead import RerankSettings, ThinkAheadScorer
 from service.contracts.tokens import Code
 
@@ -126,12 +124,12 @@ def tune_rerank(
         )
         for e, history, value, affinity in zip(chunk, fresh, values, encoded, strict=True):
             targets.append(e.target)
-            inputs = _rerank_inputs(e.history, covisit)
+            inputs = rerank_covisit(e.history, covisit, 1)
             untuned.append(_top(plain.rerank(value, history, *inputs), catalog, k))
             if affinity is not None:
                 alone.append(_top(affinity.ranked, catalog, k))
             for n, scorer in enumerate(scorers):
-                reranked = _rerank(scorer, value, history, inputs, affinity)
+                reranked = scorer.rerank(value, history, *inputs, fresh_affinity=affinity)
                 ranked[n].append(_top(reranked, catalog, k))
     results = [ranking_metrics(r, targets, (k,)) for r in ranked]
     order = sorted(
@@ -164,28 +162,6 @@ def tune_rerank(
     )
     config.write(model_dir)
     return config.model_dump(mode="json")
-
-
-def _rerank_inputs(
-    history: Sequence[str], covisit: Any
-) -> tuple[dict[str, float], dict[str, float]]:
-    """The fresh history's co-visitation scores, and the entry's (the history minus its newest
-    item), each without its own history, as the service reads them."""
-    before = history[:-1]
-    return (
-        covisit_scores(history, covisit, set(history)),
-        covisit_scores(before, covisit, set(before)),
-    )
-
-
-def _rerank(
-    scorer: ThinkAheadScorer,
-    value: UserPrefixes,
-    history: Sequence[Code],
-    inputs: tuple[dict[str, float], dict[str, float]],
-    affinity: Affinity | None,
-) -> list[tuple[Code, float]] | None:
-    return scorer.rerank(value, history, *inputs, fresh_affinity=affinity)
 
 
 def _rounded(metrics: dict[str, float], k: int) -> dict[str, float]:

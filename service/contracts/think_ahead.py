@@ -128,6 +128,11 @@ class ScoringSettings(BaseModel):
         description="the no-engine answer after fresh events (THINK_AHEAD_RERANK)",
     )
 
+    @property
+    def rerank_weights(self) -> FusionWeights:
+        """The no-engine answers' weights: the re-rank's own, else the served ones."""
+        return self.rerank.weights or self.weights
+
     def key(self) -> str:
         """The hash that keys stored answers. Terms left at zero stay out of it, so snapshots
         published before those terms existed keep serving their stored answers."""
@@ -302,7 +307,7 @@ class ThinkAheadScorer:
         new = [c for c in codes if c is not None]
         if fresh_affinity is not None:
             new.extend(code for code, _ in fresh_affinity.ranked[: s.rerank.affinity_candidates])
-        weights = s.rerank.weights or s.weights
+        weights = s.rerank_weights
         scale = s.rerank.stored
         ranked = [
             (c, scale * base + fresh.bonus(c, weights))

@@ -307,8 +307,8 @@ class Recommender:
         )
         if affinity is None or not affinity.ranked:
             return None
-        weights = self.scorer.settings.rerank.weights or self.scorer.settings.weights
         covisit = await self._covisit(ctx)
+        weights = self.scorer.settings.rerank_weights
         items = item_level(self.catalog, affinity, covisit, ctx.constraint, weights, ctx.q.k)
         return self._answer(ctx, items, Source.ITEM_LEVEL, reason) if items else None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from service.contracts.affinity import Affinity
+from service.contracts.affinity import NO_AFFINITY, Affinity
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
 from service.contracts.fusion import FusionWeights, ItemFeatures, rank_fused
@@ -37,15 +37,10 @@ def covisitation(
     popularity_weight: float,
     k: int,
 ) -> list[ScoredItem]:
-    """The fused score's terms that need no engine, over the co-visitation neighbours."""
-    features = ItemFeatures(catalog, covisit)
+    """The fused score's terms that need no engine, over the co-visitation neighbours: the
+    item-level ranking without item-level scores."""
     weights = FusionWeights(covisit=1.0, popularity=min(popularity_weight, 1.0))
-    scored = [
-        (code, 0.0, 0.0)
-        for item in covisit
-        if (code := catalog.code_of(item)) is not None and constraint.allows(code)
-    ]
-    return top_items(catalog, rank_fused(scored, features, weights), k)
+    return item_level(catalog, NO_AFFINITY, covisit, constraint, weights, k)
 
 
 def item_level(
