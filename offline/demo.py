@@ -316,7 +316,7 @@ def _validation_quality(
     and co-visitation on the same users: what the trained demo is worth, beside the baseline."""
     from offline.data import leave_one_out, read_interactions
     from offline.eval.baselines import covisitation_baseline
-    from offline.items.train import evaluate
+    from offline.items.train import evaluate_item_model
     from offline.train.trainer import validation_sample
     from service.contracts.catalog import Catalog
     from service.contracts.item_model import ItemModel
@@ -327,7 +327,7 @@ def _validation_quality(
     items = ItemModel.load(work / "model" / "items", catalog)
     return {
         "decoder": decoder["recall@10"],
-        "items": evaluate(items.network, catalog, sample)["recall@10"],
+        "items": evaluate_item_model(items, catalog, sample)["recall@10"],
         "covisit": covisitation_baseline(split.train, sample, 10)["recall@10"],
     }
 

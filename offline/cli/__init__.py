@@ -34,6 +34,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 app.add_typer(catalog_app, name="catalog")
 app.command("train")(train.train_cmd)
 app.command("train-items")(train.train_items_cmd)
+app.command("ensemble-items")(train.ensemble_items_cmd)
 app.command("train-dpo")(train.train_dpo_cmd)
 app.command("eval")(evaluate.eval_cmd)
 app.command("think-ahead")(thinkahead.think_ahead_cmd)

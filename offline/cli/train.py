@@ -16,7 +16,7 @@ from offline.cli.common import (
     options_of,
     user_errors,
 )
-from offline.items.config import ItemTrainConfig
+from offline.items.config import DEFAULT_MEMBERS, ItemTrainConfig
 from offline.train.config import DpoConfig, TrainConfig
 
 _train = options_of(TrainConfig)
@@ -128,11 +128,19 @@ def train_items_cmd(
     ] = default_of(ItemTrainConfig, "max_minutes"),
     refit: Refit = False,
     seed: Annotated[int, _items("seed", "random seed")] = default_of(ItemTrainConfig, "seed"),
+    members: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="train this many models (seeds seed, seed + 1, ...) and serve their mean logit",
+        ),
+    ] = DEFAULT_MEMBERS,
     progress: Progress = True,
 ) -> None:
     """Train the item-level model (BSARec: a frequency filter beside self-attention; a softmax
     over items) whose per-user best items the
     think-ahead worker stores as candidates and a feature of the fused score."""
+    from offline.items.ensemble import train_members
     from offline.items.train import train_item_model
     from service.contracts.catalog import Catalog
 
@@ -151,13 +159,47 @@ def train_items_cmd(
             "seed": seed,
         }
     )
-    manifest = train_item_model(Catalog.load(catalog), interactions, out, cfg, refit, progress)
-    typer.echo(
-        f"item model {manifest.version} -> {out}\n"
-        f"  {_chosen_by(refit, manifest.training['best'], manifest.best_epoch)}; "
-        f"{manifest.training['seconds']:.0f}s, "
-        f"peak RSS {manifest.training['peak_rss_gb']:.1f} GB"
-    )
+    loaded = Catalog.load(catalog)
+    if members == 1:
+        manifests = [train_item_model(loaded, interactions, out, cfg, refit, progress)]
+    else:
+        manifests = train_members(
+            out,
+            members,
+            lambda directory, i: train_item_model(
+                loaded,
+                interactions,
+                directory,
+                cfg.model_copy(update={"seed": seed + i}),
+                refit,
+                progress,
+            ),
+        )
+    for i, manifest in enumerate(manifests):
+        name = "item model" if members == 1 else f"member {i} (seed {seed + i})"
+        typer.echo(
+            f"{name} {manifest.version} -> {out}\n"
+            f"  {_chosen_by(refit, manifest.training['best'], manifest.best_epoch)}; "
+            f"{manifest.training['seconds']:.0f}s, "
+            f"peak RSS {manifest.training['peak_rss_gb']:.1f} GB"
+        )
+
+
+@user_errors
+def ensemble_items_cmd(
+    catalog: CatalogDir,
+    sources: Annotated[
+        list[Path], typer.Argument(help="trained item model directories (or ensembles)")
+    ],
+    out: Annotated[Path, typer.Option(help="ensemble directory to write")],
+) -> None:
+    """Gather item models trained apart into one ensemble (the mean of their logits), checked
+    against the catalog as the service checks them."""
+    from offline.items.ensemble import gather
+    from service.contracts.catalog import Catalog
+
+    model = gather(sources, out, Catalog.load(catalog))
+    typer.echo(f"item ensemble {model.version} ({len(model.members)} members) -> {out}")
 
 
 def _chosen_by(refit: bool, best: dict[str, Any], epoch: int | None = None) -> str:

@@ -176,8 +176,7 @@ def _header(
     were built, the machine."""
     item_model = None
     if items is not None:
-        manifest = items.model.manifest
-        item_model = {"version": manifest.version, "refit": items.refit, "path": str(items.path)}
+        item_model = {"version": items.model.version, "refit": items.refit, "path": str(items.path)}
     return {
         "created_at": utc_now(),
         "split": job.split,
@@ -207,18 +206,18 @@ def _write_item_model_report(
 ) -> dict[str, Any]:
     """``--mode items``: the worker's item-level model ranking every item by itself, history
     excluded: what it brings before fusion, comparable with the published SASRec rows."""
-    from offline.items.train import evaluate
+    from offline.items.train import evaluate_item_model
 
     if items is None:
         raise InputError(model_dir, "no item-level model (items/ or --item-model)")
     t0 = time.monotonic()
-    metrics = evaluate(items.model.network, catalog, list(examples), ks=(5, TOP_K))
+    metrics = evaluate_item_model(items.model, catalog, list(examples), ks=(5, TOP_K))
     row = {m: round(v, 5) for m, v in metrics.items() if m != "users"}
     row |= {"users": len(examples), "invalid_items": 0}
     row["seconds"] = round(time.monotonic() - t0, 1)
     report = {
         **_header(info, catalog, None, items, examples, job),
-        "item_model": items.model.manifest.model_dump(mode="json"),
+        "item_model": items.model.describe(),
         "rows": {ITEM_MODEL_ROW: row},
     }
     write_json_atomic(Path(out), report)

@@ -231,17 +231,29 @@ def _rationale_lines(stats: dict[str, Any] | None) -> list[str]:
 def _item_model_lines(item_model: dict[str, Any] | None) -> list[str]:
     if not item_model:
         return []
-    t = item_model.get("training", {})
-    cfg = item_model.get("config", {})
+    members = item_model.get("members") or [item_model]
+    first = members[0]
+    t = first.get("training", {})
+    cfg = first.get("config", {})
     settings = t.get("settings", {})
     loss = t.get("loss") or f"sampled softmax, {settings.get('negatives')} negatives"
+    what = (
+        f"{_item_block(cfg)}"
+        if len(members) == 1
+        else f"the mean logit of {len(members)} {_item_block(cfg)} models (seeds "
+        + ", ".join(str(m.get("training", {}).get("settings", {}).get("seed")) for m in members)
+        + ")"
+    )
+    epochs = ", ".join(
+        f"{m.get('best_epoch')} of {len(m.get('training', {}).get('epochs', []))}" for m in members
+    )
+    minutes = sum(m.get("training", {}).get("seconds", 0) for m in members) / 60
+    peak = max(m.get("training", {}).get("peak_rss_gb") or 0 for m in members)
+    each, in_all = ("", "") if len(members) == 1 else (" each", " in all")
     return [
-        f"Item-level model: {_item_block(cfg)}, {cfg.get('dim')}-d items, "
-        f"{cfg.get('blocks')} block(s), "
-        f"{t.get('parameters', 0):,} parameters, {loss}, dropout {settings.get('dropout')}, "
-        "best epoch "
-        f"{item_model.get('best_epoch')} of {len(t.get('epochs', []))} on validation, "
-        f"{t.get('seconds', 0) / 60:.1f} minutes, peak RSS {t.get('peak_rss_gb')} GB.",
+        f"Item-level model: {what}, {cfg.get('dim')}-d items, {cfg.get('blocks')} block(s), "
+        f"{t.get('parameters', 0):,} parameters{each}, {loss}, dropout {settings.get('dropout')}, "
+        f"best epoch {epochs} on validation, {minutes:.1f} minutes{in_all}, peak RSS {peak} GB.",
         "",
     ]
 

@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.contracts.manifest import MAX_HISTORY
 
+# Models per item-level ensemble (``train-items --members``; offline/items/ensemble.py).
+DEFAULT_MEMBERS = 1
+
 
 class ItemTrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

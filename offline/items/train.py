@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from offline.items.config import ItemTrainConfig
 from offline.train.checkpoint import peak_rss_gb
 from service.contracts.catalog import Catalog
 from service.contracts.item_index import ExactIndex
-from service.contracts.item_model import ItemModelManifest, left_padded
+from service.contracts.item_model import ItemModel, ItemModelManifest, left_padded
 from service.contracts.item_network import ItemModelConfig, ItemSequenceModel
 
 log = logging.getLogger(__name__)
@@ -68,19 +68,40 @@ def evaluate(
     batch: int = 1024,
 ) -> dict[str, float]:
     """Full ranking of the target among all items, history excluded (the eval's metrics)."""
+    training = model.training
     model.eval()
     with torch.no_grad():
         index = ExactIndex(model.item_vectors().numpy())
+
+        def encode(rows: Sequence[Sequence[int]]) -> np.ndarray:
+            rows = [r[-model.cfg.max_len :] for r in rows]
+            return model.user_vectors(left_padded(rows)).numpy()
+
+        metrics = _ranked_metrics(encode, index, catalog, examples, ks, batch)
+    model.train(training)
+    return metrics
+
+
+def evaluate_item_model(
+    model: ItemModel, catalog: Catalog, examples: Sequence[Example], ks: Sequence[int] = (TOP_K,)
+) -> dict[str, float]:
+    """:func:`evaluate` for a loaded item model (one, or an ensemble's mean logit)."""
+    return _ranked_metrics(model.user_vectors, model.index, catalog, examples, ks, 1024)
+
+
+def _ranked_metrics(
+    encode: Callable[[Sequence[Sequence[int]]], np.ndarray],
+    index: ExactIndex,
+    catalog: Catalog,
+    examples: Sequence[Example],
+    ks: Sequence[int],
+    batch: int,
+) -> dict[str, float]:
     ranked: list[list[str]] = []
     for start in range(0, len(examples), batch):
-        rows = [
-            _rows(catalog, e.history)[-model.cfg.max_len :] for e in examples[start : start + batch]
-        ]
-        with torch.no_grad():
-            vectors = model.user_vectors(left_padded(rows)).numpy()
-        found, _ = index.search(vectors, max(ks), rows)
+        rows = [_rows(catalog, e.history) for e in examples[start : start + batch]]
+        found, _ = index.search(encode(rows), max(ks), rows)
         ranked += [[catalog.item_ids[r] for r in top if r >= 0] for top in found.tolist()]
-    model.train()
     return ranking_metrics(ranked, [e.target for e in examples], ks)
 
 

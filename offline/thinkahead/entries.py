@@ -71,7 +71,7 @@ class ItemSource:
     @property
     def refit(self) -> bool:
         """Trained on train + validation (``train-items --refit``)."""
-        return bool(self.model.manifest.training.get("refit"))
+        return self.model.refit
 
     @classmethod
     def load(

@@ -2,19 +2,30 @@
 (each user's best items, stored in the snapshot) and the service (a fresh history's best items
 after an event, without an engine round).
 
-A directory (written whole by ``thinkahead train-items``)::
+A directory (written whole by ``thinkahead train-items``) holds one model::
 
     item_model.safetensors   weights (item rows in catalog row order)
     manifest.json            ItemModelManifest: config, catalog version, version, training record
+
+or an ensemble of them (``train-items --members N``, ``thinkahead ensemble-items``)::
+
+    ensemble.json            EnsembleManifest: the member directories
+    member-0/, member-1/     one model each, as above
+
+An ensemble scores an item by the mean of its members' logits. That is one dot product over
+concatenated vectors (each member's user vector divided by the member count, beside its item
+vectors), so one exact (or approximate) index serves it and every reader sees a single model
+with wider vectors: the snapshot, the scores' meaning and the service's encode are unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,12 +35,13 @@ from safetensors.torch import load_file
 from service.contracts.catalog import Catalog
 from service.contracts.item_index import ExactIndex
 from service.contracts.item_network import ItemModelConfig, ItemSequenceModel
-from service.contracts.manifest import ManifestError
+from service.contracts.manifest import ManifestError, utc_now
 from service.contracts.tokens import Code
 
 ITEMS_DIR = "items"  # the item-level model's default place: inside the model directory
 WEIGHTS_FILE = "item_model.safetensors"
 MANIFEST_FILE = "manifest.json"
+ENSEMBLE_FILE = "ensemble.json"
 
 
 class ItemModelError(ManifestError):
@@ -50,50 +62,71 @@ class ItemModelManifest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class ItemModel:
-    """Encodes histories (item rows) into user vectors; finds their best items."""
+class EnsembleManifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
+    members: list[str] = Field(min_length=1)  # directories, relative to the ensemble's
+    combine: Literal["mean_logit"] = "mean_logit"
+    created_at: str = Field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
+class ItemMember:
     manifest: ItemModelManifest
     network: ItemSequenceModel
+
+
+@dataclass
+class ItemModel:
+    """Encodes histories (item rows) into user vectors; finds their best items. One trained
+    model or the mean of several (see the module's docstring)."""
+
+    members: tuple[ItemMember, ...]
     index: ExactIndex
+    version: str
 
     @property
-    def version(self) -> str:
-        return self.manifest.version
+    def refit(self) -> bool:
+        """Any member trained on train + validation (``train-items --refit``)."""
+        return any(m.manifest.training.get("refit") for m in self.members)
+
+    def describe(self) -> dict[str, Any]:
+        """What reports record: the one manifest, or the ensemble's members."""
+        if len(self.members) == 1:
+            return self.members[0].manifest.model_dump(mode="json")
+        return {
+            "version": self.version,
+            "combine": "mean_logit",
+            "members": [m.manifest.model_dump(mode="json") for m in self.members],
+        }
 
     @classmethod
     def load(cls, directory: Path | str, catalog: Catalog) -> ItemModel:
         directory = Path(directory)
+        ensemble = directory / ENSEMBLE_FILE
+        if not ensemble.is_file():
+            member = _load_member(directory, catalog)
+            network = member.network
+            with torch.no_grad():
+                vectors = network.item_vectors().numpy().copy()
+            return cls((member,), ExactIndex(vectors), member.manifest.version)
         try:
-            manifest = ItemModelManifest.model_validate(
-                json.loads((directory / MANIFEST_FILE).read_text())
-            )
+            spec = EnsembleManifest.model_validate(json.loads(ensemble.read_text()))
         except (OSError, ValueError) as exc:
-            raise ItemModelError(directory, f"not an item model ({exc})") from exc
-        if manifest.catalog_version != catalog.version:
-            raise ItemModelError(
-                directory,
-                f"trained for catalog {manifest.catalog_version}, not {catalog.version}: "
-                "retrain it (thinkahead train-items)",
-            )
-        network = ItemSequenceModel(manifest.config)
-        network.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-        network.eval()
+            raise ItemModelError(directory, f"not an item-model ensemble ({exc})") from exc
+        members = tuple(_load_member(directory / name, catalog) for name in spec.members)
         with torch.no_grad():
-            vectors = network.item_vectors().numpy().copy()
-        return cls(manifest, network, ExactIndex(vectors))
+            vectors = np.concatenate([m.network.item_vectors().numpy() for m in members], axis=1)
+        versions = "+".join(m.manifest.version for m in members)
+        version = hashlib.sha256(versions.encode()).hexdigest()[:16]
+        return cls(members, ExactIndex(vectors), version)
 
     def user_vectors(self, histories: Sequence[Sequence[int]], batch: int = 1024) -> np.ndarray:
-        """Histories as catalog rows, oldest first -> (users, dim)."""
-        out = []
-        max_len = self.manifest.config.max_len
-        with torch.no_grad():
-            for start in range(0, len(histories), batch):
-                tokens = left_padded([h[-max_len:] for h in histories[start : start + batch]])
-                out.append(self.network.user_vectors(tokens).numpy())
-        dim = self.manifest.config.dim
-        return np.concatenate(out) if out else np.zeros((0, dim), dtype=np.float32)
+        """Histories as catalog rows, oldest first -> (users, summed member dims); each
+        member's part divided by the member count, so a dot product is the mean logit."""
+        parts = [_member_vectors(m, histories, batch) for m in self.members]
+        out = np.concatenate(parts, axis=1)
+        return out / len(self.members) if len(self.members) > 1 else out
 
     def top_items(
         self, catalog: Catalog, histories: Sequence[Sequence[Code]], n: int, exclude_history: bool
@@ -111,6 +144,38 @@ class ItemModel:
             [(catalog.code_at(int(r)), float(s)) for r, s in zip(rs, ss, strict=True) if r >= 0]
             for rs, ss in zip(found, scores, strict=True)
         ]
+
+
+def _load_member(directory: Path, catalog: Catalog) -> ItemMember:
+    try:
+        manifest = ItemModelManifest.model_validate(
+            json.loads((directory / MANIFEST_FILE).read_text())
+        )
+    except (OSError, ValueError) as exc:
+        raise ItemModelError(directory, f"not an item model ({exc})") from exc
+    if manifest.catalog_version != catalog.version:
+        raise ItemModelError(
+            directory,
+            f"trained for catalog {manifest.catalog_version}, not {catalog.version}: "
+            "retrain it (thinkahead train-items)",
+        )
+    network = ItemSequenceModel(manifest.config)
+    network.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    network.eval()
+    return ItemMember(manifest, network)
+
+
+def _member_vectors(
+    member: ItemMember, histories: Sequence[Sequence[int]], batch: int
+) -> np.ndarray:
+    out = []
+    max_len = member.manifest.config.max_len
+    with torch.no_grad():
+        for start in range(0, len(histories), batch):
+            tokens = left_padded([h[-max_len:] for h in histories[start : start + batch]])
+            out.append(member.network.user_vectors(tokens).numpy())
+    dim = member.manifest.config.dim
+    return np.concatenate(out) if out else np.zeros((0, dim), dtype=np.float32)
 
 
 def left_padded(rows: Sequence[Sequence[int]], length: int | None = None) -> torch.Tensor:

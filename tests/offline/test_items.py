@@ -51,12 +51,12 @@ def test_it_learns_the_walk_far_beyond_popularity(world: tuple[Path, Path, Path]
     catalog_dir, model_dir, interactions = world
     catalog = Catalog.load(catalog_dir)
     model = ItemModel.load(model_dir / "items", catalog)
-    best = model.manifest.training["best"]
+    best = model.members[0].manifest.training["best"]
     split = leave_one_out(read_interactions(interactions))
     popular_hits = popularity_baseline(split.train, split.valid, 10)["recall@10"]
     # users step 1-3 items ahead: the next item is one of three, popularity cannot know which
     assert best["recall@10"] > max(0.6, 2 * popular_hits), (best, popular_hits)
-    assert model.manifest.best_epoch >= 1 and model.version
+    assert model.members[0].manifest.best_epoch >= 1 and model.version
 
 
 def test_the_sampled_softmax_of_large_catalogs_learns_the_walk_too(
@@ -64,7 +64,7 @@ def test_the_sampled_softmax_of_large_catalogs_learns_the_walk_too(
 ) -> None:
     catalog_dir, model_dir, interactions = world
     catalog = Catalog.load(catalog_dir)
-    assert ItemModel.load(model_dir / "items", catalog).manifest.training["loss"] == (
+    assert ItemModel.load(model_dir / "items", catalog).members[0].manifest.training["loss"] == (
         "full softmax"
     )
     cfg = ItemTrainConfig(
@@ -95,7 +95,7 @@ def test_a_refit_trains_on_validation_too_for_exactly_its_epochs(
     )
     assert result.exit_code == 0, result.output
     assert "refit on train + validation" in result.output and "nan" not in result.output
-    training = ItemModel.load(out, Catalog.load(catalog_dir)).manifest.training
+    training = ItemModel.load(out, Catalog.load(catalog_dir)).members[0].manifest.training
     split = leave_one_out(read_interactions(interactions))
     assert training["refit"] is True
     assert training["train_sequences"] == sum(len(s) > 1 for s in split.train_and_valid.items)

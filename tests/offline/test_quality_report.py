@@ -85,6 +85,19 @@ def test_the_item_level_model_alone_is_one_of_our_rows(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "quality.md").read_text()
     assert "2 x item-level score" in text and "best 20 items" in text
     assert "800,000 parameters" in text and "best epoch 7 of 9" in text
+    # an ensemble's report names its members, their seeds and epochs, and the time of all
+    members = [
+        {**item_model, "best_epoch": e, "training": {**item_model["training"], "seconds": 600}}
+        for e in (7, 5)
+    ]
+    for member, seed in zip(members, (0, 1), strict=True):
+        member["training"]["settings"] = {"negatives": 2048, "seed": seed, "dropout": 0.5}
+    ensemble = {"version": "e1", "combine": "mean_logit", "members": members}
+    items.write_text(json.dumps({"item_model": ensemble, "rows": {"item-level model alone": ROW}}))
+    build_quality_report(served, decoder, model, tmp_path / "out", [], items=items)
+    text = (tmp_path / "out" / "quality.md").read_text()
+    assert "the mean logit of 2 SASRec models (seeds 0, 1)" in text
+    assert "best epoch 7 of 9, 5 of 9" in text and "20.0 minutes in all" in text
 
 
 def test_refit_reports_add_their_served_and_decoder_rows_marked_refit(tmp_path: Path) -> None:

@@ -153,7 +153,10 @@ def test_an_item_model_saved_before_bsarec_loads_as_plain_attention(tmp_path: Pa
     manifest["config"] = {k: manifest["config"][k] for k in [*legacy, "dropout"]}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))
     loaded = ItemModel.load(out, catalog)
-    assert loaded.manifest.config.mixer == "attention" and loaded.manifest.best_epoch == 3
+    assert (
+        loaded.members[0].manifest.config.mixer == "attention"
+        and loaded.members[0].manifest.best_epoch == 3
+    )
     histories = [[3, 4, 5], list(range(10))]
     with torch.no_grad():
         expected = network.user_vectors(left_padded(histories)).numpy()
@@ -186,7 +189,10 @@ def test_bsarec_trained_on_prefixes_learns_the_walk_and_round_trips(tmp_path: Pa
     # users step 1-3 items ahead: the next item is one of three, popularity cannot know which
     assert training["best"]["recall@10"] > max(0.6, 2 * popular), (training["best"], popular)
     model = ItemModel.load(tmp_path / "items", catalog)
-    assert model.manifest.config.mixer == "bsarec" and model.manifest.config.c == cfg.c
+    assert (
+        model.members[0].manifest.config.mixer == "bsarec"
+        and model.members[0].manifest.config.c == cfg.c
+    )
     history = [catalog.code_of(str(i)) for i in (10, 12, 14)]
     (ranked,) = model.top_items(catalog, [history], 5, exclude_history=True)  # type: ignore[list-item]
     assert {catalog.item_at(code) for code, _ in ranked[:3]} & {"15", "16", "17"}
