@@ -3,14 +3,16 @@ after an event.
 
 The worker stores each user's best item-level items for the history it saw
 (``service.contracts.affinity``); after an event they describe the old history. Encoding the
-fresh history is cheap next to an engine round (one forward pass of a two-block model and one
-search over the item vectors: about 1 ms on one core for Beauty's 12,101 items), so the
+fresh history is cheap next to an engine round (one forward pass of each member's two-block
+model and one search over the item vectors: about 1 ms per member on one core for Beauty's 12,101
+items, ~3 ms for the default three-model ensemble), so the
 no-engine answer (``ThinkAheadScorer.rerank``) gets the fresh history's item-level scores and
 candidates instead of the stale ones. It runs on one dedicated thread: torch releases the GIL,
 the event loop keeps serving reads meanwhile, and concurrent encodes never contend with each
 other for cores the engine needs.
 
-Memory: the item vectors (items x dim x 4 bytes; 3.1 MB for Beauty) plus the model's blocks.
+Memory: the item vectors (items x dim x members x 4 bytes; 9.3 MB for Beauty's three 64-d
+members) plus the models' blocks.
 A catalog too large for that turns it off (``recommend.fresh_item_model``); its search then
 belongs in an approximate index (``service.contracts.item_index``).
 """
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# an encode is ~1 ms: a request that has less than this left answers without it
+# an encode is ~1 ms per ensemble member: a request that has less than this left answers
+# without it
 ENCODE_FLOOR_S = 0.005
 
 

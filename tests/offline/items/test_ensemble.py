@@ -93,7 +93,8 @@ def test_ensemble_items_gathers_models_trained_apart(
     catalog_dir, interactions, out = world
     args = ["train-items", "--catalog", str(catalog_dir), "--interactions", str(interactions)]
     third = tmp_path / "third"
-    result = CliRunner().invoke(app, [*args, "--out", str(third), "--seed", "7", *SMALL])
+    one = ["--seed", "7", "--members", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(third), *one, *SMALL])
     assert result.exit_code == 0, result.output
     gathered = tmp_path / "gathered"
     result = CliRunner().invoke(
