@@ -321,7 +321,7 @@ def rank_reranked(
     invalid = 0
     for chunk, fresh, values in spec.entries(thinker, catalog, model, examples, "re-rank"):
         encoded: list[Affinity | None] = (
-            list(items.affinities(catalog, fresh, spec.scoring.exclude_history))
+            list(items.fresh_affinities(catalog, fresh, spec.scoring.exclude_history))
             if items is not None
             else [None] * len(chunk)
         )

@@ -97,6 +97,15 @@ class ItemSource:
         top = self.model.top_items(catalog, histories, self.items, exclude_history)
         return [Affinity.of_items(ranked) for ranked in top]
 
+    def fresh_affinities(
+        self, catalog: Catalog, histories: Sequence[Sequence[Code]], exclude_history: bool = True
+    ) -> list[Affinity]:
+        """What the service's fresh encode gives (``ItemModel.for_fresh``), for the evals and
+        the tune of the no-engine fresh answer."""
+        fresh = self.model.for_fresh()
+        top = fresh.top_items(catalog, histories, DEFAULT_AFFINITY_ITEMS, exclude_history)
+        return [Affinity.of_items(ranked) for ranked in top]
+
 
 def history_covisit(
     catalog: Catalog, history: Sequence[Code], neighbours: Mapping[str, Neighbours]

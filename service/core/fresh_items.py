@@ -5,14 +5,14 @@ The worker stores each user's best item-level items for the history it saw
 (``service.contracts.affinity``); after an event they describe the old history. Encoding the
 fresh history is cheap next to an engine round (one forward pass of each member's two-block
 model and one search over the item vectors: about 1 ms per member on one core for Beauty's 12,101
-items, ~3 ms for the default three-model ensemble), so the
+items; an ensemble encodes with its first ``fresh_members``, one by default), so the
 no-engine answer (``ThinkAheadScorer.rerank``) gets the fresh history's item-level scores and
 candidates instead of the stale ones. It runs on one dedicated thread: torch releases the GIL,
 the event loop keeps serving reads meanwhile, and concurrent encodes never contend with each
 other for cores the engine needs.
 
-Memory: the item vectors (items x dim x members x 4 bytes; 9.3 MB for Beauty's three 64-d
-members) plus the models' blocks.
+Memory: the item vectors (items x dim x fresh members x 4 bytes; 3.1 MB for Beauty) plus the
+model's blocks.
 A catalog too large for that turns it off (``recommend.fresh_item_model``); its search then
 belongs in an approximate index (``service.contracts.item_index``).
 """
@@ -64,7 +64,7 @@ class FreshItems:
 
         # one intra-op thread: the encode is small, and the cores belong to the engine
         torch.set_num_threads(1)
-        return cls(ItemModel.load(path, catalog), catalog)
+        return cls(ItemModel.load(path, catalog).for_fresh(), catalog)
 
     @property
     def version(self) -> str:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from offline.cli import app
 from offline.data import leave_one_out, read_interactions
 from offline.items.train import evaluate, evaluate_item_model
+from offline.thinkahead.entries import ItemSource
 from service.contracts.catalog import Catalog
 from service.contracts.item_model import ENSEMBLE_FILE, ItemModel, ItemModelError, left_padded
 from service.core.fresh_items import FreshItems
@@ -76,15 +77,35 @@ def test_the_eval_and_the_service_load_it_as_one_model(world: tuple[Path, Path, 
     alone = evaluate(model.members[0].network, catalog, valid)
     assert ensemble["users"] == alone["users"] == len(valid)
     assert ensemble != alone  # the second member moved the ranking
+    # the service's fresh encode: the first member alone by default (its cost is per member,
+    # on the request path), the whole ensemble when the manifest says so
     model_dir = out.parent / "model-with-ensemble"
     model_dir.mkdir()
     (model_dir / "items").symlink_to(out)
-    fresh = FreshItems.load(model_dir, catalog)
-    assert fresh is not None and fresh.version == model.version
     history = [catalog.code_of(str(i)) for i in (20, 21)]
+    first = ItemModel.load(out / "member-0", catalog)
+    fresh = FreshItems.load(model_dir, catalog)
+    assert fresh is not None and fresh.version == first.version != model.version
     top = fresh.top(history, exclude_history=True)  # type: ignore[arg-type]
-    assert top.ranked == tuple(model.top_items(catalog, [history], fresh.items, True)[0])  # type: ignore[list-item]
+    assert top.ranked == tuple(first.top_items(catalog, [history], fresh.items, True)[0])  # type: ignore[list-item]
     fresh.close()
+    # the eval and tune-rerank score the no-engine fresh answer with the same encode
+    source = ItemSource(model, out)
+    (affinity,) = source.fresh_affinities(catalog, [history])  # type: ignore[list-item]
+    assert affinity == top
+    (stored,) = source.affinities(catalog, [history])  # type: ignore[list-item]
+    assert stored != top  # what the worker stores: the whole ensemble
+    spec = json.loads((out / ENSEMBLE_FILE).read_text())
+    assert spec["fresh_members"] == 1
+    try:
+        (out / ENSEMBLE_FILE).write_text(json.dumps({**spec, "fresh_members": 2}))
+        fresh = FreshItems.load(model_dir, catalog)
+        assert fresh is not None and fresh.version == model.version
+        top = fresh.top(history, exclude_history=True)  # type: ignore[arg-type]
+        assert top.ranked == tuple(model.top_items(catalog, [history], fresh.items, True)[0])  # type: ignore[list-item]
+        fresh.close()
+    finally:
+        (out / ENSEMBLE_FILE).write_text(json.dumps(spec))
 
 
 def test_ensemble_items_gathers_models_trained_apart(
