@@ -103,6 +103,7 @@ class ItemModel:
         return {
             "version": self.version,
             "combine": "mean_logit",
+            "fresh_members": self.fresh_members,
             "members": [m.manifest.model_dump(mode="json") for m in self.members],
         }
 
@@ -111,11 +112,7 @@ class ItemModel:
         directory = Path(directory)
         ensemble = directory / ENSEMBLE_FILE
         if not ensemble.is_file():
-            member = _load_member(directory, catalog)
-            network = member.network
-            with torch.no_grad():
-                vectors = network.item_vectors().numpy().copy()
-            return cls((member,), ExactIndex(vectors), member.manifest.version)
+            return cls.of_members((_load_member(directory, catalog),))
         try:
             spec = EnsembleManifest.model_validate(json.loads(ensemble.read_text()))
         except (OSError, ValueError) as exc:
