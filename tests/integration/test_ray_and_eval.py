@@ -183,7 +183,15 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     tuned = ServingConfig.model_validate_json((model / "serving.json").read_text())
     assert tuned.weights == serving.weights and tuned.rerank is not None
     record = tuned.rerank_tuning
-    assert record["fresh_item_model"] == serving.item_model_version
+    # tuned with the encode the service runs: the ensemble's first member (fresh_members),
+    # while the stored answers' weights were learned with the whole ensemble
+    from offline.items.config import DEFAULT_MEMBERS
+    from service.contracts.catalog import Catalog
+    from service.contracts.item_model import ItemModel
+
+    items = ItemModel.load(model / "items", Catalog.load(tiny_world.catalog_dir))
+    assert len(items.members) == DEFAULT_MEMBERS > 1 and items.version == serving.item_model_version
+    assert record["fresh_item_model"] == items.for_fresh().version != items.version
     assert record["best"]["ndcg@10"] == max(r["ndcg@10"] for r in record["top"])
     assert record["best"]["ndcg@10"] >= record["without_encode"]["ndcg@10"]
     assert set(record["item_level_alone"]) == {"recall@10", "ndcg@10"}  # it has an item model
