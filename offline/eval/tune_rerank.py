@@ -148,7 +148,7 @@ def tune_rerank(
             "rerank_tuning": {
                 "chosen_on": f"validation split, {len(targets)} users one event past their "
                 f"snapshot entry: the best NDCG@{k} over a grid of {len(grid)} settings",
-                "fresh_item_model": items.model.for_fresh().version if items is not None else None,
+                "fresh_item_model": items.fresh_model.version if items is not None else None,
                 "best": row(best),
                 "without_encode": _rounded(untuned_row, k),
                 "item_level_alone": _rounded(ranking_metrics(alone, targets, (k,)), k)

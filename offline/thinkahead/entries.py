@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,13 +98,19 @@ class ItemSource:
         top = self.model.top_items(catalog, histories, self.items, exclude_history)
         return [Affinity.of_items(ranked) for ranked in top]
 
+    @cached_property
+    def fresh_model(self) -> ItemModel:
+        """Built once: ``for_fresh`` concatenates the members' item vectors anew."""
+        return self.model.for_fresh()
+
     def fresh_affinities(
         self, catalog: Catalog, histories: Sequence[Sequence[Code]], exclude_history: bool = True
     ) -> list[Affinity]:
         """What the service's fresh encode gives (``ItemModel.for_fresh``), for the evals and
         the tune of the no-engine fresh answer."""
-        fresh = self.model.for_fresh()
-        top = fresh.top_items(catalog, histories, DEFAULT_AFFINITY_ITEMS, exclude_history)
+        top = self.fresh_model.top_items(
+            catalog, histories, DEFAULT_AFFINITY_ITEMS, exclude_history
+        )
         return [Affinity.of_items(ranked) for ranked in top]
 
 
