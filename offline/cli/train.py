@@ -61,6 +61,13 @@ def train_cmd(
         TrainConfig, "rationale_rate"
     ),
     alignment: Annotated[bool, _train("alignment")] = default_of(TrainConfig, "alignment"),
+    teacher: Annotated[Path | None, _train("teacher")] = default_of(TrainConfig, "teacher"),
+    distill_alpha: Annotated[float, _train("distill_alpha")] = default_of(
+        TrainConfig, "distill_alpha"
+    ),
+    distill_top_k: Annotated[int, _train("distill_top_k")] = default_of(
+        TrainConfig, "distill_top_k"
+    ),
     refit: Refit = False,
     resume: Annotated[
         bool, typer.Option(help="continue a killed run of the same settings from its checkpoint")
@@ -87,6 +94,9 @@ def train_cmd(
         reasoning=reasoning,
         rationale_rate=rationale_rate,
         alignment=alignment,
+        teacher=teacher,
+        distill_alpha=distill_alpha,
+        distill_top_k=distill_top_k,
         refit=refit,
         resume=resume,
         low_memory=low_memory,

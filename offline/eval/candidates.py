@@ -370,6 +370,7 @@ def rank_served(
                 categories,
                 catalog.category_of,
                 user.history,
+                settings=spec.scoring.rationale,
             )
             stats.add(user.history, user.target, shown, served)
         rationale = stats.report()

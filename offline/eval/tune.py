@@ -24,6 +24,7 @@ from offline.eval.candidates import ThinkAheadEval, UserCandidates, think_ahead_
 from offline.eval.examples import select_examples
 from offline.eval.guards import check_sources
 from offline.eval.metrics import TOP_K
+from offline.eval.tune_rationale import answered, tune_rationale
 from offline.thinkahead.entries import ItemSource
 from offline.thinkahead.worker import reasoner_for, thought_paths
 from service.contracts.catalog import Catalog
@@ -274,6 +275,22 @@ def tune_blend(
         for t in trials
         if t.candidates == 0 and t.weights == FusionWeights(offline=t.weights.offline)
     )
+    rationale, rationale_tuning = (
+        tune_rationale(
+            answered(
+                users,
+                catalog,
+                best.weights,
+                best.covisit_candidates,
+                best.affinity_candidates,
+                k,
+            ),
+            catalog.categories,
+            catalog,
+        )
+        if catalog.categories is not None
+        else (None, {})
+    )
     config = ServingConfig(
         weights=best.weights,
         covisit_candidates=best.covisit_candidates,
@@ -285,6 +302,8 @@ def tune_blend(
         + f": the fewest extra candidates within 1% of the best {'mean ' if judge_fresh else ''}"
         f"NDCG@{k} over a grid of {len(trials)} settings",
         created_at=utc_now(),
+        rationale=rationale,
+        rationale_tuning=rationale_tuning,
         tuning={
             "best": best.row(),
             "grid_best_ndcg@10": round(max(t.ndcg for t in trials), 5),

@@ -301,7 +301,13 @@ class Thinker:
             return b""
         ranked = [(i, s) for c, s in answer if (i := catalog.item_at(c)) is not None]
         seen = [i for c in history if (i := catalog.item_at(c)) is not None]
-        found = answer_rationales(ranked, catalog.categories, catalog.category_of, seen)
+        found = answer_rationales(
+            ranked,
+            catalog.categories,
+            catalog.category_of,
+            seen,
+            settings=self.scorer.settings.rationale,
+        )
         return pack_rationales(found) if found else b""
 
     def answers(

@@ -3,6 +3,8 @@ their defaults)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.contracts.manifest import MAX_HISTORY
@@ -25,6 +27,17 @@ class TrainConfig(BaseModel):
         ge=0,
         lt=1,
         description="each epoch, drop each history item of a training sequence with this p",
+    )
+    teacher: Path | None = Field(
+        default=None,
+        description="item-level model (or ensemble) directory to distill from: its next-item "
+        "distribution joins the targets of levels a and b (offline/train/distill.py)",
+    )
+    distill_alpha: float = Field(
+        default=0.5, ge=0, le=1, description="weight of the teacher's targets against the true ones"
+    )
+    distill_top_k: int = Field(
+        default=100, ge=1, description="the teacher's best items per position that make its targets"
     )
     bf16: bool | None = Field(default=None, description="bf16 autocast; None: where native")
     max_history: int = Field(default=MAX_HISTORY, ge=1)

@@ -41,6 +41,8 @@ class Encoded:
     input_ids: np.ndarray  # (T,)
     labels: np.ndarray  # (T,) next-token targets, IGNORE except item tokens of items 2..n
     levels: np.ndarray  # (T,) 0/1/2 for the level each label belongs to, -1 elsewhere
+    # with a teacher (offline/train/distill.py): its prediction's row for each target item
+    teacher_rows: np.ndarray | None = None
 
 
 def encode(codes: Sequence[Code], ids: TokenIds) -> Encoded:
@@ -60,10 +62,15 @@ def encode(codes: Sequence[Code], ids: TokenIds) -> Encoded:
     return Encoded(input_ids, labels, levels)
 
 
+Batch = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor | None"]
+
+
 def batches(
     encoded: Sequence[Encoded], batch_size: int, pad: int, rng: np.random.Generator | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded batches of similar length (sorted, then chunked, chunks shuffled)."""
+) -> Iterator[Batch]:
+    """Right-padded batches of similar length (sorted, then chunked, chunks shuffled): token
+    ids, attention mask, labels, label levels, and the teacher's rows for the batch's target
+    items in label order (None unless every sequence has them)."""
     import torch  # here: the encoders are imported by jobs that never train
 
     order = np.argsort([len(e.input_ids) for e in encoded], kind="stable")
@@ -87,4 +94,10 @@ def batches(
             labels[row, :n] = torch.from_numpy(e.labels)
             levels[row, :n] = torch.from_numpy(e.levels)
             mask[row, :n] = 1
-        yield ids, mask, labels, levels
+        rows = [encoded[i].teacher_rows for i in chunk]
+        teacher = (
+            None
+            if any(r is None for r in rows)
+            else torch.from_numpy(np.concatenate(rows).astype(np.int64))  # type: ignore[arg-type]
+        )
+        yield ids, mask, labels, levels, teacher

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +37,21 @@ from offline.train.checkpoint import (
     run_identity,
 )
 from offline.train.config import TrainConfig
-from offline.train.dataset import Encoded, batches, encode, windows
+from offline.train.dataset import Batch, Encoded, batches, encode, windows
+from offline.train.distill import (
+    LevelTargets,
+    Teacher,
+    WindowTargets,
+    distilled_loss,
+    level_tokens,
+)
 from offline.train.memory import fix_malloc_thresholds
 from offline.train.presets import PRESETS, padded_vocab
 from offline.train.reasoning import CatalogWords, ReasoningData
 from offline.train.tokenizer import save_tokenizer
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
+from service.contracts.item_model import ItemModel
 from service.contracts.manifest import ModelManifest, ReasoningTemplate, file_hash, sha256_hex
 from service.contracts.tokens import Code, TokenIds
 
@@ -63,6 +71,9 @@ class Prepared:
     data_hash: str
     vocab_size: int  # the tokenizer's, extra tokens included
     reasoning: ReasoningData | None = None  # with the catalog's words (reasoning / alignment)
+    teacher: dict[str, str | float] | None = (
+        None  # what distilled into it (offline/train/distill.py)
+    )
 
 
 def codes_for(catalog: Catalog, items: list[str]) -> tuple[list[Code], int]:
@@ -126,11 +137,14 @@ def prepare(
     )
 
 
-def augmented(data: Prepared, p: float, rng: np.random.Generator) -> list[Encoded]:
+def augmented(
+    data: Prepared, p: float, rng: np.random.Generator, teacher: WindowTargets | None = None
+) -> list[Encoded]:
     """One epoch's sequences. Item dropout: each item of a training sequence is dropped with
     probability p (keeping at least two), so the model cannot lean on one exact context.
     With reasoning, a share of the windows end in their last item's rationale; with alignment,
-    the catalog's item <-> words sequences follow."""
+    the catalog's item <-> words sequences follow. With a teacher, each kept target keeps its
+    row of the teacher's targets."""
     reasoning = data.reasoning
     rationale = (
         rng.random(len(data.train)) < reasoning.rate
@@ -138,18 +152,51 @@ def augmented(data: Prepared, p: float, rng: np.random.Generator) -> list[Encode
         else np.zeros(len(data.train), dtype=bool)
     )
     out = []
-    for seq, enc, think in zip(data.train_codes, data.train, rationale, strict=True):
+    for w, (seq, enc, think) in enumerate(
+        zip(data.train_codes, data.train, rationale, strict=True)
+    ):
         codes = seq
+        kept = None
         if p > 0:
             keep = rng.random(len(seq)) >= p
             if not keep.all() and keep.sum() >= 2:
                 codes = [c for c, k in zip(seq, keep, strict=True) if k]
+                kept = np.flatnonzero(keep)
         reasoned = reasoning.window(codes, data.ids) if think and reasoning else None
         if reasoned is not None:
             out.append(reasoned)
+        elif codes is seq:
+            out.append(enc)
         else:
-            out.append(enc if codes is seq else encode(codes, data.ids))
+            dropped = encode(codes, data.ids)
+            if teacher is not None:
+                dropped = replace(dropped, teacher_rows=teacher.rows_of(w, kept))
+            out.append(dropped)
     return out + (reasoning.alignment if reasoning is not None else [])
+
+
+def _teacher(
+    cfg: TrainConfig, data: Prepared, progress: bool
+) -> tuple[WindowTargets | None, Distillation | None]:
+    """The teacher's targets for every training window (their rows set on ``data.train``),
+    and what the loss mixes in; (None, None) without a teacher."""
+    if cfg.teacher is None:
+        return None, None
+    if data.reasoning is not None:
+        raise InputError(
+            None, "--teacher distills plain next-item windows: not with --reasoning or --alignment"
+        )
+    t0 = time.monotonic()
+    teacher = Teacher(ItemModel.load(cfg.teacher, data.catalog), data.catalog, cfg.distill_top_k)
+    targets = teacher.precompute(data.train_codes, progress=progress)
+    data.train = [
+        replace(e, teacher_rows=targets.rows_of(w, None)) for w, e in enumerate(data.train)
+    ]
+    data.teacher = {
+        "teacher_version": teacher.version,
+        "teacher_seconds": round(time.monotonic() - t0, 1),
+    }
+    return targets, Distillation(targets.targets, level_tokens(data.ids), cfg.distill_alpha)
 
 
 def level_masks(ids: TokenIds, vocab: int, reasoning: ReasoningData | None = None) -> torch.Tensor:
@@ -164,13 +211,21 @@ def level_masks(ids: TokenIds, vocab: int, reasoning: ReasoningData | None = Non
     return masks
 
 
+@dataclass(frozen=True)
+class Distillation:
+    targets: LevelTargets  # every training window's, WindowTargets.targets
+    tokens: tuple[torch.Tensor, torch.Tensor]  # the a and b token ids
+    alpha: float
+
+
 def item_loss(
     model: LlamaForCausalLM,
-    batch: tuple[torch.Tensor, ...],
+    batch: Batch,
     masks: torch.Tensor,
     embed_dropout: float,
+    distill: Distillation | None = None,
 ) -> torch.Tensor:
-    ids, attn, labels, levels = batch
+    ids, attn, labels, levels, teacher_rows = batch
     embeds = model.get_input_embeddings()(ids)
     if model.training and embed_dropout > 0:
         embeds = F.dropout(embeds, embed_dropout)
@@ -178,7 +233,16 @@ def item_loss(
     sel = labels != -100
     logits = model.lm_head(hidden[sel]).float()
     logits = logits.masked_fill(~masks[levels[sel]], float("-inf"))
-    return F.cross_entropy(logits, labels[sel])
+    if distill is None or teacher_rows is None:
+        return F.cross_entropy(logits, labels[sel])
+    return distilled_loss(
+        logits.log_softmax(dim=-1),
+        labels[sel],
+        distill.targets.rows(teacher_rows.clamp_min(0)),
+        teacher_rows >= 0,
+        distill.tokens,
+        distill.alpha,
+    )
 
 
 def length_batches(lengths: list[int], beam: int, budget: int) -> list[list[int]]:
@@ -264,6 +328,7 @@ def train(
         config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
         model = LlamaForCausalLM(config)
         masks = level_masks(data.ids, vocab, data.reasoning)
+        teacher, distill = _teacher(cfg, data, progress)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16()
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
@@ -293,7 +358,10 @@ def train(
             losses = []
             bar = tqdm(
                 batches(
-                    augmented(data, cfg.item_dropout, rng), cfg.batch_size, data.ids.pad or 0, rng
+                    augmented(data, cfg.item_dropout, rng, teacher),
+                    cfg.batch_size,
+                    data.ids.pad or 0,
+                    rng,
                 ),
                 total=steps_per_epoch,
                 desc=f"epoch {epoch}",
@@ -304,7 +372,7 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(state.step, total_steps, cfg)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = item_loss(model, batch, masks, cfg.embed_dropout)
+                    loss = item_loss(model, batch, masks, cfg.embed_dropout, distill)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -379,6 +447,7 @@ def train(
                 "train_seconds": seconds,
                 "peak_rss_gb": round(peak_rss_gb(), 2),
                 "refit": cfg.refit,
+                **(data.teacher or {}),
                 "resumed_after_epoch": resumed_after,
                 "interactions": str(interactions),
             },

@@ -21,6 +21,7 @@ from service.contracts.manifest import (
     require_same_catalog,
     write_json_atomic,
 )
+from service.contracts.rationale import RationaleSettings
 from service.contracts.think_ahead import (
     DEFAULT_AFFINITY_CANDIDATES,
     DEFAULT_COVISIT_CANDIDATES,
@@ -81,6 +82,9 @@ class ServingConfig(BaseModel):
     # None: RerankSettings' defaults
     rerank: RerankSettings | None = None
     rerank_tuning: dict[str, Any] = Field(default_factory=dict)
+    # the answer rationale's mix (tune-blend, on the same users); None: the answer alone
+    rationale: RationaleSettings | None = None
+    rationale_tuning: dict[str, Any] = Field(default_factory=dict)
     covisit_version: str | None = None
     item_model_version: str | None = None  # the item-level model the weights were learned with
     chosen_on: str | None = None
@@ -105,6 +109,8 @@ class ServingConfig(BaseModel):
         }
         if self.rerank is not None:
             learned["rerank"] = self.rerank
+        if self.rationale is not None:
+            learned["rationale"] = self.rationale
         return ScoringSettings.model_validate(learned | overrides)
 
     def write(self, model_dir: Path | str) -> None:

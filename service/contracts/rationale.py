@@ -10,9 +10,12 @@ stores the best categories (:class:`Rationale`) in the snapshot value; the servi
 and renders them (``include_reasoning``), at no engine cost.
 
 A model that does not reason still explains its answer: the worker sums the probability its
-ranked answer puts on each category (``answer_rationales``) and stores the best categories with
-``basis`` "answer". Such a rationale says where the model's answer lies, not what it thought
-first; a stated one (basis "stated") came before the item.
+ranked answer puts on each category (``answer_rationales``), mixes in the share of each
+category in the user's recent history (``RationaleSettings``, learned on the validation split
+by ``thinkahead tune-blend``: the answer alone spreads over more categories than the user's
+next item does) and stores the best categories with ``basis`` "answer". Such a rationale says
+where the answer and the history lean, not what the model thought first; a stated one (basis
+"stated") came before the item.
 
 A rationale is checkable: its category either is the next item's or it is not, and the items
 served beside it either sit in it or do not. Its evidence is the user's history items of the
@@ -34,6 +37,7 @@ from typing import Any, Literal
 
 import msgpack
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 CATEGORIES_FILE = "categories.json"
 THINK_START = "<think>"
@@ -145,21 +149,62 @@ def _rationale(category: Any, logprob: Any, evidence: Any, basis: Any = 0) -> Ra
     return Rationale(int(category), float(logprob), tuple(str(i) for i in evidence), kind)
 
 
+class RationaleSettings(BaseModel):
+    """How an answer's rationale weighs the answer against the history (``serving.json``'s
+    ``rationale``, learned by ``thinkahead tune-blend``). The defaults are the answer alone."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(
+        default=1.0, gt=0, description="the answer's scores are divided by it before the softmax"
+    )
+    history_weight: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="the history's category shares' weight against the answer's (1 - it)",
+    )
+    history_decay: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="each history item counts this much less than the one after it",
+    )
+
+
+ANSWER_ALONE = RationaleSettings()
+
+
+def history_shares(categories_of: Sequence[int], decay: float) -> dict[int, float]:
+    """Each category's share of the history (oldest first), the newest item weighing 1 and
+    each older one ``decay`` times the next; items with no category count for nothing."""
+    weights: dict[int, float] = {}
+    w, total = 1.0, 0.0
+    for cat in reversed(categories_of):
+        if cat != NO_CATEGORY:
+            weights[cat] = weights.get(cat, 0.0) + w
+            total += w
+        w *= decay
+    return {c: v / total for c, v in weights.items()} if total > 0 else {}
+
+
 def answer_rationales(
     ranked: Sequence[tuple[str, float]],
     categories: Categories,
     category_of: dict[str, int],
     history: Sequence[str],
     keep: int = RATIONALES_KEPT,
+    settings: RationaleSettings = ANSWER_ALONE,
 ) -> tuple[Rationale, ...]:
     """Where the model's answer lies: ``ranked`` (item id, log-score; best first, its top
-    ``ANSWER_RATIONALE_ITEMS``) normalised into probabilities, summed by category; the best
-    ``keep`` categories, each with the history items it rests on. Empty when no ranked item
-    has a category."""
+    ``ANSWER_RATIONALE_ITEMS``) divided by the settings' temperature and normalised into
+    probabilities, summed by category, mixed with the history's category shares at the
+    settings' ``history_weight``; the best ``keep`` categories, each with the history items
+    it rests on. Empty when no ranked item has a category."""
     top = [(i, s) for i, s in ranked[:ANSWER_RATIONALE_ITEMS] if math.isfinite(s)]
     if not top:
         return ()
-    scores = np.array([s for _, s in top], dtype=np.float64)
+    scores = np.array([s for _, s in top], dtype=np.float64) / settings.temperature
     probs = np.exp(scores - scores.max())
     probs /= probs.sum()
     mass: dict[int, float] = {}
@@ -167,8 +212,17 @@ def answer_rationales(
         cat = category_of.get(item, NO_CATEGORY)
         if cat != NO_CATEGORY:
             mass[cat] = mass.get(cat, 0.0) + float(p)
-    best = sorted(mass.items(), key=lambda kv: (-kv[1], kv[0]))[:keep]
+    if not mass:
+        return ()
     history_cats = [category_of.get(i, NO_CATEGORY) for i in history]
+    beta = settings.history_weight
+    if beta > 0:
+        prior = history_shares(history_cats, settings.history_decay)
+        mass = {
+            c: (1 - beta) * mass.get(c, 0.0) + beta * prior.get(c, 0.0)
+            for c in mass.keys() | prior.keys()
+        }
+    best = sorted(mass.items(), key=lambda kv: (-kv[1], kv[0]))[:keep]
     return tuple(
         Rationale(cat, math.log(p), evidence_for(cat, history, history_cats), "answer")
         for cat, p in best

@@ -37,6 +37,7 @@ from service.contracts.fusion import (
 )
 from service.contracts.manifest import sha256_hex
 from service.contracts.packed import unpack_scored
+from service.contracts.rationale import ANSWER_ALONE, RationaleSettings
 from service.contracts.scoring import (
     Pruning,
     ScoredCode,
@@ -127,6 +128,8 @@ class ScoringSettings(BaseModel):
         default_factory=lambda: RerankSettings(),
         description="the no-engine answer after fresh events (THINK_AHEAD_RERANK)",
     )
+    # what the worker's answer rationale mixes in; it changes no ranking, so not in the key
+    rationale: RationaleSettings = ANSWER_ALONE
 
     @property
     def rerank_weights(self) -> FusionWeights:

@@ -55,7 +55,8 @@ class Explanation:
 def render(best: Rationale, categories: Categories) -> str:
     share = f"{math.exp(best.logprob):.0%}"
     if best.basis == "answer":
-        text = f"mostly {categories.text(best.category)} ({share} of this answer)"
+        # the answer's category share, mixed with the history's (RationaleSettings)
+        text = f"mostly {categories.text(best.category)} ({share}, by this answer and your history)"
     else:
         text = f"next: {categories.text(best.category)} ({share})"
     if best.evidence:

@@ -160,6 +160,14 @@ def test_think_ahead_eval_and_blend_tuning_on_validation(tiny_world, tmp_path): 
     assert serving.chosen_on is not None and "engine round" not in serving.chosen_on
     assert serving.weights.covisit == tuning["best"]["covisit"]
     assert serving.covisit_version is not None  # the catalog carries its co-visitation table
+    # the catalog has categories: the answer rationale's mix is learned on the same users,
+    # never worse than the answer alone, and it is what the scoring settings carry
+    assert serving.rationale is not None
+    picked = serving.rationale_tuning
+    top1 = "accuracy: rationale top-1"
+    assert picked["best"][top1] >= picked["answer_alone"][top1]
+    assert picked["best"]["users"] == 60
+    assert serving.scoring().rationale == serving.rationale
 
     label, row, rows = served_row(model, common, tmp_path / "ta.json")
     assert row["invalid_items"] == 0 and row["users"] == 60

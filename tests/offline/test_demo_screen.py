@@ -26,12 +26,16 @@ def shown(tmp_path: Path, body: dict[str, object]) -> str:
 def test_an_explained_answer_prints_its_rationale_and_evidence(tmp_path: Path) -> None:
     body = {
         **ANSWER,
-        "reasoning": "mostly Nails > Nail Polish (61% of this answer), like the item you took",
+        "reasoning": "mostly Nails > Nail Polish (61%, by this answer and your history), "
+        "like the item you took",
         "rationale": {"basis": "answer", "evidence_item_ids": ["h1"]},
     }
     out = shown(tmp_path, body)
     assert "OPI Nail Lacquer" in out and "<1,2,3>" in out
-    assert "why: mostly Nails > Nail Polish (61% of this answer)" in out and "(answer)" in out
+    assert (
+        "why: mostly Nails > Nail Polish (61%, by this answer and your history)" in out
+        and "(answer)" in out
+    )
     assert "- Essie Top Coat" in out
 
 
