@@ -25,7 +25,7 @@ from service.contracts.rationale import (
     answer_rationales,
 )
 
-TEMPERATURE_GRID = (0.5, 1.0, 2.0, 4.0, 8.0)
+TEMPERATURE_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 HISTORY_WEIGHT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 HISTORY_DECAY_GRID = (1.0, 0.8, 0.5)
 

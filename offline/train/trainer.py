@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,7 +52,7 @@ from offline.train.reasoning import CatalogWords, ReasoningData
 from offline.train.tokenizer import save_tokenizer
 from service.contracts.catalog import Catalog
 from service.contracts.constraint import Constraint
-from service.contracts.item_model import ItemModel
+from service.contracts.item_model import ITEMS_DIR, ItemModel
 from service.contracts.manifest import ModelManifest, ReasoningTemplate, file_hash, sha256_hex
 from service.contracts.tokens import Code, TokenIds
 
@@ -71,9 +72,8 @@ class Prepared:
     data_hash: str
     vocab_size: int  # the tokenizer's, extra tokens included
     reasoning: ReasoningData | None = None  # with the catalog's words (reasoning / alignment)
-    teacher: dict[str, str | float] | None = (
-        None  # what distilled into it (offline/train/distill.py)
-    )
+    # what was distilled into it (offline/train/distill.py): the teacher's version, its cost
+    teacher: dict[str, str | float] | None = None
 
 
 def codes_for(catalog: Catalog, items: list[str]) -> tuple[list[Code], int]:
@@ -453,8 +453,18 @@ def train(
             },
         )
         manifest.write(work)
+        keep_item_model(out_dir, work)
     ckpt.remove()  # the model is in place: the run is over
     return manifest
+
+
+def keep_item_model(previous: Path, work: Path) -> None:
+    """The item-level model trained into the model directory (``train-items --out
+    MODEL/items``, the teacher of a distilled decoder) stays there when the decoder is
+    retrained; readers check it against the catalog, so a stale one is refused, not used."""
+    items = previous / ITEMS_DIR
+    if items.is_dir():
+        shutil.copytree(items, work / ITEMS_DIR)
 
 
 def validation_sample(valid: list[Example], n: int, seed: int) -> list[Example]:

@@ -167,3 +167,18 @@ def test_a_teacher_for_another_catalog_is_refused(tiny_world, teacher_dir, tmp_p
             False,
         )
     assert not (tmp_path / "m").exists()
+
+
+def test_retraining_the_decoder_keeps_the_model_directorys_item_model(  # type: ignore[no-untyped-def]
+    tiny_world, teacher_dir, tmp_path: Path
+) -> None:
+    """The README's order: the item-level model into MODEL/items, then the decoder distilled
+    from it into MODEL; the swap-in of the new decoder keeps the item model beside it."""
+    model = tmp_path / "model"
+    shutil.copytree(teacher_dir, model / "items")
+    before = ItemModel.load(model / "items", Catalog.load(tiny_world.catalog_dir)).version
+    cfg = TrainConfig(preset="tiny", epochs=1, val_users=50, teacher=model / "items")
+    train(tiny_world.catalog_dir, tiny_world.interactions_csv, model, cfg, False)
+    assert (model / "manifest.json").is_file()
+    after = ItemModel.load(model / "items", Catalog.load(tiny_world.catalog_dir))
+    assert after.version == before and len(after.members) == 2
