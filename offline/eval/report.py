@@ -36,10 +36,10 @@ BEAUTY_COMMANDS = [
     "B=../shared/data/beauty",
     "thinkahead catalog build --items $B/items.csv --interactions $B/interactions.csv "
     "--holdout-last 2 --out artifacts/beauty-catalog   # codes + covisit.npz",
-    "thinkahead train --catalog artifacts/beauty-catalog --interactions $B/interactions.csv "
-    "--out artifacts/beauty-model",
     "thinkahead train-items --catalog artifacts/beauty-catalog --interactions "
     "$B/interactions.csv --out artifacts/beauty-model/items",
+    "thinkahead train --catalog artifacts/beauty-catalog --interactions $B/interactions.csv "
+    "--teacher artifacts/beauty-model/items --out artifacts/beauty-model",
     "thinkahead tune-blend --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
     "--interactions $B/interactions.csv --limit 3000 --engine torch   # validation split only",
     "thinkahead tune-rerank --model artifacts/beauty-model --catalog artifacts/beauty-catalog "
@@ -62,10 +62,11 @@ REFIT_COMMANDS = [
     "cp -r artifacts/beauty-catalog artifacts/refit-catalog",
     "thinkahead covisit build --catalog artifacts/refit-catalog --interactions "
     "$B/interactions.csv --holdout-last 1",
-    "thinkahead train --catalog artifacts/refit-catalog --interactions $B/interactions.csv "
-    "--out artifacts/refit-model --refit --epochs 12   # the selection run's best epoch",
     "thinkahead train-items --catalog artifacts/refit-catalog --interactions "
     "$B/interactions.csv --out artifacts/refit-model/items --refit --epochs 11",
+    "thinkahead train --catalog artifacts/refit-catalog --interactions $B/interactions.csv "
+    "--teacher artifacts/refit-model/items --out artifacts/refit-model --refit --epochs 12"
+    "   # the selection run's best epoch",
     "cp artifacts/beauty-model/serving.json artifacts/refit-model/",
     "thinkahead eval --model artifacts/refit-model --catalog artifacts/refit-catalog "
     "--interactions $B/interactions.csv --mode think-ahead --engine torch "
@@ -138,6 +139,11 @@ def build_quality_report(
             "train_seconds": params.get("train_seconds"),
             "peak_rss_gb": params.get("peak_rss_gb"),
             "refit": params.get("refit", False),
+            **{
+                k: params[k]
+                for k in ("teacher_version", "teacher_seconds", "distill_alpha", "distill_top_k")
+                if params.get("teacher_version") and k in params
+            },
         },
         "serving": serving.model_dump(mode="json"),
         "item_model": items_report.get("item_model"),
@@ -189,9 +195,9 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Decoder: `{t['preset']}` preset, {t['parameters']:,} parameters, {t['epochs_run']} "
         f"epochs (best {t['best_epoch']}), {t['train_seconds'] / 60:.1f} minutes on this "
-        f"machine's 2 cores, peak RSS {t['peak_rss_gb']} GB.",
+        f"machine's 2 cores, peak RSS {t['peak_rss_gb']} GB{_distilled(t)}.",
         "",
-        *_rationale_lines(report.get("rationale")),
+        *_rationale_lines(report.get("rationale"), report["serving"].get("rationale")),
         *_item_model_lines(report.get("item_model")),
         *_refit_lines(report.get("refit_training")),
         "Evaluation: `thinkahead eval --mode think-ahead --engine torch` (the service's "
@@ -208,14 +214,32 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rationale_lines(stats: dict[str, Any] | None) -> list[str]:
+def _distilled(training: dict[str, Any]) -> str:
+    if not training.get("teacher_version"):
+        return ""
+    return (
+        f"; distilled from the item-level model {training['teacher_version']} (its top "
+        f"{training.get('distill_top_k')} items per position at weight "
+        f"{training.get('distill_alpha')} beside the true tokens; its targets took "
+        f"{training.get('teacher_seconds')} s of the training time)"
+    )
+
+
+def _rationale_lines(stats: dict[str, Any] | None, mix: dict[str, Any] | None) -> list[str]:
     """How the stored rationales fare: accuracy beside the history baselines, faithfulness."""
     if not stats:
         return []
+    mixed = (
+        f", mixed with the history's category shares at weight {mix['history_weight']:g} "
+        f"(decay {mix['history_decay']:g} per older item; answer scores / "
+        f"{mix['temperature']:g}), as tune-blend learned on validation"
+        if mix and mix.get("history_weight")
+        else ""
+    )
     lines = [
         "Rationales (the category the worker stores as the user's next item's: stated before "
         "the item by a reasoning model, else the category share of the model's own ranked "
-        f"answer, basis 'answer'; {stats.get('users_with_rationale', 0):,} of "
+        f"answer{mixed}, basis 'answer'; {stats.get('users_with_rationale', 0):,} of "
         f"{stats.get('users', 0):,} users have one; faithfulness: the share of the served top "
         "10 in the top-1 category):",
         "",

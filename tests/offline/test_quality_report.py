@@ -12,16 +12,23 @@ from service.contracts.manifest import ModelManifest
 from service.contracts.model import ServingConfig
 
 
-def write_model(root: Path) -> Path:
-    """A model directory whose manifest records three epochs of 10 minutes."""
+def write_model(root: Path, teacher: str | None = None) -> Path:
+    """A model directory whose manifest records three epochs of 10 minutes (distilled from
+    ``teacher``'s item-level model when given)."""
     model = root / "model"
+    distilled = (
+        {"teacher_version": teacher, "teacher_seconds": 80.0, "distill_alpha": 0.5}
+        | {"distill_top_k": 100}
+        if teacher
+        else {}
+    )
     ModelManifest(
         model_version="m1",
         catalog_version="c1",
         codebook_size=4,
         preset="small",
         metrics={"validation": {"epoch": 2}, "history": [{}, {}, {}]},
-        parameters={"parameters": 1000, "train_seconds": 600.0, "peak_rss_gb": 2.5},
+        parameters={"parameters": 1000, "train_seconds": 600.0, "peak_rss_gb": 2.5, **distilled},
     ).write(model)
     return model
 
@@ -141,7 +148,11 @@ def test_refit_reports_add_their_served_and_decoder_rows_marked_refit(tmp_path: 
 
 
 def test_rationales_and_several_decoder_rows_are_reported(tmp_path: Path) -> None:
-    model = write_model(tmp_path)
+    from service.contracts.rationale import RationaleSettings
+
+    model = write_model(tmp_path, teacher="t1")
+    mix = RationaleSettings(temperature=8.0, history_weight=0.4, history_decay=0.8)
+    ServingConfig(rationale=mix).write(model)
     stats = {
         "users": 3,
         "users_with_rationale": 3,
@@ -168,3 +179,6 @@ def test_rationales_and_several_decoder_rows_are_reported(tmp_path: Path) -> Non
     assert "| accuracy: rationale top-1 | 0.5000 |" in text
     assert "| faithfulness: served items in the rationale's category | 0.7500 |" in text
     assert "| OneRec-style SFT decoder, 1.7B (phonism/genrec) | *published* |  | 0.0925 |" in text
+    assert "mixed with the history's category shares at weight 0.4 (decay 0.8" in text
+    assert "distilled from the item-level model t1 (its top 100 items per position at " in text
+    assert report["training"]["distill_alpha"] == 0.5
