@@ -82,7 +82,7 @@ class ServingConfig(BaseModel):
     # None: RerankSettings' defaults
     rerank: RerankSettings | None = None
     rerank_tuning: dict[str, Any] = Field(default_factory=dict)
-    # the answer rationale's mix (tune-blend, on the same users); None: the answer alone
+    # the answer rationale's mix (tune-blend, on the same users); None: DEFAULT_RATIONALE
     rationale: RationaleSettings | None = None
     rationale_tuning: dict[str, Any] = Field(default_factory=dict)
     covisit_version: str | None = None

@@ -37,7 +37,7 @@ from service.contracts.fusion import (
 )
 from service.contracts.manifest import sha256_hex
 from service.contracts.packed import unpack_scored
-from service.contracts.rationale import ANSWER_ALONE, RationaleSettings
+from service.contracts.rationale import DEFAULT_RATIONALE, RationaleSettings
 from service.contracts.scoring import (
     Pruning,
     ScoredCode,
@@ -129,7 +129,7 @@ class ScoringSettings(BaseModel):
         description="the no-engine answer after fresh events (THINK_AHEAD_RERANK)",
     )
     # what the worker's answer rationale mixes in; it changes no ranking, so not in the key
-    rationale: RationaleSettings = ANSWER_ALONE
+    rationale: RationaleSettings = DEFAULT_RATIONALE
 
     @property
     def rerank_weights(self) -> FusionWeights:

@@ -100,7 +100,7 @@ async def test_a_plain_model_explains_its_answer_by_where_it_lies(
     """No stated rationale, but a catalog with categories: the worker stores the category
     share of the user's own stored answer (basis "answer"); the service shows it as is."""
     from service.contracts.answers import unpack_answer
-    from service.contracts.rationale import Categories, answer_rationales
+    from service.contracts.rationale import DEFAULT_RATIONALE, Categories, answer_rationales
     from tests.fake_engine import write_tiny_artifacts
 
     catalog_dir, model_dir = write_tiny_artifacts(tmp_path)
@@ -123,8 +123,17 @@ async def test_a_plain_model_explains_its_answer_by_where_it_lies(
         catalog.categories,
         catalog.categories.of_items(catalog.item_ids),
         ["3", "4", "7"],
+        settings=DEFAULT_RATIONALE,  # the model has no serving.json: the learned default mix
     )
     assert expected and {r.basis for r in expected} == {"answer"}
+    alone = answer_rationales(
+        answer_items,
+        catalog.categories,
+        catalog.categories.of_items(catalog.item_ids),
+        ["3", "4", "7"],
+    )
+    # the history's share counts: the stored probabilities are not the answer's alone
+    assert [r.logprob for r in expected] != [r.logprob for r in alone]
     async with serve_in_process(
         make_settings(catalog_dir, model_dir, redis_url), FakeEngine()
     ) as svc:
