@@ -231,8 +231,12 @@ def _rationale_lines(stats: dict[str, Any] | None, mix: dict[str, Any] | None) -
         return []
     mixed = (
         f", mixed with the history's category shares at weight {mix['history_weight']:g} "
-        f"(decay {mix['history_decay']:g} per older item; answer scores / "
-        f"{mix['temperature']:g}), as tune-blend learned on validation"
+        + (
+            "(every history item counting alike"
+            if mix["history_decay"] == 1
+            else f"(decay {mix['history_decay']:g} per older item"
+        )
+        + f"; answer scores / {mix['temperature']:g}), as tune-blend learned on validation"
         if mix and mix.get("history_weight")
         else ""
     )
