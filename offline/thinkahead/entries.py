@@ -95,8 +95,7 @@ class ItemSource:
     def affinities(
         self, catalog: Catalog, histories: Sequence[Sequence[Code]], exclude_history: bool = True
     ) -> list[Affinity]:
-        top = self.model.top_items(catalog, histories, self.items, exclude_history)
-        return [Affinity.of_items(ranked) for ranked in top]
+        return self.model.affinities(catalog, histories, self.items, exclude_history)
 
     @cached_property
     def fresh_model(self) -> ItemModel:
@@ -108,10 +107,9 @@ class ItemSource:
     ) -> list[Affinity]:
         """What the service's fresh encode gives (``ItemModel.for_fresh``), for the evals and
         the tune of the no-engine fresh answer."""
-        top = self.fresh_model.top_items(
+        return self.fresh_model.affinities(
             catalog, histories, DEFAULT_AFFINITY_ITEMS, exclude_history
         )
-        return [Affinity.of_items(ranked) for ranked in top]
 
 
 def history_covisit(

@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file
 
+from service.contracts.affinity import Affinity
 from service.contracts.catalog import Catalog
 from service.contracts.item_index import ExactIndex
 from service.contracts.item_network import ItemModelConfig, ItemSequenceModel
@@ -159,6 +160,16 @@ class ItemModel:
         return [
             [(catalog.code_at(int(r)), float(s)) for r, s in zip(rs, ss, strict=True) if r >= 0]
             for rs, ss in zip(found, scores, strict=True)
+        ]
+
+    def affinities(
+        self, catalog: Catalog, histories: Sequence[Sequence[Code]], n: int, exclude_history: bool
+    ) -> list[Affinity]:
+        """Each user's best ``n`` items as the snapshot and the service's fresh encode hold
+        them."""
+        return [
+            Affinity.of_items(ranked)
+            for ranked in self.top_items(catalog, histories, n, exclude_history)
         ]
 
 

@@ -72,8 +72,7 @@ class FreshItems:
 
     def top(self, history: Sequence[Code], exclude_history: bool) -> Affinity:
         """The fresh history's best items (blocking: call :meth:`affinity` from the loop)."""
-        ranked = self.model.top_items(self.catalog, [history], self.items, exclude_history)[0]
-        return Affinity.of_items(ranked)
+        return self.model.affinities(self.catalog, [history], self.items, exclude_history)[0]
 
     async def affinity(
         self, history: Sequence[Code], exclude_history: bool, clock: Clock
