@@ -34,8 +34,6 @@ from service.contracts.catalog import Catalog
 from service.contracts.item_model import ItemModel
 from service.contracts.tokens import Code, TokenIds
 
-NO_TARGET = -1  # a label row with no teacher prediction (its loss is the hard target alone)
-
 
 @dataclass(frozen=True)
 class LevelTargets:
@@ -135,24 +133,23 @@ def distilled_loss(
     logp: torch.Tensor,
     labels: torch.Tensor,
     targets: LevelTargets,
-    has_target: torch.Tensor,
     tokens: tuple[torch.Tensor, torch.Tensor],
     alpha: float,
 ) -> torch.Tensor:
     """Mean cross-entropy against (1 - alpha) * the true token + alpha * the teacher's level
     distribution. ``logp``: (3P, vocab) level-masked log-probs, labels a, b, c of each target
-    item in turn; ``has_target``: (P,) bool, the items the teacher predicted (the rest, and
-    every c, take the hard target alone)."""
-    if logp.shape[0] != 3 * len(targets) or len(has_target) != len(targets):
+    item in turn (every c, and a b whose true a the teacher gave no mass, take the hard target
+    alone)."""
+    if logp.shape[0] != 3 * len(targets):
         raise ValueError(f"{logp.shape[0]} labels for {len(targets)} target items")
     hard = -logp.gather(1, labels[:, None]).squeeze(1)
     tok_a, tok_b = tokens
     # masked log-probs are -inf off the level: 0 * -inf must not reach the sum
     soft_a = -(targets.a * logp[0::3][:, tok_a].clamp_min(-1e4)).sum(dim=1)
     soft_b = -(targets.b * logp[1::3][:, tok_b].clamp_min(-1e4)).sum(dim=1)
-    use_a = has_target
-    use_b = has_target & targets.b_known
     mixed = hard.clone()
-    mixed[0::3] = torch.where(use_a, (1 - alpha) * hard[0::3] + alpha * soft_a, hard[0::3])
-    mixed[1::3] = torch.where(use_b, (1 - alpha) * hard[1::3] + alpha * soft_b, hard[1::3])
+    mixed[0::3] = (1 - alpha) * hard[0::3] + alpha * soft_a
+    mixed[1::3] = torch.where(
+        targets.b_known, (1 - alpha) * hard[1::3] + alpha * soft_b, hard[1::3]
+    )
     return mixed.mean()

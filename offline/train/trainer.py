@@ -40,7 +40,6 @@ from offline.train.checkpoint import (
 from offline.train.config import TrainConfig
 from offline.train.dataset import Batch, Encoded, batches, encode, windows
 from offline.train.distill import (
-    LevelTargets,
     Teacher,
     WindowTargets,
     distilled_loss,
@@ -175,13 +174,11 @@ def augmented(
     return out + (reasoning.alignment if reasoning is not None else [])
 
 
-def _teacher(
-    cfg: TrainConfig, data: Prepared, progress: bool
-) -> tuple[WindowTargets | None, Distillation | None]:
-    """The teacher's targets for every training window (their rows set on ``data.train``),
-    and what the loss mixes in; (None, None) without a teacher."""
+def _teacher(cfg: TrainConfig, data: Prepared, progress: bool) -> Distillation | None:
+    """The teacher's targets for every training window (their rows set on ``data.train``)
+    and the weight the loss mixes them in at; None without a teacher."""
     if cfg.teacher is None:
-        return None, None
+        return None
     if data.reasoning is not None:
         raise InputError(
             None, "--teacher distills plain next-item windows: not with --reasoning or --alignment"
@@ -196,7 +193,7 @@ def _teacher(
         "teacher_version": teacher.version,
         "teacher_seconds": round(time.monotonic() - t0, 1),
     }
-    return targets, Distillation(targets.targets, level_tokens(data.ids), cfg.distill_alpha)
+    return Distillation(targets, level_tokens(data.ids), cfg.distill_alpha)
 
 
 def level_masks(ids: TokenIds, vocab: int, reasoning: ReasoningData | None = None) -> torch.Tensor:
@@ -213,7 +210,7 @@ def level_masks(ids: TokenIds, vocab: int, reasoning: ReasoningData | None = Non
 
 @dataclass(frozen=True)
 class Distillation:
-    targets: LevelTargets  # every training window's, WindowTargets.targets
+    windows: WindowTargets  # every training window's targets
     tokens: tuple[torch.Tensor, torch.Tensor]  # the a and b token ids
     alpha: float
 
@@ -238,8 +235,7 @@ def item_loss(
     return distilled_loss(
         logits.log_softmax(dim=-1),
         labels[sel],
-        distill.targets.rows(teacher_rows.clamp_min(0)),
-        teacher_rows >= 0,
+        distill.windows.targets.rows(teacher_rows),
         distill.tokens,
         distill.alpha,
     )
@@ -328,7 +324,7 @@ def train(
         config = preset.config(vocab, data.ids.bos or 0, data.ids.eos or 0, data.ids.pad or 0)
         model = LlamaForCausalLM(config)
         masks = level_masks(data.ids, vocab, data.reasoning)
-        teacher, distill = _teacher(cfg, data, progress)
+        distill = _teacher(cfg, data, progress)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16()
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
@@ -358,7 +354,7 @@ def train(
             losses = []
             bar = tqdm(
                 batches(
-                    augmented(data, cfg.item_dropout, rng, teacher),
+                    augmented(data, cfg.item_dropout, rng, distill.windows if distill else None),
                     cfg.batch_size,
                     data.ids.pad or 0,
                     rng,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from offline.items.config import ItemTrainConfig
 from offline.items.ensemble import train_members
 from offline.items.train import train_item_model
-from offline.train.distill import NO_TARGET, LevelTargets, Teacher, distilled_loss
+from offline.train.distill import LevelTargets, Teacher, distilled_loss
 from offline.train.trainer import TrainConfig, augmented, prepare, train
 from service.contracts.catalog import Catalog
 from service.contracts.item_model import ItemModel, ItemModelError
@@ -79,8 +79,9 @@ def test_item_dropout_keeps_each_kept_targets_teacher_row(
 
     cfg = TrainConfig(preset="tiny", val_users=50, teacher=teacher_dir)
     data = prepare(tiny_world.catalog_dir, tiny_world.interactions_csv, cfg, tmp_path)
-    targets, distill = _teacher(cfg, data, progress=False)
-    assert targets is not None and distill is not None
+    distill = _teacher(cfg, data, progress=False)
+    assert distill is not None
+    targets = distill.windows
     assert len(targets.targets) == sum(len(w) - 1 for w in data.train_codes)
     epoch = augmented(data, 0.3, np.random.default_rng(0), targets)
     dropped = 0
@@ -99,7 +100,7 @@ def test_item_dropout_keeps_each_kept_targets_teacher_row(
     assert dropped > 0  # the dropout did drop items, so the mapping was exercised
 
 
-def test_mixed_loss_is_cross_entropy_at_alpha_0_with_a_sure_teacher_or_without_one() -> None:
+def test_mixed_loss_is_cross_entropy_at_alpha_0_or_with_a_sure_teacher() -> None:
     torch.manual_seed(0)
     k, vocab = 4, 16
     tok_a, tok_b = torch.arange(0, 4), torch.arange(4, 8)
@@ -107,21 +108,18 @@ def test_mixed_loss_is_cross_entropy_at_alpha_0_with_a_sure_teacher_or_without_o
     logp = logits.log_softmax(dim=-1)
     labels = torch.tensor([1, 6, 9, 3, 4, 10])
     hard = F.nll_loss(logp, labels)
-    both = torch.tensor([True, True])
     sure = LevelTargets(
         a=F.one_hot(torch.tensor([1, 3]), k).float(),
         b=F.one_hot(torch.tensor([2, 0]), k).float(),
-        b_known=both,
+        b_known=torch.tensor([True, True]),
     )
     unsure = LevelTargets(
         a=torch.full((2, k), 0.25), b=torch.full((2, k), 0.25), b_known=torch.tensor([True, False])
     )
     tokens = (tok_a, tok_b)
-    assert torch.allclose(distilled_loss(logp, labels, unsure, both, tokens, 0.0), hard)
-    assert torch.allclose(distilled_loss(logp, labels, sure, both, tokens, 0.7), hard)
-    none = torch.tensor([False, False])
-    assert torch.allclose(distilled_loss(logp, labels, unsure, none, tokens, 0.7), hard)
-    mixed = distilled_loss(logp, labels, unsure, both, tokens, 1.0)
+    assert torch.allclose(distilled_loss(logp, labels, unsure, tokens, 0.0), hard)
+    assert torch.allclose(distilled_loss(logp, labels, sure, tokens, 0.7), hard)
+    mixed = distilled_loss(logp, labels, unsure, tokens, 1.0)
     soft_a = -logp[[0, 3]][:, tok_a].mean(dim=1)
     soft_b0 = -logp[1, tok_b].mean()
     per_item = [soft_a[0], soft_b0, -logp[2, 9], soft_a[1], -logp[4, 4], -logp[5, 10]]
@@ -129,9 +127,9 @@ def test_mixed_loss_is_cross_entropy_at_alpha_0_with_a_sure_teacher_or_without_o
     # a level-masked log-prob (-inf off the level) with no teacher mass there stays finite
     masked = logp.clone()
     masked[0, 0] = -torch.inf
-    assert torch.isfinite(distilled_loss(masked, labels, sure, both, tokens, 0.5))
+    assert torch.isfinite(distilled_loss(masked, labels, sure, tokens, 0.5))
     with pytest.raises(ValueError, match="labels for"):
-        distilled_loss(logp[:5], labels[:5], unsure, both, tokens, 0.5)
+        distilled_loss(logp[:5], labels[:5], unsure, tokens, 0.5)
 
 
 def test_training_with_a_teacher_records_it_and_learns(
@@ -148,7 +146,6 @@ def test_training_with_a_teacher_records_it_and_learns(
     assert manifest.parameters["teacher_seconds"] >= 0
     losses = [h["train_loss"] for h in manifest.metrics["history"]]
     assert all(np.isfinite(losses)) and losses[1] < losses[0]
-    assert NO_TARGET < 0
 
 
 def test_a_teacher_for_another_catalog_is_refused(tiny_world, teacher_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
