@@ -142,6 +142,23 @@ class UserCandidates:
         scored = [(s.code, s.decoder, s.offline) for s in self.scored if s.code[:2] in keep]
         return rank_fused(scored, self.features, weights)[:k]
 
+    def answer(
+        self,
+        catalog: Catalog,
+        weights: FusionWeights,
+        covisit_candidates: int | None = None,
+        affinity_candidates: int | None = None,
+    ) -> list[tuple[str, float]]:
+        """The top ``ANSWER_RATIONALE_ITEMS`` as (item id, fused score): what an answer's
+        rationale is made of."""
+        return [
+            (item, score)
+            for code, score in self.ranked_scored(
+                weights, ANSWER_RATIONALE_ITEMS, covisit_candidates, affinity_candidates
+            )
+            if (item := catalog.item_at(code)) is not None
+        ]
+
 
 @dataclass(frozen=True)
 class ThinkAheadEval:
@@ -360,13 +377,7 @@ def rank_served(
         for user, served in zip(users, ranked, strict=True):
             # a model that states none: the worker stores the rationale of this very answer
             shown = user.rationales or answer_rationales(
-                [
-                    (item, score)
-                    for code, score in user.ranked_scored(
-                        spec.scoring.weights, ANSWER_RATIONALE_ITEMS
-                    )
-                    if (item := catalog.item_at(code)) is not None
-                ],
+                user.answer(catalog, spec.scoring.weights),
                 categories,
                 catalog.category_of,
                 user.history,

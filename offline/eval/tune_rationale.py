@@ -18,12 +18,7 @@ from offline.eval.candidates import UserCandidates
 from offline.eval.rationale import RationaleStats
 from service.contracts.catalog import Catalog
 from service.contracts.fusion import FusionWeights
-from service.contracts.rationale import (
-    ANSWER_RATIONALE_ITEMS,
-    Categories,
-    RationaleSettings,
-    answer_rationales,
-)
+from service.contracts.rationale import Categories, RationaleSettings, answer_rationales
 
 TEMPERATURE_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 HISTORY_WEIGHT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -50,13 +45,7 @@ def answered(
 ) -> list[Answered]:
     out = []
     for user in users:
-        ranked = [
-            (item, score)
-            for code, score in user.ranked_scored(
-                weights, ANSWER_RATIONALE_ITEMS, covisit_candidates, affinity_candidates
-            )
-            if (item := catalog.item_at(code)) is not None
-        ]
+        ranked = user.answer(catalog, weights, covisit_candidates, affinity_candidates)
         out.append(Answered(ranked, [i for i, _ in ranked[:k]], user.history, user.target))
     return out
 
