@@ -15,6 +15,7 @@ from offline.train.add_tokens import add_item_tokens
 from offline.train.dataset import IGNORE, encode, windows
 from offline.train.presets import PRESETS
 from offline.train.tokenizer import build_tokenizer
+from offline.train.trainer import selection_key
 from service.contracts.catalog import Catalog
 from service.contracts.manifest import ModelManifest, VersionMismatch
 from service.contracts.model import load_model_info
@@ -62,6 +63,23 @@ def test_trained_model_beats_chance_on_its_validation_sample(tiny_world) -> None
     manifest = ModelManifest.load(tiny_world.model_dir)
     # 300 items: a random top-10 hits 3% of the time; sequential synthetic data is learnable.
     assert manifest.metrics["validation"]["recall@10"] > 0.1
+
+
+def test_best_epoch_is_the_highest_recall_then_ndcg_of_its_history(tiny_world) -> None:  # type: ignore[no-untyped-def]
+    metrics = ModelManifest.load(tiny_world.model_dir).metrics
+    history = metrics["history"]
+    best = metrics["validation"]
+    top = max(selection_key(row) for row in history)  # rows are rounded to 5 places
+    assert tuple(round(v, 5) for v in selection_key(best)) == top
+    # the first epoch reaching it is kept: a later tie on both adds nothing
+    assert best["epoch"] == min(r["epoch"] for r in history if selection_key(r) == top)
+
+
+def test_recall_ties_go_to_the_higher_ndcg() -> None:
+    tied = {"recall@10": 0.1133, "ndcg@10": 0.0652}
+    assert selection_key(tied) > selection_key({"recall@10": 0.1133, "ndcg@10": 0.0634})
+    assert selection_key({"recall@10": 0.1134, "ndcg@10": 0.05}) > selection_key(tied)
+    assert selection_key(tied) > selection_key({})  # no epoch yet
 
 
 def test_selection_sample_trains_without_its_last_training_item(tiny_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
