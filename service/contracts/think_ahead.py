@@ -51,8 +51,10 @@ from service.contracts.tokens import Code, TokenIds
 from service.engine.base import ScoreRequest, TokenLogprobs
 
 # Without a serving.json (no tune-blend run for this model): what tune-blend learned on Beauty's
-# validation split (benchmarks/beauty/serving.json), the defaults for any catalog, tuned on
-# nothing of its own. Without an item-level model the affinity terms are 0.
+# validation split for an earlier model (benchmarks/beauty/HISTORY.md), the defaults for any
+# catalog, tuned on nothing of its own. Later models' tunes moved within a flat optimum (their
+# grids' top ten settings within 1%; benchmarks/beauty/serving.json is the served model's).
+# Without an item-level model the affinity terms are 0.
 DEFAULT_WEIGHTS = FusionWeights(offline=0.0, covisit=4.0, popularity=0.1, affinity=2.0)
 DEFAULT_COVISIT_CANDIDATES = 10
 DEFAULT_AFFINITY_CANDIDATES = 10
