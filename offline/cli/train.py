@@ -38,12 +38,13 @@ def train_cmd(
     ] = default_of(TrainConfig, "epochs"),
     batch_size: Annotated[int, _train("batch_size")] = default_of(TrainConfig, "batch_size"),
     lr: Annotated[float, _train("lr")] = default_of(TrainConfig, "lr"),
-    patience: Annotated[int, _train("patience", "epochs without validation gain")] = default_of(
+    patience: Annotated[int, _train("patience", "validated epochs without gain")] = default_of(
         TrainConfig, "patience"
     ),
     val_users: Annotated[int, _train("val_users", "validation sample (0 = all)")] = default_of(
         TrainConfig, "val_users"
     ),
+    val_tail: Annotated[float, _train("val_tail")] = default_of(TrainConfig, "val_tail"),
     embed_dropout: Annotated[float, _train("embed_dropout")] = default_of(
         TrainConfig, "embed_dropout"
     ),
@@ -87,6 +88,7 @@ def train_cmd(
         lr=lr,
         patience=patience,
         val_users=val_users,
+        val_tail=val_tail,
         embed_dropout=embed_dropout,
         item_dropout=item_dropout,
         test_shaped_validation=test_shaped_validation,

@@ -202,6 +202,12 @@ def selection_key(metrics: dict[str, float]) -> tuple[float, float]:
     return (metrics.get("recall@10", -1.0), metrics.get("ndcg@10", -1.0))
 
 
+def validated(epoch: int, cfg: TrainConfig) -> bool:
+    """Whether the epoch is scored on the validation sample: the last ``val_tail`` share of the
+    run's epochs (at least its final one)."""
+    return epoch > cfg.epochs - max(1, round(cfg.epochs * cfg.val_tail))
+
+
 def level_masks(ids: TokenIds, vocab: int, reasoning: ReasoningData | None = None) -> torch.Tensor:
     """Each label level's allowed tokens: a, b, c, and with reasoning the categories and the
     keywords."""
@@ -383,9 +389,11 @@ def train(
                 losses.append(loss.item())
                 if state.step % 20 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            elapsed = prior_s + time.monotonic() - started
+            over_time = bool(cfg.max_minutes and elapsed / 60 > cfg.max_minutes)
             metrics = (
                 evaluate_examples(model, data.catalog, data.ids, data.valid, cfg.val_beam)
-                if data.valid
+                if data.valid and (validated(epoch, cfg) or over_time)
                 else {}
             )
             row = {
@@ -412,12 +420,10 @@ def train(
                 state.best = {"epoch": epoch, **metrics}
                 state.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 state.stale = 0
-            else:
+            elif metrics:
                 state.stale += 1
-            elapsed = prior_s + time.monotonic() - started
-            over_time = cfg.max_minutes and elapsed / 60 > cfg.max_minutes
             state.finished = bool(state.stale >= cfg.patience or over_time)
-            state.elapsed_s = elapsed
+            state.elapsed_s = prior_s + time.monotonic() - started
             ckpt.save(state, model, opt, rng)
         best = state.best
         best_state = state.best_model

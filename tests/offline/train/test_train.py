@@ -15,7 +15,7 @@ from offline.train.add_tokens import add_item_tokens
 from offline.train.dataset import IGNORE, encode, windows
 from offline.train.presets import PRESETS
 from offline.train.tokenizer import build_tokenizer
-from offline.train.trainer import selection_key
+from offline.train.trainer import selection_key, validated
 from service.contracts.catalog import Catalog
 from service.contracts.manifest import ModelManifest, VersionMismatch
 from service.contracts.model import load_model_info
@@ -73,6 +73,19 @@ def test_best_epoch_is_the_highest_recall_then_ndcg_of_its_history(tiny_world) -
     assert tuple(round(v, 5) for v in selection_key(best)) == top
     # the first epoch reaching it is kept: a later tie on both adds nothing
     assert best["epoch"] == min(r["epoch"] for r in history if selection_key(r) == top)
+
+
+def test_only_the_last_share_of_epochs_is_validated(tiny_world) -> None:  # type: ignore[no-untyped-def]
+    from offline.train.config import TrainConfig
+
+    assert [e for e in range(1, 13) if validated(e, TrainConfig())] == [9, 10, 11, 12]
+    assert [e for e in range(1, 5) if validated(e, TrainConfig(epochs=4))] == [4]
+    assert [e for e in range(1, 3) if validated(e, TrainConfig(epochs=2, val_tail=1.0))] == [1, 2]
+    assert [e for e in range(1, 2) if validated(e, TrainConfig(epochs=1, val_tail=0.01))] == [1]
+    # the tiny world's run (4 epochs, the default share): every epoch trained, the last scored
+    history = ModelManifest.load(tiny_world.model_dir).metrics["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in history if "recall@10" in r] == [4]
 
 
 def test_recall_ties_go_to_the_higher_ndcg() -> None:
@@ -168,7 +181,13 @@ def test_killed_run_resumes_from_its_last_epoch(tiny_world, tmp_path: Path, monk
     from offline.train.checkpoint import checkpoint_path
 
     cfg = trainer.TrainConfig(
-        preset="tiny", epochs=2, batch_size=64, val_users=50, warmup_steps=5, patience=5
+        preset="tiny",
+        epochs=2,
+        batch_size=64,
+        val_users=50,
+        warmup_steps=5,
+        patience=5,
+        val_tail=1.0,  # both epochs validated: the kill lands in epoch 2's
     )
     out = tmp_path / "model"
     real_eval = trainer.evaluate_examples
