@@ -65,7 +65,7 @@ REFIT_COMMANDS = [
     "thinkahead train-items --catalog artifacts/refit-catalog --interactions "
     "$B/interactions.csv --out artifacts/refit-model/items --refit --epochs 11",
     "thinkahead train --catalog artifacts/refit-catalog --interactions $B/interactions.csv "
-    "--teacher artifacts/refit-model/items --out artifacts/refit-model --refit --epochs 12"
+    "--teacher artifacts/refit-model/items --out artifacts/refit-model --refit --epochs 14"
     "   # the selection run's best epoch",
     "cp artifacts/beauty-model/serving.json artifacts/refit-model/",
     "thinkahead eval --model artifacts/refit-model --catalog artifacts/refit-catalog "

@@ -78,7 +78,8 @@ def test_best_epoch_is_the_highest_recall_then_ndcg_of_its_history(tiny_world) -
 def test_only_the_last_share_of_epochs_is_validated(tiny_world) -> None:  # type: ignore[no-untyped-def]
     from offline.train.config import TrainConfig
 
-    assert [e for e in range(1, 13) if validated(e, TrainConfig())] == [9, 10, 11, 12]
+    assert [e for e in range(1, 13) if validated(e, TrainConfig(epochs=12))] == [9, 10, 11, 12]
+    assert [e for e in range(1, 17) if validated(e, TrainConfig(epochs=16))] == [12, 13, 14, 15, 16]
     assert [e for e in range(1, 5) if validated(e, TrainConfig(epochs=4))] == [4]
     assert [e for e in range(1, 3) if validated(e, TrainConfig(epochs=2, val_tail=1.0))] == [1, 2]
     assert [e for e in range(1, 2) if validated(e, TrainConfig(epochs=1, val_tail=0.01))] == [1]
