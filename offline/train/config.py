@@ -52,8 +52,8 @@ class TrainConfig(BaseModel):
         "selection sees the test case's shape: a history ending in an item unseen in that context",
     )
     val_beam: int = Field(default=20, ge=10)
-    # Each validation costs ~40% of an epoch on Beauty (41 s beside 67 s of training); under the
-    # cosine decay the best epoch lies at the end (epoch 10 or 12 of 12 in every Beauty run)
+    # Each validation costs ~40% of an epoch on Beauty (38 s beside ~62 s of training); under the
+    # cosine decay the best epoch lies at the end (10-12 of 12 in five Beauty runs, 14 of 16)
     val_tail: float = Field(
         default=1 / 3,
         gt=0,
