@@ -65,14 +65,40 @@ def test_trained_model_beats_chance_on_its_validation_sample(tiny_world) -> None
     assert manifest.metrics["validation"]["recall@10"] > 0.1
 
 
-def test_best_epoch_is_the_highest_recall_then_ndcg_of_its_history(tiny_world) -> None:  # type: ignore[no-untyped-def]
-    metrics = ModelManifest.load(tiny_world.model_dir).metrics
-    history = metrics["history"]
-    best = metrics["validation"]
+def test_best_epoch_is_the_highest_recall_then_ndcg_of_a_fully_validated_run(
+    tiny_world, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from offline.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(
+        preset="tiny", epochs=3, batch_size=64, val_users=50, warmup_steps=5, patience=5,
+        val_tail=1.0,
+    )  # fmt: skip
+    metrics = train(
+        tiny_world.catalog_dir, tiny_world.interactions_csv, tmp_path / "m", cfg, False
+    ).metrics
+    history, best = metrics["history"], metrics["validation"]
+    assert all("recall@10" in row for row in history)
     top = max(selection_key(row) for row in history)  # rows are rounded to 5 places
     assert tuple(round(v, 5) for v in selection_key(best)) == top
     # the first epoch reaching it is kept: a later tie on both adds nothing
     assert best["epoch"] == min(r["epoch"] for r in history if selection_key(r) == top)
+
+
+def test_a_run_cut_short_by_its_time_limit_validates_its_last_epoch(
+    tiny_world, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from offline.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(
+        preset="tiny", epochs=6, batch_size=64, val_users=50, warmup_steps=5, max_minutes=1e-4
+    )  # epoch 1 is far outside the validated tail (5-6), but the run ends there
+    manifest = train(
+        tiny_world.catalog_dir, tiny_world.interactions_csv, tmp_path / "m", cfg, False
+    )
+    assert [row["epoch"] for row in manifest.metrics["history"]] == [1]
+    assert manifest.metrics["validation"]["epoch"] == 1
+    assert "recall@10" in manifest.metrics["validation"]
 
 
 def test_only_the_last_share_of_epochs_is_validated(tiny_world) -> None:  # type: ignore[no-untyped-def]
