@@ -45,6 +45,7 @@ def train_cmd(
         TrainConfig, "val_users"
     ),
     val_tail: Annotated[float, _train("val_tail")] = default_of(TrainConfig, "val_tail"),
+    tail_average: Annotated[bool, _train("tail_average")] = default_of(TrainConfig, "tail_average"),
     embed_dropout: Annotated[float, _train("embed_dropout")] = default_of(
         TrainConfig, "embed_dropout"
     ),
@@ -89,6 +90,7 @@ def train_cmd(
         patience=patience,
         val_users=val_users,
         val_tail=val_tail,
+        tail_average=tail_average,
         embed_dropout=embed_dropout,
         item_dropout=item_dropout,
         test_shaped_validation=test_shaped_validation,
@@ -122,6 +124,7 @@ def train_items_cmd(
         ItemTrainConfig, "epochs"
     ),
     patience: Annotated[int, _items("patience")] = default_of(ItemTrainConfig, "patience"),
+    val_tail: Annotated[float, _items("val_tail")] = default_of(ItemTrainConfig, "val_tail"),
     dim: Annotated[int, _items("dim", "item vector size")] = default_of(ItemTrainConfig, "dim"),
     blocks: Annotated[int, _items("blocks", "encoder blocks")] = default_of(
         ItemTrainConfig, "blocks"
@@ -160,6 +163,7 @@ def train_items_cmd(
         {
             "epochs": epochs,
             "patience": patience,
+            "val_tail": val_tail,
             "dim": dim,
             "blocks": blocks,
             "mixer": mixer,

@@ -28,6 +28,7 @@ from offline.eval.metrics import TOP_K, ranking_metrics
 from offline.fsutil import atomic_directory
 from offline.items.artifact import save_item_model
 from offline.items.config import ItemTrainConfig
+from offline.selection import in_validated_tail
 from offline.train.checkpoint import peak_rss_gb
 from service.contracts.catalog import Catalog
 from service.contracts.item_index import ExactIndex
@@ -170,21 +171,22 @@ def train_item_model(
             optimizer.step()
             losses.append(loss.item())
         row: dict[str, float] = {"epoch": epoch, "loss": round(float(np.mean(losses)), 4)}
-        if not refit:
+        # taken before validation, so that the epoch a time limit ends on is validated
+        over_time = cfg.max_minutes is not None and (time.monotonic() - t0) / 60 >= cfg.max_minutes
+        scored = refit or over_time or in_validated_tail(epoch, cfg.epochs, cfg.val_tail)
+        if scored and not refit:
             row.update({k: round(v, 5) for k, v in evaluate(model, catalog, split.valid).items()})
         history.append(row)
         epochs.set_postfix({k: v for k, v in row.items() if k != "users"})
         log.info("train-items %s", row)
-        score = row.get(f"ndcg@{TOP_K}", float(epoch))  # refit: the last epoch
-        if best is None or score > best[0]:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best, stale = (score, epoch, state, row), 0
-        else:
-            stale += 1
-        minutes = (time.monotonic() - t0) / 60
-        if (not refit and stale >= cfg.patience) or (
-            cfg.max_minutes is not None and minutes >= cfg.max_minutes
-        ):
+        if scored:
+            score = row.get(f"ndcg@{TOP_K}", float(epoch))  # refit: the last epoch
+            if best is None or score > best[0]:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best, stale = (score, epoch, state, row), 0
+            else:
+                stale += 1
+        if (not refit and stale >= cfg.patience) or over_time:
             break
     assert best is not None
     model.load_state_dict(best[2])

@@ -20,7 +20,7 @@ import torch
 from service.contracts.manifest import sha256_hex
 
 log = logging.getLogger(__name__)
-CHECKPOINT_SCHEMA = 1
+CHECKPOINT_SCHEMA = 2  # 2: the tail average
 
 
 class _Identified(Protocol):
@@ -39,6 +39,9 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     best_model: dict[str, torch.Tensor] | None = None
+    # the mean weights of the validated epochs so far, and their epochs (``tail_average``)
+    average: dict[str, torch.Tensor] | None = None
+    averaged: list[int] = field(default_factory=list)
     # filled on load
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
@@ -47,7 +50,18 @@ class RunState:
 
 
 # what the epoch loop carries, and what only a loaded checkpoint fills in
-_CARRIED = ("epoch", "step", "stale", "finished", "elapsed_s", "history", "best", "best_model")
+_CARRIED = (
+    "epoch",
+    "step",
+    "stale",
+    "finished",
+    "elapsed_s",
+    "history",
+    "best",
+    "best_model",
+    "average",
+    "averaged",
+)
 _LOADED = ("model", "optimizer", "numpy_rng", "torch_rng")
 
 

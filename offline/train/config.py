@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from offline.selection import VAL_TAIL
 from service.contracts.manifest import MAX_HISTORY
 
 
@@ -54,12 +55,11 @@ class TrainConfig(BaseModel):
     val_beam: int = Field(default=20, ge=10)
     # Each validation costs ~40% of an epoch on Beauty (38 s beside ~62 s of training); under the
     # cosine decay the best epoch lies at the end (10-12 of 12 in five Beauty runs, 14 of 16)
-    val_tail: float = Field(
-        default=1 / 3,
-        gt=0,
-        le=1,
-        description="validate only this last share of the epochs (and the run's final one): "
-        "the best epoch is chosen among them",
+    val_tail: float = VAL_TAIL
+    tail_average: bool = Field(
+        default=False,
+        description="also validate the mean weights of the validated epochs, and keep them if "
+        "they beat every single epoch",
     )
     patience: int = Field(default=3, ge=1)
     max_minutes: float | None = Field(default=None, gt=0)

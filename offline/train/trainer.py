@@ -29,6 +29,7 @@ from offline.errors import InputError
 from offline.eval.guards import check_catalog
 from offline.eval.metrics import TOP_K, ranking_metrics
 from offline.fsutil import atomic_directory
+from offline.selection import in_validated_tail
 from offline.train.checkpoint import (
     Checkpoint,
     RunState,
@@ -205,7 +206,7 @@ def selection_key(metrics: dict[str, float]) -> tuple[float, float]:
 def validated(epoch: int, cfg: TrainConfig) -> bool:
     """Whether the epoch is scored on the validation sample: the last ``val_tail`` share of the
     run's epochs (at least its final one)."""
-    return epoch > cfg.epochs - max(1, round(cfg.epochs * cfg.val_tail))
+    return in_validated_tail(epoch, cfg.epochs, cfg.val_tail)
 
 
 def level_masks(ids: TokenIds, vocab: int, reasoning: ReasoningData | None = None) -> torch.Tensor:
@@ -416,6 +417,9 @@ def train(
                     + f" ({row['seconds']}s)"
                 )
             state.epoch = epoch
+            if metrics and cfg.tail_average:
+                state.average = running_mean(state.average, model, len(state.averaged))
+                state.averaged.append(epoch)
             if cfg.refit or selection_key(metrics) > selection_key(state.best):
                 state.best = {"epoch": epoch, **metrics}
                 state.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -425,6 +429,8 @@ def train(
             state.finished = bool(state.stale >= cfg.patience or over_time)
             state.elapsed_s = prior_s + time.monotonic() - started
             ckpt.save(state, model, opt, rng)
+        if state.average is not None and len(state.averaged) > 1 and data.valid:
+            _consider_the_average(state, model, data, cfg, progress)
         best = state.best
         best_state = state.best_model
         if best_state is not None:
@@ -464,6 +470,44 @@ def train(
         keep_item_model(out_dir, work)
     ckpt.remove()  # the model is in place: the run is over
     return manifest
+
+
+def running_mean(
+    mean: dict[str, torch.Tensor] | None, model: torch.nn.Module, count: int
+) -> dict[str, torch.Tensor]:
+    """``mean`` of ``count`` epochs' weights with the model's joined (integer buffers: the
+    latest)."""
+    weights = model.state_dict()
+    if mean is None:
+        return {k: v.detach().clone() for k, v in weights.items()}
+    for k, v in weights.items():
+        if v.is_floating_point():
+            mean[k] += (v.detach() - mean[k]) / (count + 1)
+        else:
+            mean[k] = v.detach().clone()
+    return mean
+
+
+def _consider_the_average(
+    state: RunState, model: LlamaForCausalLM, data: Prepared, cfg: TrainConfig, progress: bool
+) -> None:
+    """Validate the validated epochs' mean weights (checkpoint averaging: under the cosine
+    decay the tail's epochs sit around one optimum) and make them the best if they beat every
+    single epoch by :func:`selection_key`."""
+    assert state.average is not None
+    model.load_state_dict(state.average)
+    metrics = evaluate_examples(model, data.catalog, data.ids, data.valid, cfg.val_beam)
+    row = {"epoch": state.epoch, "averaged": list(state.averaged)}
+    row |= {k: round(v, 5) for k, v in metrics.items()}
+    state.history.append(row)
+    log.info("tail average %s", row)
+    if progress:
+        tqdm.write(
+            f"mean of epochs {state.averaged}: val R@10 {metrics['recall@10']:.4f}"
+            f" N@10 {metrics['ndcg@10']:.4f}"
+        )
+    if selection_key(metrics) > selection_key(state.best):
+        state.best, state.best_model = row, state.average
 
 
 def keep_item_model(previous: Path, work: Path) -> None:

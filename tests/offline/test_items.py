@@ -59,6 +59,32 @@ def test_it_learns_the_walk_far_beyond_popularity(world: tuple[Path, Path, Path]
     assert model.members[0].manifest.best_epoch >= 1 and model.version
 
 
+def test_only_the_runs_last_third_is_validated_and_the_best_epoch_is_among_it(
+    world: tuple[Path, Path, Path],
+) -> None:
+    catalog_dir, model_dir, _ = world
+    manifest = ItemModel.load(model_dir / "items", Catalog.load(catalog_dir)).members[0].manifest
+    rows = manifest.training["epochs"]
+    assert [row["epoch"] for row in rows] == list(range(1, 13))  # every epoch trained
+    scored = [row for row in rows if "ndcg@10" in row]
+    assert [row["epoch"] for row in scored] == [9, 10, 11, 12]  # 12 epochs, val_tail 1/3
+    best = max(scored, key=lambda row: row["ndcg@10"])
+    assert manifest.best_epoch == best["epoch"] and manifest.training["best"] == best
+
+
+def test_a_run_cut_by_its_time_limit_validates_the_epoch_it_ends_on(
+    world: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    catalog_dir, _, interactions = world
+    cfg = ItemTrainConfig(dim=16, epochs=12, max_len=20, max_minutes=1e-6)
+    manifest = train_item_model(
+        Catalog.load(catalog_dir), interactions, tmp_path / "items", cfg, False, False
+    )
+    (row,) = manifest.training["epochs"]  # epoch 1 of 12, long before the validated tail
+    assert row["epoch"] == 1 and "ndcg@10" in row
+    assert manifest.best_epoch == 1 and manifest.training["best"] == row
+
+
 def test_the_sampled_softmax_of_large_catalogs_learns_the_walk_too(
     world: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

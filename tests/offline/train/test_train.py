@@ -85,6 +85,46 @@ def test_best_epoch_is_the_highest_recall_then_ndcg_of_a_fully_validated_run(
     assert best["epoch"] == min(r["epoch"] for r in history if selection_key(r) == top)
 
 
+def test_the_tail_average_is_validated_and_kept_only_if_it_beats_every_epoch(
+    tiny_world, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from offline.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(
+        preset="tiny", epochs=3, batch_size=64, val_users=50, warmup_steps=5, patience=5,
+        val_tail=1.0, tail_average=True,
+    )  # fmt: skip
+    metrics = train(
+        tiny_world.catalog_dir, tiny_world.interactions_csv, tmp_path / "m", cfg, False
+    ).metrics
+    *epochs, average = metrics["history"]
+    assert [row["epoch"] for row in epochs] == [1, 2, 3]
+    assert average["averaged"] == [1, 2, 3] and "recall@10" in average
+    best = metrics["validation"]
+    if selection_key(average) > max(selection_key(row) for row in epochs):
+        assert best == average
+    else:
+        assert "averaged" not in best
+        top = max(selection_key(row) for row in epochs)  # rows are rounded to 5 places
+        assert tuple(round(v, 5) for v in selection_key(best)) == top
+
+
+def test_the_running_mean_of_weights_is_their_mean_and_keeps_the_latest_counters() -> None:
+    from offline.train.trainer import running_mean
+
+    layers = [torch.nn.BatchNorm1d(2) for _ in range(3)]
+    for i, layer in enumerate(layers):
+        layer.weight.data.fill_(float(i))  # 0, 1, 2
+        layer.num_batches_tracked.fill_(10 * (i + 1))
+    mean = None
+    for count, layer in enumerate(layers):
+        mean = running_mean(mean, layer, count)
+    assert mean is not None
+    assert torch.allclose(mean["weight"], torch.full((2,), 1.0))
+    assert int(mean["num_batches_tracked"]) == 30
+    assert float(layers[0].weight[0]) == 0.0  # the first model's weights were copied, not aliased
+
+
 def test_a_run_cut_short_by_its_time_limit_validates_its_last_epoch(
     tiny_world, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
