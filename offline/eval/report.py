@@ -134,7 +134,9 @@ def build_quality_report(
         "training": {
             "preset": manifest.preset,
             "parameters": params.get("parameters"),
-            "epochs_run": len(manifest.metrics.get("history", [])),
+            "epochs_run": sum(  # not the tail average's row
+                "averaged" not in row for row in manifest.metrics.get("history", [])
+            ),
             "best_epoch": manifest.metrics.get("validation", {}).get("epoch"),
             "train_seconds": params.get("train_seconds"),
             "peak_rss_gb": params.get("peak_rss_gb"),
@@ -161,8 +163,21 @@ def build_quality_report(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "quality.json", report)
-    (out_dir / "quality.md").write_text(render(report))
+    md = out_dir / "quality.md"
+    md.write_text(render(report) + kept_section(md))
     return report
+
+
+# What follows this line in quality.md is written by hand (what was tried and not adopted, with
+# its numbers) and survives every regeneration of the report above it
+KEPT_MARKER = "<!-- kept by quality-report: hand-written below this line -->"
+
+
+def kept_section(md: Path) -> str:
+    """The hand-written tail of an existing report, from its marker on ('' without one)."""
+    text = md.read_text() if md.is_file() else ""
+    at = text.find(KEPT_MARKER)
+    return "\n" + text[at:] if at >= 0 else ""
 
 
 def render(report: dict[str, Any]) -> str:

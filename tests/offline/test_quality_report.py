@@ -71,6 +71,26 @@ def test_report_lists_ours_baselines_and_published_rows(tmp_path: Path) -> None:
     )
 
 
+def test_the_hand_written_section_survives_a_regenerated_report(tmp_path: Path) -> None:
+    from offline.eval.report import KEPT_MARKER
+
+    model = write_model(tmp_path)
+    served, decoder = tmp_path / "served.json", tmp_path / "decoder.json"
+    served.write_text(json.dumps({"users": 3, "split": "test", "rows": {"served answer": ROW}}))
+    decoder.write_text(json.dumps({"rows": {"decoder (full, torch, beam 20)": ROW}}))
+    out = tmp_path / "out"
+    build_quality_report(served, decoder, model, out, ["first"])
+    md = out / "quality.md"
+    assert KEPT_MARKER not in md.read_text()  # nothing kept: none written yet
+    kept = f"{KEPT_MARKER}\n\n## Tried, not adopted\n\n| alpha 1 | .1167 |\n"
+    md.write_text(md.read_text() + "\n" + kept)
+    for command in ("second", "third"):  # twice: the tail is not duplicated
+        build_quality_report(served, decoder, model, out, [command])
+    text = md.read_text()
+    assert text.count(KEPT_MARKER) == 1 and text.endswith(kept)
+    assert "third" in text and "first" not in text  # the report above it was rewritten
+
+
 def test_the_item_level_model_alone_is_one_of_our_rows(tmp_path: Path) -> None:
     model = write_model(tmp_path)
     ServingConfig(weights=FusionWeights(covisit=4.0, affinity=2.0), affinity_candidates=20).write(
