@@ -11,7 +11,7 @@ from service.contracts.manifest import MAX_HISTORY
 
 # Models per item-level ensemble (``train-items --members``; offline/items/ensemble.py), their
 # mean logit served. On Beauty validation (all 22,363 users), alone: one model R@10 .1198 /
-# N@10 .0717, two .1248 / .0754, three .1276 / .0763; each member 20 epochs, ~11 min on 2 idle
+# N@10 .0717, two .1248 / .0754, three .1276 / .0763; each member 20 epochs, ~9 min on 2 idle
 # cores (benchmarks/beauty/HISTORY.md, December 5).
 DEFAULT_MEMBERS = 3
 
