@@ -20,7 +20,7 @@ import torch
 from service.contracts.manifest import sha256_hex
 
 log = logging.getLogger(__name__)
-CHECKPOINT_SCHEMA = 2  # 2: the tail average
+CHECKPOINT_SCHEMA = 1
 
 
 class _Identified(Protocol):
@@ -70,7 +70,12 @@ def checkpoint_path(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.ckpt.pt"
 
 
-_ADDED_OFF: dict[str, object] = {"reasoning": False, "alignment": False, "rationale_rate": 0.5}
+_ADDED_OFF: dict[str, object] = {
+    "reasoning": False,
+    "alignment": False,
+    "rationale_rate": 0.5,
+    "tail_average": False,
+}
 
 
 def run_identity(cfg: _Identified, data: Any) -> str:
@@ -120,9 +125,8 @@ class Checkpoint:
         if body.get("schema") != CHECKPOINT_SCHEMA or body.get("identity") != self.identity:
             log.warning("ignoring checkpoint %s: other inputs or settings", self.path)
             return None
-        return RunState(
-            **{name: body[name] for name in (*_CARRIED, *_LOADED)},
-        )
+        # a checkpoint from before a carried field existed leaves it at its default
+        return RunState(**{name: body[name] for name in (*_CARRIED, *_LOADED) if name in body})
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
