@@ -39,9 +39,8 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     best_model: dict[str, torch.Tensor] | None = None
-    # the mean weights of the validated epochs so far, and their epochs (``tail_average``)
+    # the AveragedModel of the validated epochs so far (``tail_average``), its state_dict
     average: dict[str, torch.Tensor] | None = None
-    averaged: list[int] = field(default_factory=list)
     # filled on load
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +59,6 @@ _CARRIED = (
     "best",
     "best_model",
     "average",
-    "averaged",
 )
 _LOADED = ("model", "optimizer", "numpy_rng", "torch_rng")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
@@ -359,6 +360,10 @@ def train(
         else:
             state = RunState()
         resumed_after = state.epoch or None
+        # checkpoint averaging of the validated epochs (``tail_average``)
+        averager = AveragedModel(model) if cfg.tail_average else None
+        if averager is not None and state.average is not None:
+            averager.load_state_dict(state.average)
         prior_s = state.elapsed_s  # time spent by the killed runs this one continues
         while state.epoch < cfg.epochs and not state.finished:
             epoch = state.epoch + 1
@@ -417,9 +422,9 @@ def train(
                     + f" ({row['seconds']}s)"
                 )
             state.epoch = epoch
-            if metrics and cfg.tail_average:
-                state.average = running_mean(state.average, model, len(state.averaged))
-                state.averaged.append(epoch)
+            if metrics and averager is not None:
+                averager.update_parameters(model)
+                state.average = averager.state_dict()
             if cfg.refit or selection_key(metrics) > selection_key(state.best):
                 state.best = {"epoch": epoch, **metrics}
                 state.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -429,8 +434,8 @@ def train(
             state.finished = bool(state.stale >= cfg.patience or over_time)
             state.elapsed_s = prior_s + time.monotonic() - started
             ckpt.save(state, model, opt, rng)
-        if state.average is not None and len(state.averaged) > 1 and data.valid:
-            _consider_the_average(state, model, data, cfg, progress)
+        if averager is not None and int(averager.n_averaged) > 1:
+            _consider_the_average(state, averager, model, data, cfg, progress)
         best = state.best
         best_state = state.best_model
         if best_state is not None:
@@ -472,42 +477,32 @@ def train(
     return manifest
 
 
-def running_mean(
-    mean: dict[str, torch.Tensor] | None, model: torch.nn.Module, count: int
-) -> dict[str, torch.Tensor]:
-    """``mean`` of ``count`` epochs' weights with the model's joined (integer buffers: the
-    latest)."""
-    weights = model.state_dict()
-    if mean is None:
-        return {k: v.detach().clone() for k, v in weights.items()}
-    for k, v in weights.items():
-        if v.is_floating_point():
-            mean[k] += (v.detach() - mean[k]) / (count + 1)
-        else:
-            mean[k] = v.detach().clone()
-    return mean
-
-
 def _consider_the_average(
-    state: RunState, model: LlamaForCausalLM, data: Prepared, cfg: TrainConfig, progress: bool
+    state: RunState,
+    averager: AveragedModel,
+    model: LlamaForCausalLM,
+    data: Prepared,
+    cfg: TrainConfig,
+    progress: bool,
 ) -> None:
-    """Validate the validated epochs' mean weights (checkpoint averaging: under the cosine
-    decay the tail's epochs sit around one optimum) and make them the best if they beat every
-    single epoch by :func:`selection_key`."""
-    assert state.average is not None
-    model.load_state_dict(state.average)
+    """Validate the validated epochs' mean weights (under the cosine decay the tail's epochs
+    sit around one optimum) and make them the best if they beat every single epoch by
+    :func:`selection_key`."""
+    weights = averager.module.state_dict()
+    model.load_state_dict(weights)
     metrics = evaluate_examples(model, data.catalog, data.ids, data.valid, cfg.val_beam)
-    row = {"epoch": state.epoch, "averaged": list(state.averaged)}
-    row |= {k: round(v, 5) for k, v in metrics.items()}
+    epochs = [row["epoch"] for row in state.history if "recall@10" in row]
+    row = {"epoch": state.epoch, "averaged": epochs, **{k: round(v, 5) for k, v in metrics.items()}}
     state.history.append(row)
     log.info("tail average %s", row)
     if progress:
         tqdm.write(
-            f"mean of epochs {state.averaged}: val R@10 {metrics['recall@10']:.4f}"
+            f"mean of epochs {epochs}: val R@10 {metrics['recall@10']:.4f}"
             f" N@10 {metrics['ndcg@10']:.4f}"
         )
     if selection_key(metrics) > selection_key(state.best):
-        state.best, state.best_model = row, state.average
+        state.best = row
+        state.best_model = {k: v.detach().clone() for k, v in weights.items()}
 
 
 def keep_item_model(previous: Path, work: Path) -> None:

@@ -85,44 +85,43 @@ def test_best_epoch_is_the_highest_recall_then_ndcg_of_a_fully_validated_run(
     assert best["epoch"] == min(r["epoch"] for r in history if selection_key(r) == top)
 
 
-def test_the_tail_average_is_validated_and_kept_only_if_it_beats_every_epoch(
-    tiny_world, tmp_path: Path
+@pytest.mark.parametrize("average_wins", [True, False])
+def test_the_tail_average_is_written_only_if_it_beats_every_epoch(
+    tiny_world, tmp_path: Path, monkeypatch, average_wins: bool
 ) -> None:  # type: ignore[no-untyped-def]
-    from offline.train.trainer import TrainConfig, train
+    from safetensors.torch import load_file
 
-    cfg = TrainConfig(
+    import offline.train.trainer as trainer
+
+    seen: list[dict[str, torch.Tensor]] = []  # the weights each validation scored
+
+    def scored_by_call(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        average = 0.9 if average_wins else 0.05
+        recall = [0.1, 0.3, 0.2][len(seen) - 1] if len(seen) <= 3 else average
+        return {"recall@10": recall, "ndcg@10": recall / 2, "users": 50}
+
+    monkeypatch.setattr(trainer, "evaluate_examples", scored_by_call)
+    cfg = trainer.TrainConfig(
         preset="tiny", epochs=3, batch_size=64, val_users=50, warmup_steps=5, patience=5,
         val_tail=1.0, tail_average=True,
     )  # fmt: skip
-    metrics = train(
-        tiny_world.catalog_dir, tiny_world.interactions_csv, tmp_path / "m", cfg, False
-    ).metrics
+    out = tmp_path / "m"
+    world = (tiny_world.catalog_dir, tiny_world.interactions_csv)
+    metrics = trainer.train(*world, out, cfg, False).metrics
     *epochs, average = metrics["history"]
-    assert [row["epoch"] for row in epochs] == [1, 2, 3]
-    assert average["averaged"] == [1, 2, 3] and "recall@10" in average
-    best = metrics["validation"]
-    if selection_key(average) > max(selection_key(row) for row in epochs):
-        assert best == average
-    else:
-        assert "averaged" not in best
-        top = max(selection_key(row) for row in epochs)  # rows are rounded to 5 places
-        assert tuple(round(v, 5) for v in selection_key(best)) == top
-
-
-def test_the_running_mean_of_weights_is_their_mean_and_keeps_the_latest_counters() -> None:
-    from offline.train.trainer import running_mean
-
-    layers = [torch.nn.BatchNorm1d(2) for _ in range(3)]
-    for i, layer in enumerate(layers):
-        layer.weight.data.fill_(float(i))  # 0, 1, 2
-        layer.num_batches_tracked.fill_(10 * (i + 1))
-    mean = None
-    for count, layer in enumerate(layers):
-        mean = running_mean(mean, layer, count)
-    assert mean is not None
-    assert torch.allclose(mean["weight"], torch.full((2,), 1.0))
-    assert int(mean["num_batches_tracked"]) == 30
-    assert float(layers[0].weight[0]) == 0.0  # the first model's weights were copied, not aliased
+    assert [row["epoch"] for row in epochs] == [1, 2, 3] and average["averaged"] == [1, 2, 3]
+    # the fourth validation scored the mean of the three epochs' weights
+    assert len(seen) == 4
+    for k, v in seen[3].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, sum(w[k] for w in seen[:3]) / 3, atol=1e-6), k
+    written = load_file(out / "model.safetensors")
+    chosen = seen[3] if average_wins else seen[1]  # else epoch 2, the best single epoch
+    assert metrics["validation"]["epoch"] == (3 if average_wins else 2)
+    assert ("averaged" in metrics["validation"]) is average_wins
+    assert written.keys() & chosen.keys()
+    assert all(torch.equal(written[k], chosen[k]) for k in written if k in chosen)
 
 
 def test_a_run_cut_short_by_its_time_limit_validates_its_last_epoch(
@@ -273,7 +272,7 @@ def test_killed_run_resumes_from_its_last_epoch(tiny_world, tmp_path: Path, monk
     body = torch.load(checkpoint_path(out), weights_only=False)
     first_epoch_loss = body["history"][0]
     # as a run killed before the tail average existed left it: still resumed
-    del body["average"], body["averaged"]
+    del body["average"]
     torch.save(body, checkpoint_path(out))
 
     monkeypatch.setattr(trainer, "evaluate_examples", real_eval)
