@@ -20,6 +20,7 @@ from offline.catalog.covisit import build_covisit
 from offline.catalog.embed import (
     DEFAULT_BATCH_SIZE,
     MINILM_NAME,
+    build_environment,
     embed_texts,
     l2_normalise,
     load_vectors,
@@ -211,6 +212,7 @@ def build_catalog(
         "text_columns": list(items.text_columns),
         "batch_size": spec.batch_size,
         "embedding_precision": precision,
+        "environment": build_environment(),
         "cf_dim": cf_dim,
         "cf_dim_used": cf_used,
         "cf_weight": cf_weight,

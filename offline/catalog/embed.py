@@ -25,6 +25,30 @@ def native_bf16() -> bool:
         return False
 
 
+def build_environment() -> dict[str, str | bool]:
+    """What a catalog's codes depend on beyond its inputs and settings: the CPU's float path
+    and the libraries that embed (MiniLM) and cluster (numpy's k-means). Another of these can
+    give other codes from the same inputs, so another catalog version: on Beauty, two machines
+    built different codes with the same code and settings, and the decoder trained on them
+    differed by 4% validation R@10 (benchmarks/beauty/HISTORY.md, December 5, reproduction).
+    Recorded in the manifest so that a rebuild that differs can be explained; ``--embeddings``
+    takes MiniLM's float path out of a rebuild."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    env: dict[str, str | bool] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_native_bf16": native_bf16(),
+    }
+    for package in ("numpy", "torch", "transformers", "sentence-transformers"):
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            env[package] = "absent"
+    return env
+
+
 def resolve_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise InputError(None, f"embedding precision {precision!r}: expected one of {PRECISIONS}")

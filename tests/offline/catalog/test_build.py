@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -113,6 +114,11 @@ def test_build_with_supplied_vectors(tmp_path: Path, items_csv: Path, vectors_np
     assert manifest.parameters["seed"] == 0
     assert manifest.parameters["inputs"]["items"]["sha256"]
     assert manifest.parameters["inputs"]["interactions"] is None
+    # what the codes depend on beyond inputs and settings, to explain a rebuild that differs
+    environment = manifest.parameters["environment"]
+    assert environment["numpy"] == np.__version__
+    assert environment["torch"] == torch.__version__
+    assert isinstance(environment["cpu_native_bf16"], bool)
 
     catalog = Catalog.load(out)
     assert catalog.version == manifest.catalog_version
