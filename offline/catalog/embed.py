@@ -38,7 +38,7 @@ def build_environment() -> dict[str, str | bool]:
 
     env: dict[str, str | bool] = {
         "python": platform.python_version(),
-        "machine": platform.machine(),
+        "platform": platform.platform(),  # as eval and bench reports record the machine
         "cpu_native_bf16": native_bf16(),
     }
     for package in ("numpy", "torch", "transformers", "sentence-transformers"):
