@@ -22,6 +22,7 @@ from service.contracts.item_network import (
     FrequencyLayer,
     ItemModelConfig,
     ItemSequenceModel,
+    UniformDropout,
     low_pass_operator,
 )
 from tests.fake_engine import write_tiny_artifacts
@@ -98,6 +99,34 @@ def test_a_users_vector_does_not_depend_on_its_batchs_padding(kw: dict[str, floa
     # ... and its older items do count (the vector is not the newest item's alone)
     other = model.user_vectors(left_padded([[9, 4, 5]]))
     assert not torch.allclose(other, alone, atol=1e-4)
+
+
+def test_uniform_dropout_drops_p_and_keeps_the_mean() -> None:
+    torch.manual_seed(0)
+    drop = UniformDropout(0.3)
+    x = torch.ones(200_000)
+    out = drop(x)
+    assert abs(float((out == 0).float().mean()) - 0.3) < 0.01
+    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.7))
+    assert abs(float(out.mean()) - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)  # identity when serving
+    with pytest.raises(ValueError, match="dropout"):
+        UniformDropout(1.0)
+
+
+def test_training_attention_spelt_out_equals_the_served_sdpa() -> None:
+    """Training spells the attention out (its weights' dropout draws with uniform_); without
+    dropout it must compute what the served path (scaled_dot_product_attention) does, padding
+    masked, both blocks."""
+    model = bsarec(dropout=0.0)
+    tokens = left_padded([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]])
+    served = model.eval()(tokens)
+    trained = model.train()(tokens)
+    assert torch.allclose(served, trained, atol=1e-5)
+    # with dropout the training forward is random, the served one is not
+    noisy = bsarec(dropout=0.5)
+    assert not torch.allclose(noisy.train()(tokens), noisy.train()(tokens))
+    assert torch.equal(noisy.eval()(tokens), noisy.eval()(tokens))
 
 
 def test_a_bsarec_model_needs_prefix_training() -> None:
