@@ -13,7 +13,8 @@ VAL_TAIL: Any = Field(
     gt=0,
     le=1,
     description="validate only this last share of the epochs (and the run's final one): "
-    "the best epoch is chosen among them",
+    "the best epoch is chosen among them (the decoder's default, --tail-average: their mean "
+    "weights are kept)",
 )
 
 

@@ -67,6 +67,9 @@ def train_cmd(
     distill_alpha: Annotated[float, _train("distill_alpha")] = default_of(
         TrainConfig, "distill_alpha"
     ),
+    distill_levels: Annotated[int, _train("distill_levels")] = default_of(
+        TrainConfig, "distill_levels"
+    ),
     distill_top_k: Annotated[int, _train("distill_top_k")] = default_of(
         TrainConfig, "distill_top_k"
     ),
@@ -78,8 +81,9 @@ def train_cmd(
     seed: Annotated[int, _train("seed", "random seed")] = default_of(TrainConfig, "seed"),
     progress: Progress = True,
 ) -> None:
-    """Train the decoder on the leave-one-out train split; the best epoch on validation is
-    kept. Checkpointed every epoch: rerunning a killed command continues it."""
+    """Train the decoder on the leave-one-out train split; the mean weights of the epochs
+    validated (or, with --no-tail-average, the best of them) are kept. Checkpointed every
+    epoch: rerunning a killed command continues it."""
     from offline.train.trainer import train
 
     cfg = TrainConfig(
@@ -100,6 +104,7 @@ def train_cmd(
         alignment=alignment,
         teacher=teacher,
         distill_alpha=distill_alpha,
+        distill_levels=distill_levels,
         distill_top_k=distill_top_k,
         refit=refit,
         resume=resume,
@@ -223,6 +228,12 @@ def _chosen_by(refit: bool, best: dict[str, Any], epoch: int | None = None) -> s
     epoch = epoch if epoch is not None else best.get("epoch")
     if refit:
         return f"epoch {epoch}: refit on train + validation"
+    if best.get("averaged"):
+        epochs = best["averaged"]
+        return (
+            f"the mean of epochs {epochs[0]}-{epochs[-1]}: val R@10 {best.get('recall@10', 0):.4f} "
+            f"N@10 {best.get('ndcg@10', 0):.4f}"
+        )
     return (
         f"best epoch {epoch}: val R@10 {best.get('recall@10', 0):.4f} "
         f"N@10 {best.get('ndcg@10', 0):.4f}"

@@ -65,8 +65,8 @@ REFIT_COMMANDS = [
     "thinkahead train-items --catalog artifacts/refit-catalog --interactions "
     "$B/interactions.csv --out artifacts/refit-model/items --refit --epochs 11",
     "thinkahead train --catalog artifacts/refit-catalog --interactions $B/interactions.csv "
-    "--teacher artifacts/refit-model/items --out artifacts/refit-model --refit --epochs 14"
-    "   # the selection run's best epoch",
+    "--teacher artifacts/refit-model/items --out artifacts/refit-model --refit --epochs 16"
+    "   # the selection run's epochs, the same tail averaged",
     "cp artifacts/beauty-model/serving.json artifacts/refit-model/",
     "thinkahead eval --model artifacts/refit-model --catalog artifacts/refit-catalog "
     "--interactions $B/interactions.csv --mode think-ahead --engine torch "
@@ -138,6 +138,7 @@ def build_quality_report(
                 "averaged" not in row for row in manifest.metrics.get("history", [])
             ),
             "best_epoch": manifest.metrics.get("validation", {}).get("epoch"),
+            "averaged_epochs": manifest.metrics.get("validation", {}).get("averaged"),
             "train_seconds": params.get("train_seconds"),
             "peak_rss_gb": params.get("peak_rss_gb"),
             "refit": params.get("refit", False),
@@ -209,7 +210,7 @@ def render(report: dict[str, Any]) -> str:
         f"{report['serving'].get('chosen_on')}.",
         "",
         f"Decoder: `{t['preset']}` preset, {t['parameters']:,} parameters, {t['epochs_run']} "
-        f"epochs (best {t['best_epoch']}), {t['train_seconds'] / 60:.1f} minutes on this "
+        f"epochs ({_kept_epochs(t)}), {t['train_seconds'] / 60:.1f} minutes on this "
         f"machine's 2 cores, peak RSS {t['peak_rss_gb']} GB{_distilled(t)}.",
         "",
         *_rationale_lines(report.get("rationale"), report["serving"].get("rationale")),
@@ -269,6 +270,13 @@ def _rationale_lines(stats: dict[str, Any] | None, mix: dict[str, Any] | None) -
         if key.startswith(("accuracy", "faithfulness")):
             lines.append(f"| {key} | {value:.4f} |")
     return [*lines, ""]
+
+
+def _kept_epochs(training: dict[str, Any]) -> str:
+    averaged = training.get("averaged_epochs")
+    if averaged:
+        return f"the mean of epochs {averaged[0]}-{averaged[-1]} kept"
+    return f"best {training.get('best_epoch')}"
 
 
 def _item_model_lines(item_model: dict[str, Any] | None) -> list[str]:

@@ -8,7 +8,9 @@ targets:
 - level a: the teacher's probability of each first token, summed over its items;
 - level b: the same among the items that share the true a (the decoder is teacher-forced on it),
   renormalised; where the teacher gives that a no mass, the hard target alone;
-- level c: the hard target alone (most (a, b) prefixes hold one item).
+- level c: the same among the items that share the true (a, b), with ``levels=3``
+  (``TrainConfig.distill_levels``; 77% of Beauty's (a, b) prefixes hold one item, but those
+  that hold more hold ~45% of its items, and level c orders them).
 
 Only the teacher's top ``top_k`` items per position count (a softmax over their logits, the
 history's items excluded as the decoder's constraint excludes them): what an ANN index over
@@ -37,18 +39,30 @@ from service.contracts.tokens import Code, TokenIds
 
 @dataclass(frozen=True)
 class LevelTargets:
-    """Soft targets for target items (rows): the teacher's first-token distribution, and its
-    second-token distribution given the true first token."""
+    """Soft targets for target items (rows): the teacher's first-token distribution, its
+    second-token distribution given the true first token, and its third given the true two."""
 
     a: torch.Tensor  # (P, K)
     b: torch.Tensor  # (P, K)
     b_known: torch.Tensor  # (P,) bool: the teacher gives the true first token some mass
+    c: torch.Tensor  # (P, K)
+    c_known: torch.Tensor  # (P,) bool: the teacher gives the true (a, b) some mass
 
     def __len__(self) -> int:
         return int(self.a.shape[0])
 
     def rows(self, index: torch.Tensor) -> LevelTargets:
-        return LevelTargets(self.a[index].float(), self.b[index].float(), self.b_known[index])
+        return LevelTargets(
+            self.a[index].float(),
+            self.b[index].float(),
+            self.b_known[index],
+            self.c[index].float(),
+            self.c_known[index],
+        )
+
+    def levels(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each level's distribution and where it is known (None: everywhere)."""
+        return [(self.a, None), (self.b, self.b_known), (self.c, self.c_known)]
 
 
 @dataclass(frozen=True)
@@ -95,17 +109,18 @@ class Teacher:
             dtype=torch.long,
         )
         k = self.catalog.codebook_size
-        a = torch.zeros(len(prefixes), k, dtype=torch.float16)
-        b = torch.zeros(len(prefixes), k, dtype=torch.float16)
-        known = torch.zeros(len(prefixes), dtype=torch.bool)
+        dists = [torch.zeros(len(prefixes), k, dtype=torch.float16) for _ in range(3)]
+        known = [torch.zeros(len(prefixes), dtype=torch.bool) for _ in range(2)]
         starts = range(0, len(prefixes), batch)
         for s in tqdm(starts, desc="teacher", disable=not progress, unit="batch"):
             chunk = prefixes[s : s + batch]
             part = self.targets(chunk, self.codes[truth[s : s + len(chunk)]])
-            a[s : s + len(chunk)] = part.a.half()
-            b[s : s + len(chunk)] = part.b.half()
-            known[s : s + len(chunk)] = part.b_known
-        return WindowTargets(LevelTargets(a, b, known), offsets)
+            for dist, new in zip(dists, (part.a, part.b, part.c), strict=True):
+                dist[s : s + len(chunk)] = new.half()
+            known[0][s : s + len(chunk)] = part.b_known
+            known[1][s : s + len(chunk)] = part.c_known
+        a, b, c = dists
+        return WindowTargets(LevelTargets(a, b, known[0], c, known[1]), offsets)
 
     @torch.no_grad()
     def targets(self, histories: Sequence[Sequence[int]], true: torch.Tensor) -> LevelTargets:
@@ -120,36 +135,46 @@ class Teacher:
         k = self.catalog.codebook_size
         a = torch.zeros(len(probs), k).scatter_add_(1, top_codes[:, :, 0], probs)
         same_a = (top_codes[:, :, 0] == true[:, None, 0]).float() * probs
-        mass = same_a.sum(dim=1, keepdim=True)
+        same_ab = (top_codes[:, :, 1] == true[:, None, 1]).float() * same_a
+        mass_a = same_a.sum(dim=1, keepdim=True)
+        mass_ab = same_ab.sum(dim=1, keepdim=True)
         b = torch.zeros(len(probs), k).scatter_add_(1, top_codes[:, :, 1], same_a)
-        return LevelTargets(a, b / mass.clamp_min(1e-12), mass.squeeze(1) > 1e-6)
+        c = torch.zeros(len(probs), k).scatter_add_(1, top_codes[:, :, 2], same_ab)
+        return LevelTargets(
+            a,
+            b / mass_a.clamp_min(1e-12),
+            mass_a.squeeze(1) > 1e-6,
+            c / mass_ab.clamp_min(1e-12),
+            mass_ab.squeeze(1) > 1e-6,
+        )
 
 
-def level_tokens(ids: TokenIds) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.as_tensor(ids.a, dtype=torch.long), torch.as_tensor(ids.b, dtype=torch.long)
+def level_tokens(ids: TokenIds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.as_tensor(t, dtype=torch.long) for t in (ids.a, ids.b, ids.c))  # type: ignore[return-value]
 
 
 def distilled_loss(
     logp: torch.Tensor,
     labels: torch.Tensor,
     targets: LevelTargets,
-    tokens: tuple[torch.Tensor, torch.Tensor],
+    tokens: tuple[torch.Tensor, ...],
     alpha: float,
+    levels: int = 2,
 ) -> torch.Tensor:
     """Mean cross-entropy against (1 - alpha) * the true token + alpha * the teacher's level
-    distribution. ``logp``: (3P, vocab) level-masked log-probs, labels a, b, c of each target
-    item in turn (every c, and a b whose true a the teacher gave no mass, take the hard target
-    alone)."""
+    distribution, on the first ``levels`` levels. ``logp``: (3P, vocab) level-masked log-probs,
+    labels a, b, c of each target item in turn (a later level, and a b or c whose true prefix
+    the teacher gave no mass, take the hard target alone)."""
     if logp.shape[0] != 3 * len(targets):
         raise ValueError(f"{logp.shape[0]} labels for {len(targets)} target items")
+    if not 1 <= levels <= 3:
+        raise ValueError(f"levels must be 1, 2 or 3, got {levels}")
     hard = -logp.gather(1, labels[:, None]).squeeze(1)
-    tok_a, tok_b = tokens
-    # masked log-probs are -inf off the level: 0 * -inf must not reach the sum
-    soft_a = -(targets.a * logp[0::3][:, tok_a].clamp_min(-1e4)).sum(dim=1)
-    soft_b = -(targets.b * logp[1::3][:, tok_b].clamp_min(-1e4)).sum(dim=1)
     mixed = hard.clone()
-    mixed[0::3] = (1 - alpha) * hard[0::3] + alpha * soft_a
-    mixed[1::3] = torch.where(
-        targets.b_known, (1 - alpha) * hard[1::3] + alpha * soft_b, hard[1::3]
-    )
+    for level, ((dist, known), tok) in enumerate(zip(targets.levels()[:levels], tokens)):
+        # masked log-probs are -inf off the level: 0 * -inf must not reach the sum
+        soft = -(dist * logp[level::3][:, tok].clamp_min(-1e4)).sum(dim=1)
+        own = hard[level::3]
+        blend = (1 - alpha) * own + alpha * soft
+        mixed[level::3] = blend if known is None else torch.where(known, blend, own)
     return mixed.mean()

@@ -195,7 +195,7 @@ def _teacher(cfg: TrainConfig, data: Prepared, progress: bool) -> Distillation |
         "teacher_version": teacher.version,
         "teacher_seconds": round(time.monotonic() - t0, 1),
     }
-    return Distillation(targets, level_tokens(data.ids), cfg.distill_alpha)
+    return Distillation(targets, level_tokens(data.ids), cfg.distill_alpha, cfg.distill_levels)
 
 
 def selection_key(metrics: dict[str, float]) -> tuple[float, float]:
@@ -225,8 +225,9 @@ def level_masks(ids: TokenIds, vocab: int, reasoning: ReasoningData | None = Non
 @dataclass(frozen=True)
 class Distillation:
     windows: WindowTargets  # every training window's targets
-    tokens: tuple[torch.Tensor, torch.Tensor]  # the a and b token ids
+    tokens: tuple[torch.Tensor, ...]  # the a, b and c token ids
     alpha: float
+    levels: int  # how many of a, b, c take the teacher's targets
 
 
 def item_loss(
@@ -252,6 +253,7 @@ def item_loss(
         distill.windows.targets.rows(teacher_rows),
         distill.tokens,
         distill.alpha,
+        distill.levels,
     )
 
 
@@ -422,7 +424,8 @@ def train(
                     + f" ({row['seconds']}s)"
                 )
             state.epoch = epoch
-            if metrics and averager is not None:
+            # a refit (no validation left) averages the epochs a selection run validates
+            if averager is not None and (metrics or (cfg.refit and validated(epoch, cfg))):
                 averager.update_parameters(model)
                 state.average = averager.state_dict()
             if cfg.refit or selection_key(metrics) > selection_key(state.best):
@@ -435,7 +438,7 @@ def train(
             state.elapsed_s = prior_s + time.monotonic() - started
             ckpt.save(state, model, opt, rng)
         if averager is not None and int(averager.n_averaged) > 1:
-            _consider_the_average(state, averager, model, data, cfg, progress)
+            _keep_the_average(state, averager, model, data, cfg, progress)
         best = state.best
         best_state = state.best_model
         if best_state is not None:
@@ -477,7 +480,7 @@ def train(
     return manifest
 
 
-def _consider_the_average(
+def _keep_the_average(
     state: RunState,
     averager: AveragedModel,
     model: LlamaForCausalLM,
@@ -485,24 +488,35 @@ def _consider_the_average(
     cfg: TrainConfig,
     progress: bool,
 ) -> None:
-    """Validate the validated epochs' mean weights (under the cosine decay the tail's epochs
-    sit around one optimum) and make them the best if they beat every single epoch by
-    :func:`selection_key`."""
+    """Make the validated epochs' mean weights the model (under the cosine decay the tail's
+    epochs sit around one optimum), validated once more for the record.
+
+    Not judged against the single epochs on the selection sample: on Beauty its 3,000 users
+    put the mean below the best epoch (R@10 .1137 against .1180), where all 22,363 validation
+    users put it ahead on both metrics (.1101 / .0626 against .1073 / .0602;
+    benchmarks/beauty/HISTORY.md)."""
     weights = averager.module.state_dict()
     model.load_state_dict(weights)
-    metrics = evaluate_examples(model, data.catalog, data.ids, data.valid, cfg.val_beam)
-    epochs = [row["epoch"] for row in state.history if "recall@10" in row]
+    metrics = (
+        evaluate_examples(model, data.catalog, data.ids, data.valid, cfg.val_beam)
+        if data.valid
+        else {}
+    )
+    epochs = [
+        row["epoch"]
+        for row in state.history
+        if "recall@10" in row or (cfg.refit and validated(row["epoch"], cfg))
+    ]
     row = {"epoch": state.epoch, "averaged": epochs, **{k: round(v, 5) for k, v in metrics.items()}}
     state.history.append(row)
     log.info("tail average %s", row)
-    if progress:
+    if progress and metrics:
         tqdm.write(
             f"mean of epochs {epochs}: val R@10 {metrics['recall@10']:.4f}"
             f" N@10 {metrics['ndcg@10']:.4f}"
         )
-    if selection_key(metrics) > selection_key(state.best):
-        state.best = row
-        state.best_model = {k: v.detach().clone() for k, v in weights.items()}
+    state.best = row
+    state.best_model = {k: v.detach().clone() for k, v in weights.items()}
 
 
 def keep_item_model(previous: Path, work: Path) -> None:

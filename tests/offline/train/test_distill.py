@@ -52,21 +52,27 @@ def test_targets_are_the_teachers_top_items_after_each_prefix_summed_by_level(  
     assert found.offsets.tolist() == [0, 3, 4]  # 3 + 1 target items
     assert torch.allclose(targets.a.float().sum(dim=1), torch.ones(4), atol=1e-2)
     # each target as the teacher serves that history alone (its later items unseen): its top
-    # items, history excluded, softmax over their logits, summed by first token (and, among
-    # those that share the true first token, by second token)
+    # items, history excluded, softmax over their logits, summed by first token (among those
+    # that share the true first token, by second token; among those that share both, by third)
     for row, history, target in ((1, window[:2], window[2]), (3, window[:1], window[1])):
         top = model.top_items(catalog, [history], k, exclude_history=True)[0]
         probs = torch.tensor([s for _, s in top]).softmax(dim=0)
         expected_a = torch.zeros(catalog.codebook_size)
         expected_b = torch.zeros(catalog.codebook_size)
+        expected_c = torch.zeros(catalog.codebook_size)
         for (code, _), p in zip(top, probs, strict=True):
             expected_a[code[0]] += p
             if code[0] == target[0]:
                 expected_b[code[1]] += p
+                if code[1] == target[1]:
+                    expected_c[code[2]] += p
         assert torch.allclose(targets.a[row].float(), expected_a, atol=2e-3)
         assert bool(targets.b_known[row]) == bool(expected_b.sum() > 1e-6)
         if targets.b_known[row]:
             assert torch.allclose(targets.b[row].float(), expected_b / expected_b.sum(), atol=2e-3)
+        assert bool(targets.c_known[row]) == bool(expected_c.sum() > 1e-6)
+        if targets.c_known[row]:
+            assert torch.allclose(targets.c[row].float(), expected_c / expected_c.sum(), atol=2e-3)
     # the first window's second target does not depend on the window's later items
     alone = Teacher(model, catalog, top_k=k).precompute([window[:3]]).targets
     assert torch.equal(alone.a[1], targets.a[1])
@@ -103,7 +109,7 @@ def test_item_dropout_keeps_each_kept_targets_teacher_row(
 def test_mixed_loss_is_cross_entropy_at_alpha_0_or_with_a_sure_teacher() -> None:
     torch.manual_seed(0)
     k, vocab = 4, 16
-    tok_a, tok_b = torch.arange(0, 4), torch.arange(4, 8)
+    tokens = (torch.arange(0, 4), torch.arange(4, 8), torch.arange(8, 12))
     logits = torch.randn(6, vocab)  # two target items: a, b, c each
     logp = logits.log_softmax(dim=-1)
     labels = torch.tensor([1, 6, 9, 3, 4, 10])
@@ -112,24 +118,41 @@ def test_mixed_loss_is_cross_entropy_at_alpha_0_or_with_a_sure_teacher() -> None
         a=F.one_hot(torch.tensor([1, 3]), k).float(),
         b=F.one_hot(torch.tensor([2, 0]), k).float(),
         b_known=torch.tensor([True, True]),
+        c=F.one_hot(torch.tensor([1, 2]), k).float(),
+        c_known=torch.tensor([True, True]),
     )
+    uniform = torch.full((2, k), 0.25)
     unsure = LevelTargets(
-        a=torch.full((2, k), 0.25), b=torch.full((2, k), 0.25), b_known=torch.tensor([True, False])
+        a=uniform,
+        b=uniform,
+        b_known=torch.tensor([True, False]),
+        c=uniform,
+        c_known=torch.tensor([False, True]),
     )
-    tokens = (tok_a, tok_b)
-    assert torch.allclose(distilled_loss(logp, labels, unsure, tokens, 0.0), hard)
-    assert torch.allclose(distilled_loss(logp, labels, sure, tokens, 0.7), hard)
-    mixed = distilled_loss(logp, labels, unsure, tokens, 1.0)
+    for levels in (1, 2, 3):
+        assert torch.allclose(distilled_loss(logp, labels, unsure, tokens, 0.0, levels), hard)
+        assert torch.allclose(distilled_loss(logp, labels, sure, tokens, 0.7, levels), hard)
+    tok_a, tok_b, tok_c = tokens
     soft_a = -logp[[0, 3]][:, tok_a].mean(dim=1)
     soft_b0 = -logp[1, tok_b].mean()
-    per_item = [soft_a[0], soft_b0, -logp[2, 9], soft_a[1], -logp[4, 4], -logp[5, 10]]
-    assert torch.allclose(mixed, torch.stack(per_item).mean())  # b unknown: its hard target
+    soft_c1 = -logp[5, tok_c].mean()
+    by_levels = {  # b or c unknown: its hard target; a level past ``levels``: hard too
+        1: [soft_a[0], -logp[1, 6], -logp[2, 9], soft_a[1], -logp[4, 4], -logp[5, 10]],
+        2: [soft_a[0], soft_b0, -logp[2, 9], soft_a[1], -logp[4, 4], -logp[5, 10]],
+        3: [soft_a[0], soft_b0, -logp[2, 9], soft_a[1], -logp[4, 4], soft_c1],
+    }
+    for levels, per_item in by_levels.items():
+        mixed = distilled_loss(logp, labels, unsure, tokens, 1.0, levels)
+        assert torch.allclose(mixed, torch.stack(per_item).mean()), levels
     # a level-masked log-prob (-inf off the level) with no teacher mass there stays finite
     masked = logp.clone()
     masked[0, 0] = -torch.inf
-    assert torch.isfinite(distilled_loss(masked, labels, sure, tokens, 0.5))
+    masked[2, 8] = -torch.inf
+    assert torch.isfinite(distilled_loss(masked, labels, sure, tokens, 0.5, 3))
     with pytest.raises(ValueError, match="labels for"):
         distilled_loss(logp[:5], labels[:5], unsure, tokens, 0.5)
+    with pytest.raises(ValueError, match="levels must be"):
+        distilled_loss(logp, labels, unsure, tokens, 0.5, 4)
 
 
 def test_training_with_a_teacher_records_it_and_learns(
