@@ -73,6 +73,7 @@ _ADDED_OFF: dict[str, object] = {
     "alignment": False,
     "rationale_rate": 0.5,
     "tail_average": False,
+    "distill_levels": 2,
 }
 
 

@@ -10,7 +10,7 @@ targets:
   renormalised; where the teacher gives that a no mass, the hard target alone;
 - level c: the same among the items that share the true (a, b), with ``levels=3``
   (``TrainConfig.distill_levels``; 77% of Beauty's (a, b) prefixes hold one item, but those
-  that hold more hold ~45% of its items, and level c orders them).
+  that hold more hold 44% of its items, and level c orders them).
 
 Only the teacher's top ``top_k`` items per position count (a softmax over their logits, the
 history's items excluded as the decoder's constraint excludes them): what an ANN index over

@@ -392,3 +392,23 @@ def test_train_cli_takes_the_recipe_options_and_refuses_bad_ones(
     params = ModelManifest.load(tmp_path / "m").parameters
     assert (params["embed_dropout"], params["item_dropout"]) == (0.2, 0.0)
     assert params["test_shaped_validation"] is True
+
+
+
+def test_a_checkpoint_from_before_distill_levels_existed_still_resumes() -> None:
+    """A run killed before ``distill_levels`` existed dumped no such field: at its off value
+    (2, what every run did then) the identity is the one that run recorded; any other value
+    is a new run."""
+    from types import SimpleNamespace
+
+    from offline.train.checkpoint import run_identity
+    from offline.train.config import TrainConfig
+
+    data = SimpleNamespace(data_hash="d", catalog=SimpleNamespace(version="v"))
+    now = TrainConfig(tail_average=False)
+    then = SimpleNamespace(
+        model_dump_json=lambda exclude: now.model_dump_json(exclude=exclude | {"distill_levels"})
+    )
+    assert run_identity(now, data) == run_identity(then, data)
+    three = now.model_copy(update={"distill_levels": 3})
+    assert run_identity(three, data) != run_identity(now, data)
